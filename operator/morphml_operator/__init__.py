@@ -1,0 +1,1 @@
+"""The MorphML Kubernetes operator (kopf): builders (spec -> manifests) and handlers."""
