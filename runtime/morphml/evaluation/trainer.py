@@ -1,0 +1,168 @@
+"""Training and validation of one built model: the torch half of `evaluate_architecture`.
+
+Failures come out as TrialFailure: a NaN/inf loss -> "nan", past timeoutSeconds (checked between
+batches) -> "timeout", accelerator out of memory -> "oom", anything else -> "exception".
+
+Imports torch at import time; `morphml.evaluation` imports this module only inside functions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from morphml.evaluation.datasets import Dataset
+from morphml.evaluation.errors import TrialFailure
+from morphml.evaluation.settings import SGD_MOMENTUM, TrainingSettings
+
+_threads_configured = False
+
+
+def configure_threads() -> None:
+    """Keep torch to a few CPU threads: OMP_NUM_THREADS when set, else at most 2.
+
+    Several trials (worker processes) share a machine's cores; torch's default of one thread per
+    core makes them fight.
+    """
+    global _threads_configured
+    if _threads_configured:
+        return
+    _threads_configured = True
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(wanted) if wanted.isdigit() and int(wanted) > 0 else min(2, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+
+
+def select_device(device: str | None) -> torch.device:
+    """An explicit device string wins; else the first visible CUDA device; else the CPU.
+
+    CUDA_VISIBLE_DEVICES is honoured by torch itself: "cuda:0" is the first device it lists.
+    """
+    if device:
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, ValueError) as exc:
+            raise TrialFailure("invalid", f"device {device!r} is not a torch device string ({exc})") from None
+        if chosen.type == "cuda":
+            if not torch.cuda.is_available():
+                raise TrialFailure("invalid", f"device {device!r} requested but CUDA is not available here")
+            index = chosen.index or 0
+            if index >= torch.cuda.device_count():
+                raise TrialFailure(
+                    "invalid", f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible"
+                )
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda:0")
+    return torch.device("cpu")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _make_optimizer(model: nn.Module, settings: TrainingSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=settings.learning_rate, momentum=SGD_MOMENTUM, weight_decay=settings.weight_decay
+        )
+    return torch.optim.Adam(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def train_and_validate(
+    model: nn.Module,
+    dataset: Dataset,
+    settings: TrainingSettings,
+    device: torch.device,
+    seed: int = 0,
+    started: float | None = None,
+) -> dict[str, Any]:
+    """Train `model` on the dataset and return validation metrics; raise TrialFailure on failure.
+
+    `started` (time.monotonic()) is when the trial began, so loading data and building the model
+    count against the timeout too; train_seconds counts training and validation only.
+    """
+    started = time.monotonic() if started is None else started
+    deadline = started + settings.timeout_seconds
+    try:
+        return _run(model, dataset, settings, device, seed, started, deadline)
+    except TrialFailure:
+        raise
+    except Exception as exc:
+        if _is_oom(exc):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise TrialFailure("oom", f"out of memory on {device}: {exc}") from None
+        raise TrialFailure("exception", f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_deadline(deadline: float, settings: TrainingSettings, where: str) -> None:
+    if time.monotonic() > deadline:
+        raise TrialFailure("timeout", f"trial ran past timeoutSeconds={settings.timeout_seconds:g} ({where})")
+
+
+def _run(model, dataset, settings, device, seed, started, deadline) -> dict[str, Any]:
+    train_started = time.monotonic()
+    generator = torch.Generator().manual_seed(seed)
+    model = model.to(device)
+    optimizer = _make_optimizer(model, settings)
+    loss_fn = nn.CrossEntropyLoss()
+    x_train = torch.from_numpy(dataset.x_train).to(device)
+    y_train = torch.from_numpy(dataset.y_train).to(device)
+    x_val = torch.from_numpy(dataset.x_val).to(device)
+    y_val = torch.from_numpy(dataset.y_val).to(device)
+    n_train = len(x_train)
+
+    train_loss = float("nan")
+    epochs_done = 0
+    for epoch in range(settings.epochs):
+        model.train()
+        order = torch.randperm(n_train, generator=generator).to(device)
+        total, seen = 0.0, 0
+        for start in range(0, n_train, settings.batch_size):
+            _check_deadline(deadline, settings, f"epoch {epoch + 1}")
+            batch = order[start:start + settings.batch_size]
+            if len(batch) < 2 and n_train > 1:
+                continue  # batchnorm cannot train on one sample; drop a final batch of one
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x_train[batch]), y_train[batch])
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrialFailure("nan", f"training loss became {value} in epoch {epoch + 1} (try a lower learningRate)")
+            loss.backward()
+            optimizer.step()
+            total += value * len(batch)
+            seen += len(batch)
+        train_loss = total / max(seen, 1)
+        epochs_done += 1
+
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(x_val), max(settings.batch_size, 256)):
+            _check_deadline(deadline, settings, "validation")
+            logits = model(x_val[start:start + max(settings.batch_size, 256)])
+            target = y_val[start:start + len(logits)]
+            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == target).sum().item())
+    val_loss = loss_sum / len(x_val)
+    if not math.isfinite(val_loss):
+        raise TrialFailure("nan", f"validation loss is {val_loss}")
+    return {
+        "val_accuracy": correct / len(x_val),
+        "val_loss": val_loss,
+        "train_loss": train_loss,
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_seconds": time.monotonic() - train_started,
+        "epochs": epochs_done,
+        "device": str(device),
+    }
