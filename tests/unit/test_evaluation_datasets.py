@@ -1,0 +1,161 @@
+"""Datasets from spec.evaluation.dataset: shapes, deterministic splits, per-process cache, and
+errors that name the field. dataset_shape and `import morphml.evaluation` never load torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from morphml.evaluation import EvaluationSpecError, clear_cache, dataset_shape, load_dataset
+
+pytestmark = pytest.mark.unit
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.timeout(60)
+def test_importing_evaluation_and_reading_dataset_shapes_does_not_import_torch(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((20, 5), np.float32), y=np.arange(20) % 4)
+    code = (
+        "import sys, morphml.evaluation as ev\n"
+        "assert 'torch' not in sys.modules\n"
+        "assert ev.dataset_shape({'name': 'digits'}) == ((1, 8, 8), 10)\n"
+        "assert ev.dataset_shape({'name': 'synthetic', 'shape': [3, 4, 4], 'classes': 5}) == ((3, 4, 4), 5)\n"
+        f"assert ev.dataset_shape({{'name': 'npz', 'path': {str(path)!r}}}) == ((5,), 4)\n"
+        "assert ev.dataset_shape({'name': 'torchvision', 'torchvisionName': 'CIFAR10'}) == ((3, 32, 32), 10)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('clean')\n"
+    )
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "clean" in done.stdout
+
+
+def test_digits_is_scaled_split_80_20_stratified_and_fixed():
+    data = load_dataset({"name": "digits"})
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 10
+    assert data.x_train.shape[1:] == (1, 8, 8) and data.x_train.dtype == np.float32
+    assert data.y_train.dtype == np.int64
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    total = len(data.x_train) + len(data.x_val)
+    assert total == 1797
+    assert abs(len(data.x_val) / total - 0.2) < 0.01
+    assert set(np.unique(data.y_val)) == set(range(10))
+    clear_cache()
+    again = load_dataset({"name": "digits"})
+    assert again is not data
+    np.testing.assert_array_equal(again.y_val, data.y_val)
+    np.testing.assert_array_equal(again.x_train, data.x_train)
+
+
+def test_loaded_datasets_are_cached_per_process():
+    assert load_dataset({"name": "digits"}) is load_dataset({"name": "digits"})
+
+
+def test_synthetic_has_requested_shape_classes_size_and_depends_on_seed():
+    spec = {"name": "synthetic", "shape": [2, 4, 4], "classes": 3, "size": 300, "seed": 1}
+    data = load_dataset(spec)
+    assert data.input_shape == (2, 4, 4) and data.num_classes == 3
+    assert len(data.x_train) + len(data.x_val) == 300
+    assert set(np.unique(data.y_train)) == {0, 1, 2}
+    other = load_dataset({**spec, "seed": 2})
+    assert not np.array_equal(other.x_train, data.x_train)
+
+
+def test_synthetic_flat_defaults():
+    assert dataset_shape({"name": "synthetic"}) == ((1, 8, 8), 10)
+    assert dataset_shape({"name": "synthetic", "shape": [12], "classes": 2}) == ((12,), 2)
+
+
+def test_npz_with_explicit_train_and_validation_arrays(tmp_path):
+    path = tmp_path / "explicit.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.random((30, 1, 6, 6)), y_train=np.arange(30) % 3,
+             x_val=rng.random((9, 1, 6, 6)), y_val=np.arange(9) % 3)
+    data = load_dataset({"name": "npz", "path": str(path)})
+    assert data.input_shape == (1, 6, 6) and data.num_classes == 3
+    assert len(data.x_train) == 30 and len(data.x_val) == 9
+    assert data.x_train.dtype == np.float32 and data.y_val.dtype == np.int64
+
+
+def test_npz_with_x_y_is_split_and_grey_images_get_a_channel(tmp_path):
+    path = tmp_path / "xy.npz"
+    np.savez(path, x=np.random.default_rng(0).random((50, 5, 5)), y=np.arange(50) % 5)
+    data = load_dataset({"name": "npz", "path": str(path)})
+    assert data.input_shape == (1, 5, 5) and data.num_classes == 5
+    assert len(data.x_train) == 40 and len(data.x_val) == 10
+
+
+@pytest.mark.parametrize(
+    "spec,field,words",
+    [
+        (None, "spec.evaluation.dataset", "is required"),
+        ({"name": "imagenet"}, "spec.evaluation.dataset.name", "'imagenet' is not one of digits, synthetic, npz, torchvision"),
+        ({"name": "npz"}, "spec.evaluation.dataset.path", "is required"),
+        ({"name": "npz", "path": "/nonexistent/data.npz"}, "spec.evaluation.dataset.path", "does not exist"),
+        ({"name": "synthetic", "classes": 1}, "spec.evaluation.dataset.classes", "must be an integer >= 2"),
+        ({"name": "synthetic", "shape": [0, 2]}, "spec.evaluation.dataset.shape", "must be [C, H, W] or [F]"),
+        ({"name": "torchvision"}, "spec.evaluation.dataset.torchvisionName", "is required"),
+    ],
+)
+def test_bad_dataset_spec_names_the_field(spec, field, words):
+    with pytest.raises(EvaluationSpecError) as info:
+        dataset_shape(spec)
+    assert str(info.value).startswith(field + ":")
+    assert words in str(info.value)
+
+
+def test_npz_with_wrong_keys_says_which_keys_it_has_and_expects(tmp_path):
+    path = tmp_path / "wrong.npz"
+    np.savez(path, images=np.zeros((4, 3)), labels=np.zeros(4, dtype=int))
+    with pytest.raises(EvaluationSpecError) as info:
+        load_dataset({"name": "npz", "path": str(path)})
+    text = str(info.value)
+    assert text.startswith("spec.evaluation.dataset.path:")
+    assert "['images', 'labels']" in text and "x_train, y_train, x_val, y_val" in text
+
+
+def test_npz_that_is_not_an_archive_or_needs_pickle_is_refused(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file")
+    with pytest.raises(EvaluationSpecError, match="spec.evaluation.dataset.path: .* is not a readable .npz"):
+        load_dataset({"name": "npz", "path": str(garbage)})
+    pickled = tmp_path / "objects.npz"
+    np.savez(pickled, x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, dtype=int))
+    with pytest.raises(EvaluationSpecError, match="not a readable .npz"):
+        load_dataset({"name": "npz", "path": str(pickled)})
+
+
+def test_npz_with_mismatched_lengths_or_float_labels_is_refused(tmp_path):
+    path = tmp_path / "lengths.npz"
+    np.savez(path, x=np.zeros((10, 4)), y=np.zeros(9, dtype=int))
+    with pytest.raises(EvaluationSpecError, match=r"y has shape \[9\]; expected \[N\] with N=10"):
+        load_dataset({"name": "npz", "path": str(path)})
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, x=np.zeros((10, 4)), y=np.zeros(10))
+    with pytest.raises(EvaluationSpecError, match="non-negative integer class indices"):
+        load_dataset({"name": "npz", "path": str(floats)})
+
+
+@pytest.mark.timeout(60)
+def test_torchvision_without_the_package_says_it_is_not_installed():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    else:  # with torchvision present this machine has no network: the download error is the case
+        with pytest.raises(EvaluationSpecError, match="could not load torchvision dataset"):
+            load_dataset({"name": "torchvision", "torchvisionName": "MNIST", "root": "/nonexistent/tv"})
+        return
+    with pytest.raises(EvaluationSpecError) as info:
+        load_dataset({"name": "torchvision", "torchvisionName": "MNIST"})
+    text = str(info.value)
+    assert text.startswith("spec.evaluation.dataset.torchvisionName:")
+    assert "torchvision package, which is not installed" in text
