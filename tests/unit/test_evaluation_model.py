@@ -43,10 +43,8 @@ def module_params(model):
 SPATIAL_LAYERS = {
     "conv2d": ("conv2d", {"filters": 6, "kernel_size": 3, "stride": 1, "activation": "relu"}),
     "conv2d_stride2": ("conv2d", {"filters": 6, "kernel_size": 5, "stride": 2, "activation": "gelu"}),
-    "conv2d_even_kernel": ("conv2d", {"filters": 4, "kernel_size": 2, "stride": 1, "activation": "none"}),
     "sepconv2d": ("sepconv2d", {"filters": 8, "kernel_size": 3, "stride": 1, "activation": "silu"}),
     "depthwise_conv2d": ("depthwise_conv2d", {"filters": 6, "kernel_size": 3, "stride": 1, "activation": "tanh"}),
-    "depthwise_conv2d_default_filters": ("depthwise_conv2d", {"kernel_size": 3}),
     "maxpool": ("maxpool", {"pool_size": 2}),
     "avgpool_stride1": ("avgpool", {"pool_size": 3, "stride": 1}),
     "global_avgpool": ("global_avgpool", {}),
@@ -85,6 +83,14 @@ def test_flat_input_chain_with_dense_batchnorm_dropout_and_activations():
     model, out = forward_shape(arch)
     assert out == (3, 3)
     assert module_params(model) == plan_graph(arch).param_count == 20 * 16 + 16 + 32 + 16 * 8 + 8 + 8 * 3 + 3
+
+
+def test_even_kernel_is_refused_like_the_graph_layer_does():
+    arch = chain([1, 8, 8], [("conv2d", {"filters": 4, "kernel_size": 2})])
+    with pytest.raises(TrialFailure) as info:
+        build_model(arch)
+    assert info.value.kind == "invalid"
+    assert "node n1 (conv2d)" in info.value.message and "odd" in info.value.message
 
 
 def test_conv_stride_uses_same_padding_and_ceil_output():

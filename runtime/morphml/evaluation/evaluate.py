@@ -120,18 +120,6 @@ def _graph_flops(arch: dict, plan: GraphPlan) -> int:
         return plan.flops
 
 
-def _validate_with_graph(arch: dict) -> None:
-    """Run morphml.graph's validation too, so both halves refuse the same graphs."""
-    try:
-        from morphml.graph import ArchitectureGraph, GraphError
-    except ImportError:
-        return
-    try:
-        ArchitectureGraph.from_json(arch).validate()
-    except GraphError as exc:
-        raise TrialFailure("invalid", str(exc)) from None
-
-
 def evaluate_architecture(
     arch_json: Any, evaluation_spec: Mapping[str, Any] | None, device: str | None = None, seed: int = 0
 ) -> dict[str, Any]:
@@ -147,7 +135,6 @@ def evaluate_architecture(
         return _call_user_evaluator(spec["evaluator"], arch, spec, device)
 
     plan = plan_graph(arch)
-    _validate_with_graph(arch)
     try:
         settings = training_settings(spec)
         dataset = load_dataset(spec.get("dataset"))

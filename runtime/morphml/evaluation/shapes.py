@@ -12,7 +12,7 @@ Canonical graph JSON (the contract shared with morphml.graph and morphml.distrib
      "edges": [["n0", "n1"], ...]}
 Input order of an add/concat node is the order of its edges in the list.
 
-Imports only the standard library (no torch, no numpy): the master may use it.
+Imports only the standard library and morphml.graph (no torch, no numpy): the master may use it.
 """
 
 from __future__ import annotations
@@ -246,6 +246,7 @@ def plan_graph(graph_or_json: Any) -> GraphPlan:
         shapes[node_id] = out_shape
         planned.append(NodePlan(node_id, op, resolved, tuple(inputs_of[node_id]), in_shapes, out_shape, n_params, flops))
 
+    _validate_with_graph(arch)
     return GraphPlan(
         input_shape=input_shape,
         num_classes=num_classes,
@@ -254,6 +255,19 @@ def plan_graph(graph_or_json: Any) -> GraphPlan:
         flops=sum(p.flops for p in planned),
         output_id=output_ids[0],
     )
+
+
+def _validate_with_graph(arch: dict) -> None:
+    """Run morphml.graph's validation as well, so the graph layer and the builder refuse the same
+    graphs (it is stricter on a few params, e.g. odd kernel sizes only)."""
+    try:
+        from morphml.graph import ArchitectureGraph, GraphError
+    except ImportError:  # graph layer absent: this module's own checks stand alone
+        return
+    try:
+        ArchitectureGraph.from_json(arch).validate()
+    except GraphError as exc:
+        raise _invalid(str(exc)) from None
 
 
 def _need_spatial(node_id: str, op: str, shape: Shape) -> tuple[int, int, int]:
