@@ -10,7 +10,8 @@ Canonical JSON (the contract with evaluation and the wire)::
 For ops with several inputs (add, concat) the input order is the order of their edges in the list;
 it matters: concat stacks in that order, and add keeps the FIRST input's channel (or feature) count,
 projecting every other input with a different count to it (1x1 conv with bias for images, linear
-layer with bias for flat tensors; counted in ``param_count()``).
+layer with bias for flat tensors; counted in ``param_count()``). sepconv2d is a k x k depthwise
+conv without bias followed by a 1x1 pointwise conv with bias.
 
 Shape rules (pure Python, what ``infer_shapes()`` computes and what the built model must match):
 conv2d/sepconv2d/depthwise_conv2d use "same" padding (odd kernels, padding k//2), output
@@ -150,38 +151,36 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
 
 
 def _node_cost(node: Node, in_shapes: Sequence[Shape], out: Shape) -> tuple[int, int]:
-    """(trainable parameters, multiply-accumulates) of one node, matching the built model."""
+    """(trainable parameters, FLOPs) of one node, exactly as the built model has them.
+
+    FLOPs count a multiply-accumulate as 2 and only weighted layers (convs, dense layers and add
+    projections); the evaluation layer's pure-Python plan uses the same rules.
+    """
     op, p = node.op, node.params
-    out_elems = math.prod(out)
     if op == "conv2d":
         k, cin = p["kernel_size"], in_shapes[0][0]
-        return k * k * cin * out[0] + out[0], out[1] * out[2] * k * k * cin * out[0]
+        return k * k * cin * out[0] + out[0], 2 * out[1] * out[2] * k * k * cin * out[0]
     if op == "sepconv2d":
         k, cin = p["kernel_size"], in_shapes[0][0]
-        # depthwise k x k (groups=cin, bias) then pointwise 1x1 to filters (bias)
-        params = k * k * cin + cin + cin * out[0] + out[0]
-        return params, out[1] * out[2] * (k * k * cin + cin * out[0])
+        # depthwise k x k (groups=cin, no bias) then pointwise 1x1 to filters (with bias)
+        return k * k * cin + cin * out[0] + out[0], 2 * out[1] * out[2] * (k * k * cin + cin * out[0])
     if op == "depthwise_conv2d":
         k = p["kernel_size"]
-        return k * k * out[0] + out[0], out_elems * k * k
+        return k * k * out[0] + out[0], 2 * out[1] * out[2] * k * k * out[0]
     if op in ("dense", "output"):
         fan_in = math.prod(in_shapes[0])
-        return fan_in * out[0] + out[0], fan_in * out[0]
+        return fan_in * out[0] + out[0], 2 * fan_in * out[0]
     if op == "batchnorm":
-        return 2 * in_shapes[0][0], out_elems
-    if op in _POOL_OPS:
-        return 0, out_elems * p["pool_size"] ** 2
-    if op == "global_avgpool":
-        return 0, math.prod(in_shapes[0])
+        return 2 * in_shapes[0][0], 0
     if op == "add":
         params = macs = 0
         target = in_shapes[0][0]
+        spatial = math.prod(in_shapes[0][1:]) if len(in_shapes[0]) == 3 else 1
         for shape in in_shapes[1:]:
             if shape[0] != target:
-                spatial = math.prod(shape[1:]) if len(shape) == 3 else 1
                 params += shape[0] * target + target
                 macs += spatial * shape[0] * target
-        return params, macs + out_elems * (len(in_shapes) - 1)
+        return params, 2 * macs
     return 0, 0
 
 
@@ -471,7 +470,7 @@ class ArchitectureGraph:
         return self._costs()[0]
 
     def flops(self) -> int:
-        """Forward-pass cost per example in multiply-accumulates (conv, dense, pooling, projections)."""
+        """Forward-pass FLOPs per example: 2 x multiply-accumulates of convs, dense layers, projections."""
         return self._costs()[1]
 
     def summary(self, max_length: int = 120) -> str:

@@ -1,0 +1,30 @@
+"""Ask/tell architecture optimizers: genetic algorithm, regularized (aging) evolution, random search.
+
+    optimizer = GeneticAlgorithm(space, population_size=8, num_generations=3, seed=42)
+    while not optimizer.is_finished():
+        for candidate in optimizer.ask(4):       # [] = wait for outstanding tells
+            optimizer.tell(candidate.id, evaluate(candidate.graph))
+    candidate, metrics = optimizer.best()
+
+or `optimizer.optimize(evaluate)`. State round-trips through JSON with `state_dict()` /
+`load_state_dict()`; `build_optimizer(spec, space, objective)` reads the manifest's form.
+
+Imports: the standard library, `morphml.space`, `morphml.graph`. No torch.
+"""
+
+from morphml.optimizers.base import Candidate, Optimizer, OptimizerError
+from morphml.optimizers.evolution import RegularizedEvolution
+from morphml.optimizers.factory import ALGORITHMS, build_optimizer
+from morphml.optimizers.genetic import GeneticAlgorithm
+from morphml.optimizers.random_search import RandomSearch
+
+__all__ = [
+    "ALGORITHMS",
+    "Candidate",
+    "GeneticAlgorithm",
+    "Optimizer",
+    "OptimizerError",
+    "RandomSearch",
+    "RegularizedEvolution",
+    "build_optimizer",
+]

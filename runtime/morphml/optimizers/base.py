@@ -1,0 +1,373 @@
+"""The ask/tell machinery every optimizer shares: candidates, results, dedup, best, state.
+
+What lives here: `Candidate` (an architecture proposed for evaluation, with a deterministic id),
+`Optimizer` (the base class: `ask`/`tell`/`is_finished`/`best`/`optimize`/`state_dict`/
+`load_state_dict`, dedup of architectures by `arch_hash` with result reuse, the fitness rule) and
+`OptimizerError`.
+
+Determinism: every random decision goes through the optimizer's own seeded `random.Random`
+(`self.rng`), never the global `random` module, and nothing iterates over a set or a dict keyed
+by str hashes in an order that could vary between processes. Same seed + same tells in the same
+order -> same asks. The RNG state is stored as JSON lists in `state_dict()`.
+
+Imports: the standard library, `morphml.space`, `morphml.graph`. No torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from morphml.graph import ArchitectureGraph, GraphError
+from morphml.space import SearchSpace
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+GOALS = ("maximize", "minimize")
+# How many draws an optimizer makes to find an architecture it has not seen before it accepts a
+# duplicate (whose result is then reused) or, with nothing left to wait for, declares the space
+# exhausted.
+NOVELTY_ATTEMPTS = 20
+
+
+class OptimizerError(ValueError):
+    """Bad optimizer settings, an unknown candidate id, or state that does not fit this optimizer."""
+
+
+@dataclass
+class Candidate:
+    """An architecture proposed for evaluation.
+
+    ``id`` is unique and deterministic within one search (e.g. "g1-c3": generation 1, 4th new
+    candidate of that generation). ``parents`` are the ids of the candidates it was bred from.
+    """
+
+    id: str
+    graph: ArchitectureGraph
+    generation: int = 0
+    parents: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def arch_hash(self) -> str:
+        return self.graph.arch_hash
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "generation": self.generation,
+            "parents": list(self.parents),
+            "arch_hash": self.graph.arch_hash,
+            "graph": self.graph.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Candidate:
+        if not isinstance(data, Mapping) or "id" not in data or "graph" not in data:
+            raise OptimizerError(f"candidate: expected an object with id and graph, got {data!r}")
+        graph = ArchitectureGraph.from_json(data["graph"])
+        expected = data.get("arch_hash")
+        if expected is not None and expected != graph.arch_hash:
+            raise OptimizerError(f"candidate {data['id']}: arch_hash {expected} does not match its graph ({graph.arch_hash})")
+        return cls(str(data["id"]), graph, int(data.get("generation", 0)), tuple(data.get("parents", ())))
+
+
+def _rng_state_to_json(rng: random.Random) -> list[Any]:
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def _rng_state_from_json(state: Sequence[Any]) -> tuple:
+    version, internal, gauss_next = state
+    return (version, tuple(internal), gauss_next)
+
+
+def _json_safe(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Metrics as stored: non-finite floats become None so the state stays strict JSON."""
+    if metrics is None:
+        return None
+    safe: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        safe[str(key)] = value
+    return safe
+
+
+def check_setting(name: str, value: Any, kind: str, low: float | None = None, high: float | None = None) -> Any:
+    """Validate one constructor setting; OptimizerError names it, the value and what is allowed."""
+    if kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        what = "an integer"
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        what = "a number"
+    if ok and low is not None and value < low:
+        ok = False
+    if ok and high is not None and value > high:
+        ok = False
+    if not ok:
+        bounds = f" in [{low}, {high}]" if high is not None else (f" >= {low}" if low is not None else "")
+        raise OptimizerError(f"{name}: {value!r} is not allowed; expected {what}{bounds}")
+    return value
+
+
+class Optimizer:
+    """Base class of the ask/tell optimizers.
+
+    Subclasses implement `_propose(n)` (new candidates, registered with `_register`),
+    `_on_result(candidate_id)` (called after a tell), `_finished()`, and `_extra_state()` /
+    `_load_extra_state()` for their own fields.
+    """
+
+    algorithm = "base"
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        seed: int | None = None,
+        objective: str = "val_accuracy",
+        goal: str = "maximize",
+        input_shape: Sequence[int] | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        if not isinstance(space, SearchSpace):
+            raise OptimizerError(f"space: expected a morphml.space.SearchSpace, got {type(space).__name__}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise OptimizerError(f"seed: {seed!r} is not allowed; expected an integer or None")
+        if not isinstance(objective, str) or not objective:
+            raise OptimizerError(f"objective: {objective!r} is not allowed; expected a metric name such as val_accuracy")
+        if goal not in GOALS:
+            raise OptimizerError(f"goal: {goal!r} is not allowed; expected one of {', '.join(GOALS)}")
+        if input_shape is not None or num_classes is not None:
+            space.bind(input_shape, num_classes)
+        self.space = space
+        self.seed = seed
+        self.objective = objective
+        self.goal = goal
+        self.rng = random.Random(seed)
+        # Every candidate ever asked, in ask order, and what became of it.
+        self._candidates: dict[str, Candidate] = {}
+        self._status: dict[str, str] = {}  # "pending" | "done" | "failed"
+        self._metrics: dict[str, dict[str, Any] | None] = {}
+        self._fitness: dict[str, float | None] = {}
+        self._by_hash: dict[str, str] = {}  # arch_hash -> id of the candidate that carries its result
+        self._exhausted = False
+
+    # -- public API -------------------------------------------------------------------------
+
+    def ask(self, n: int = 1) -> list[Candidate]:
+        """Up to ``n`` new candidates; [] means wait for outstanding tells, or finished."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise OptimizerError(f"ask: n={n!r} is not allowed; expected a non-negative integer")
+        if n == 0 or self.is_finished():
+            return []
+        return self._propose(n)
+
+    def tell(self, candidate_id: str | Candidate, metrics: Mapping[str, Any] | None) -> None:
+        """Report a result. None, or metrics with status failed/error, or no finite objective
+        value, is a failed trial (worst fitness). Telling a candidate twice is ignored."""
+        if isinstance(candidate_id, Candidate):
+            candidate_id = candidate_id.id
+        if candidate_id not in self._candidates:
+            raise OptimizerError(f"tell: unknown candidate id {candidate_id!r}; it was never asked by this optimizer")
+        if self._status[candidate_id] != "pending":
+            logger.info("ignoring a second result for candidate %s", candidate_id)
+            return
+        if metrics is not None and not isinstance(metrics, Mapping):
+            raise OptimizerError(f"tell: metrics for {candidate_id} must be a dict or None, got {type(metrics).__name__}")
+        fitness = self._fitness_of(metrics)
+        self._status[candidate_id] = "failed" if fitness is None else "done"
+        self._metrics[candidate_id] = _json_safe(metrics)
+        self._fitness[candidate_id] = fitness
+        self._on_result(candidate_id)
+
+    def is_finished(self) -> bool:
+        return self._exhausted or self._finished()
+
+    def best(self) -> tuple[Candidate, dict[str, Any]] | None:
+        """The best told candidate and its metrics (earliest wins a tie), or None."""
+        best_id: str | None = None
+        for candidate_id in self._candidates:
+            fitness = self._fitness.get(candidate_id)
+            if fitness is None:
+                continue
+            if best_id is None or fitness > self._fitness[best_id]:  # type: ignore[operator]
+                best_id = candidate_id
+        if best_id is None:
+            return None
+        return self._candidates[best_id], dict(self._metrics[best_id] or {})
+
+    def outstanding(self) -> list[Candidate]:
+        """Candidates asked but not yet told, in ask order."""
+        return [self._candidates[i] for i, status in self._status.items() if status == "pending"]
+
+    def history(self) -> list[tuple[Candidate, str, dict[str, Any] | None]]:
+        """(candidate, status, metrics) for every asked candidate, in ask order."""
+        return [(self._candidates[i], self._status[i], self._metrics.get(i)) for i in self._candidates]
+
+    def result_for(self, arch_hash: str) -> dict[str, Any] | None:
+        """Metrics already known for an architecture (dedup reuse), or None."""
+        candidate_id = self._by_hash.get(arch_hash)
+        if candidate_id is None or self._status[candidate_id] == "pending":
+            return None
+        return self._metrics[candidate_id]
+
+    @property
+    def num_asked(self) -> int:
+        return len(self._candidates)
+
+    @property
+    def num_told(self) -> int:
+        return sum(1 for status in self._status.values() if status != "pending")
+
+    def optimize(
+        self,
+        evaluator: Callable[[ArchitectureGraph], Mapping[str, Any]],
+        max_trials: int | None = None,
+        batch_size: int = 1,
+    ) -> tuple[Candidate, dict[str, Any]] | None:
+        """Run ask -> evaluate -> tell in this process until finished (or ``max_trials``).
+
+        An evaluator exception is a failed trial (logged with its message), not a crash.
+        Returns `best()`.
+        """
+        trials = 0
+        while not self.is_finished() and (max_trials is None or trials < max_trials):
+            room = batch_size if max_trials is None else min(batch_size, max_trials - trials)
+            candidates = self.ask(room)
+            if not candidates:
+                if self.outstanding():
+                    raise OptimizerError("optimize: the optimizer waits for candidates asked outside this loop")
+                break
+            for candidate in candidates:
+                try:
+                    metrics: Mapping[str, Any] | None = evaluator(candidate.graph)
+                except Exception as exc:  # noqa: BLE001 - a failing trial must not end the search
+                    logger.warning("candidate %s failed: %s: %s", candidate.id, type(exc).__name__, exc)
+                    metrics = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                self.tell(candidate.id, metrics)
+                trials += 1
+        return self.best()
+
+    # -- state ------------------------------------------------------------------------------
+
+    # Constructor settings kept in the state (attribute names = constructor keyword names).
+    setting_names: tuple[str, ...] = ("seed", "objective", "goal")
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings (snake_case), as stored in the state."""
+        return {name: getattr(self, name) for name in self.setting_names}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the same search, as plain JSON-serialisable data."""
+        return {
+            "algorithm": self.algorithm,
+            "version": STATE_VERSION,
+            "space_fingerprint": self.space.fingerprint(),
+            "settings": self.settings(),
+            "rng": _rng_state_to_json(self.rng),
+            "exhausted": self._exhausted,
+            "candidates": [
+                {
+                    "candidate": self._candidates[i].to_json(),
+                    "status": self._status[i],
+                    "metrics": self._metrics.get(i),
+                    "fitness": self._fitness.get(i),
+                }
+                for i in self._candidates
+            ],
+            "by_hash": dict(self._by_hash),
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict()`; the optimizer then proposes exactly what the saved one would."""
+        if not isinstance(state, Mapping):
+            raise OptimizerError(f"state: expected a dict from state_dict(), got {type(state).__name__}")
+        if state.get("algorithm") != self.algorithm:
+            raise OptimizerError(f"state: saved by algorithm {state.get('algorithm')!r}, this optimizer is {self.algorithm!r}")
+        if state.get("version") != STATE_VERSION:
+            raise OptimizerError(f"state: version {state.get('version')!r} is not supported; expected {STATE_VERSION}")
+        fingerprint = self.space.fingerprint()
+        if state.get("space_fingerprint") != fingerprint:
+            raise OptimizerError(
+                f"state: saved for search space {state.get('space_fingerprint')}, this space is {fingerprint} "
+                "(different layers or input shape/classes)"
+            )
+        try:
+            self._load_settings(dict(state["settings"]))
+            self.rng.setstate(_rng_state_from_json(state["rng"]))
+            self._candidates, self._status, self._metrics, self._fitness = {}, {}, {}, {}
+            for record in state["candidates"]:
+                candidate = Candidate.from_json(record["candidate"])
+                self._candidates[candidate.id] = candidate
+                self._status[candidate.id] = record["status"]
+                self._metrics[candidate.id] = record["metrics"]
+                self._fitness[candidate.id] = record["fitness"]
+            self._by_hash = dict(state["by_hash"])
+            self._exhausted = bool(state["exhausted"])
+            self._load_extra_state(state)
+        except (KeyError, TypeError, ValueError, GraphError) as exc:
+            if isinstance(exc, OptimizerError):
+                raise
+            raise OptimizerError(f"state: malformed optimizer state ({type(exc).__name__}: {exc})") from None
+
+    # -- helpers for subclasses -------------------------------------------------------------
+
+    def _fitness_of(self, metrics: Mapping[str, Any] | None) -> float | None:
+        """Larger is better; None is a failed trial."""
+        if metrics is None or str(metrics.get("status", "ok")).lower() in ("failed", "error"):
+            return None
+        value = metrics.get(self.objective)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value) if self.goal == "maximize" else -float(value)
+
+    def _sort_key(self, candidate_id: str) -> float:
+        fitness = self._fitness.get(candidate_id)
+        return -math.inf if fitness is None else fitness
+
+    def _known(self, graph: ArchitectureGraph) -> str | None:
+        """Id of the candidate carrying this architecture's result (told or in flight), or None."""
+        return self._by_hash.get(graph.arch_hash)
+
+    def _register(self, candidate: Candidate) -> Candidate:
+        self._candidates[candidate.id] = candidate
+        self._status[candidate.id] = "pending"
+        self._by_hash[candidate.arch_hash] = candidate.id
+        return candidate
+
+    def _sample_novel(self, avoid: Sequence[str] = ()) -> ArchitectureGraph | None:
+        """A random architecture not seen yet (and not in ``avoid``), or None after many tries."""
+        for _ in range(NOVELTY_ATTEMPTS):
+            graph = self.space.sample(self.rng)
+            if self._known(graph) is None and graph.arch_hash not in avoid:
+                return graph
+        return None
+
+    def _load_settings(self, settings: dict[str, Any]) -> None:
+        for name in self.setting_names:
+            setattr(self, name, settings[name])
+
+    # -- subclass hooks ---------------------------------------------------------------------
+
+    def _propose(self, n: int) -> list[Candidate]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _on_result(self, candidate_id: str) -> None:
+        return None
+
+    def _finished(self) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        return None
