@@ -1,0 +1,303 @@
+"""The `morphml` command: `morphml run`, `morphml master`, `morphml worker`, `morphml status`.
+
+- `morphml master MANIFEST --port P --journal FILE --token-file F`: the master pod's entrypoint.
+- `morphml worker --master HOST:PORT --token-file F [--gpus K] [--slots N]`: the worker's.
+- `morphml run MANIFEST --workers N [--output DIR]`: master + N worker processes on loopback,
+  live progress, then DIR/trials.csv, best.json, convergence.png (journal in DIR/journal.db;
+  rerun the same command to resume after Ctrl-C).
+- `morphml status --master HOST:PORT`: the master's GetStatus as JSON.
+
+Imports: everything above it (experiment, optimizers, evaluation.dataset_shape without torch,
+distributed, results). The master side never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("morphml")
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+# --- manifest -> master ------------------------------------------------------------------------
+def load_experiment(manifest: str):
+    from morphml.experiment import load_manifest
+
+    return load_manifest(manifest)
+
+
+def build_search(experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
+                 restart_hold_seconds: float | None = None):
+    """(optimizer, ExperimentSettings) for a loaded Experiment; the overrides win over the manifest
+    (sub-second heartbeats are for tests and benchmarks: the CRD takes whole seconds)."""
+    from morphml.distributed.coordinator import ExperimentSettings
+    from morphml.evaluation.datasets import dataset_shape
+    from morphml.optimizers import build_optimizer
+
+    evaluation = dict(experiment.evaluation)
+    input_shape, num_classes = dataset_shape(evaluation.get("dataset", {"name": "digits"}))
+    space = experiment.search_space
+    space.bind(input_shape, num_classes)
+    optimizer = build_optimizer(experiment.optimizer_spec, space, experiment.objective.to_spec(),
+                                input_shape=input_shape, num_classes=num_classes,
+                                max_trials=experiment.budget.max_trials)
+    ft = experiment.fault_tolerance
+    settings = ExperimentSettings(
+        name=experiment.name, max_trials=experiment.budget.max_trials,
+        max_failed_trials=experiment.budget.max_failed_trials, max_task_retries=ft.max_task_retries,
+        heartbeat_interval=float(heartbeat_interval or ft.heartbeat_interval_seconds),
+        missed_heartbeats=int(missed_heartbeats or ft.missed_heartbeats), evaluation=evaluation,
+        metric=experiment.objective.metric, goal=experiment.objective.goal,
+        seed=int(experiment.optimizer_spec.get("seed") or 0), restart_hold_seconds=restart_hold_seconds)
+    return optimizer, settings
+
+
+def start_master(manifest: str, journal_path: str, port: int, host: str, token: str | None, journal_sync: str,
+                 heartbeat_interval: float | None, missed_heartbeats: int | None,
+                 restart_hold_seconds: float | None = None):
+    from morphml.distributed.coordinator import ExperimentCoordinator
+    from morphml.distributed.journal import Journal
+    from morphml.distributed.master import MasterServer
+
+    experiment = load_experiment(manifest)
+    optimizer, settings = build_search(experiment, heartbeat_interval, missed_heartbeats, restart_hold_seconds)
+    journal = Journal(journal_path, journal_sync)
+    coordinator = ExperimentCoordinator(optimizer, settings, journal)
+    server = MasterServer(coordinator, port, host, token)
+    server.start()
+    return experiment, coordinator, server
+
+
+# --- commands ----------------------------------------------------------------------------------
+def cmd_master(args) -> int:
+    from morphml.distributed.auth import read_token
+
+    token = read_token(args.token_file)
+    _, coordinator, server = start_master(args.manifest, args.journal, args.port, args.host, token, args.journal_sync,
+                                          args.heartbeat_interval, args.missed_heartbeats, args.restart_hold)
+    print(f"morphml master: serving on port {server.port} (journal {args.journal})", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if args.exit_when_done and coordinator.done:
+            break
+    server.stop(grace=1.0)
+    coordinator.journal.close()  # every change is already committed; closing checkpoints the WAL
+    return 0 if coordinator.phase != "Failed" else 1
+
+
+def cmd_worker(args) -> int:
+    from morphml.distributed.auth import read_token
+    from morphml.distributed.worker import WorkerConfig, WorkerNode
+
+    token = read_token(args.token_file)
+    config = WorkerConfig(master=args.master, token=token, name=args.name or "", gpus=args.gpus, slots=args.slots,
+                          health_port=args.health_port, grace_seconds=args.grace_seconds,
+                          give_up_after_seconds=args.give_up_after or None)
+    node = WorkerNode(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _: node.drain(signal.Signals(signum).name))
+    if args.exit_with_parent:
+        parent = os.getppid()
+
+        def watch_parent():
+            while not node.wait(1.0):
+                if os.getppid() != parent:
+                    node.drain("parent exited")
+                    return
+
+        threading.Thread(target=watch_parent, daemon=True).start()
+    return node.start()
+
+
+def cmd_status(args) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from morphml.distributed.auth import read_token, token_metadata
+    from morphml.distributed.proto import worker_pb2 as pb
+    from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+
+    token = read_token(args.token_file)
+    with grpc.insecure_channel(args.master) as channel:
+        reply = pb_grpc.MasterStub(channel).GetStatus(pb.StatusRequest(include_dead_workers=True),
+                                                      metadata=token_metadata(token), timeout=10)
+    print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def _format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress_line(st: dict, started: float, done_at_start: int) -> str:
+    done = st["succeeded"] + st["failed"]
+    elapsed = time.monotonic() - started
+    rate_done = done - done_at_start
+    eta = (elapsed / rate_done * (st["budget"] - done)) if rate_done > 0 else None
+    best = st["best"]
+    best_text = f"best {st['metric']} {best['metric']:.4f} ({best['trial_id']})" if best else "best --"
+    return (f"[{st['experiment_name']}] {done}/{st['budget']} done | running {st['running']} | "
+            f"failed {st['failed']} | workers {st['workers_alive']} | {best_text} | ETA {_format_eta(eta)}")
+
+
+def cmd_run(args) -> int:
+    from morphml.results import write_results
+
+    experiment = load_experiment(args.manifest)
+    output = Path(args.output or Path("runs") / experiment.name)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "logs").mkdir(exist_ok=True)
+    journal_path = output / "journal.db"
+    resumed = journal_path.exists()
+    logging.basicConfig(filename=output / "logs" / "master.log", level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    token = secrets.token_hex(16)
+    # Local workers are all new processes: a restarted run need not hold old leases for them.
+    _, coordinator, server = start_master(args.manifest, str(journal_path), 0, "127.0.0.1", token, args.journal_sync,
+                                          args.heartbeat_interval, args.missed_heartbeats, restart_hold_seconds=0)
+    st = coordinator.status()
+    print(f"morphml run: {experiment.name}: budget {st['budget']} trials, {args.workers} workers, output {output}"
+          + (f" (resuming: {st['succeeded'] + st['failed']} trials already finished)" if resumed else ""), flush=True)
+    interrupted = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    signal.signal(signal.SIGTERM, lambda *_: interrupted.set())
+    workers: list[subprocess.Popen] = []
+    env = dict(os.environ, MORPHML_TOKEN=token)
+    slots = args.slots or experiment.workers.trials_per_worker
+    if not coordinator.done:
+        for i in range(args.workers):
+            log_file = open(output / "logs" / f"worker-{i}.log", "ab")
+            cmd = [sys.executable, "-m", "morphml.cli", "worker", "--master", f"127.0.0.1:{server.port}",
+                   "--slots", str(slots), "--name", f"local-{i}", "--exit-with-parent", "--give-up-after", "60"]
+            # Own process group: a terminal Ctrl-C reaches only us; we stop the workers ourselves.
+            workers.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=log_file, start_new_session=True))
+            log_file.close()
+    started = time.monotonic()
+    done_at_start = st["succeeded"] + st["failed"]
+    last_line, last_print = "", 0.0
+    tty = sys.stdout.isatty()
+    while not coordinator.done and not interrupted.is_set():
+        coordinator.wait_done(0.5)
+        line = progress_line(coordinator.status(), started, done_at_start)
+        now = time.monotonic()
+        if line != last_line and (now - last_print >= 1.0 or coordinator.done):
+            print(("\r" + line.ljust(len(last_line))) if tty else line, end="" if tty else "\n", flush=True)
+            last_line, last_print = line, now
+    if tty:
+        print()
+    for proc in workers:
+        if proc.poll() is None and interrupted.is_set():
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for proc in workers:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    final = coordinator.status()
+    server.stop(grace=0.5)
+    coordinator.journal.close()
+    summary = write_results(journal_path, output, final["metric"], final["goal"])
+    if interrupted.is_set() and not coordinator.done:
+        print(f"interrupted: {summary['trials']}/{final['budget']} trials finished; rerun the same command to resume",
+              flush=True)
+        return 130
+    best = summary["best"]
+    print(f"{final['phase']}: {final['message']}. {summary['succeeded']} succeeded, {summary['failed']} failed; "
+          + (f"best {final['metric']} {best['value']:.4f} ({best['trial_id']}: {best['summary']})" if best else "no best")
+          + f"\nwrote {output}/trials.csv, best.json, convergence.png, journal.db", flush=True)
+    return 0 if final["phase"] == "Succeeded" else 1
+
+
+# --- parser ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="morphml", description="Neural architecture search: local or on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def heartbeat_overrides(p):
+        p.add_argument("--heartbeat-interval", type=float, default=None,
+                       help="seconds between worker heartbeats (overrides spec.faultTolerance; may be < 1)")
+        p.add_argument("--missed-heartbeats", type=int, default=None,
+                       help="heartbeats missed before a worker is dead (overrides spec.faultTolerance)")
+        p.add_argument("--journal-sync", choices=["full", "normal"], default="full",
+                       help="SQLite synchronous mode of the journal (see docs/architecture.md)")
+
+    p = sub.add_parser("run", help="run a search locally: master + N worker processes")
+    p.add_argument("manifest")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--slots", type=int, default=None, help="trials per worker (default spec.workers.trialsPerWorker)")
+    p.add_argument("--output", default=None, help="output directory (default runs/<name>)")
+    heartbeat_overrides(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("master", help="serve one experiment to workers (the master pod's entrypoint)")
+    p.add_argument("manifest")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default="[::]")
+    p.add_argument("--journal", required=True, help="SQLite journal file (resumes if it exists)")
+    p.add_argument("--token-file", default=None, help="file holding the token (else $MORPHML_TOKEN)")
+    p.add_argument("--exit-when-done", action="store_true", help="exit once the experiment is over")
+    p.add_argument("--restart-hold", type=float, default=None,
+                   help="seconds a restarted master keeps leases for their workers (default: heartbeat timeout)")
+    heartbeat_overrides(p)
+    p.set_defaults(func=cmd_master)
+
+    p = sub.add_parser("worker", help="run trials for a master (the worker pod's entrypoint)")
+    p.add_argument("--master", required=True, help="HOST:PORT of the master")
+    p.add_argument("--token-file", default=None, help="file holding the token (else $MORPHML_TOKEN)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs: one trial per GPU on cuda:0..K-1 (default 0: CPU)")
+    p.add_argument("--slots", type=int, default=1, help="trials at once on CPU (default 1)")
+    p.add_argument("--name", default=None, help="worker name (default $POD_NAME, else host-pid)")
+    p.add_argument("--health-port", type=int, default=None, help="serve grpc.health.v1 on this port")
+    p.add_argument("--grace-seconds", type=float, default=25.0, help="on SIGTERM, time to finish running trials")
+    p.add_argument("--give-up-after", type=float, default=600.0,
+                   help="exit when the master is unreachable this many seconds (0: never)")
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="print a master's status as JSON")
+    p.add_argument("--master", required=True)
+    p.add_argument("--token-file", default=None)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command != "run":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from morphml.distributed.auth import TokenError
+
+    try:
+        from morphml.experiment import ManifestError
+    except ImportError:  # pragma: no cover
+        ManifestError = ValueError
+    try:
+        return args.func(args)
+    except (TokenError, ManifestError, CliError) as exc:
+        print(f"morphml {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

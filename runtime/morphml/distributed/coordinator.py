@@ -1,0 +1,495 @@
+"""The experiment coordinator: drives an optimizer through ask/tell over a pool of workers.
+
+It owns the lease table, the worker registry and the journal, and decides everything the
+master does: which task goes to which worker, what a result means (counted, retried, stale),
+what happens when a worker dies, when the experiment is over. It knows nothing about gRPC:
+the master's servicer translates RPCs into calls here, and lease hand-outs come back as plain
+messages on a per-worker outbox queue. Time comes from an injected clock, so tests of
+heartbeats and holds run without sleeping.
+
+Imports: morphml.distributed.{states, clock, leases, registry, journal}; the optimizer is
+any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_state_dict).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .clock import SystemClock
+from .journal import Journal
+from .leases import LeaseTable, ResultMatch, Task
+from .registry import WorkerRecord, WorkerRegistry
+from .states import LossReason, TaskState, WorkerState
+
+log = logging.getLogger("morphml.master")
+
+FAILURE_KINDS = ("exception", "nan", "timeout", "oom", "invalid")
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+MAX_ERROR_TEXT = 4000
+
+
+@dataclass
+class ExperimentSettings:
+    """What the coordinator needs from the manifest (spec.budget, faultTolerance, ...)."""
+
+    name: str = "experiment"
+    max_trials: int = 100
+    max_failed_trials: int = 10
+    max_task_retries: int = 2
+    heartbeat_interval: float = 10.0
+    missed_heartbeats: int = 3
+    evaluation: dict = field(default_factory=dict)
+    metric: str = "val_accuracy"
+    goal: str = "maximize"
+    seed: int = 0
+    # After a restart, leases that were out stay reserved this long for their worker to
+    # reconnect and re-adopt them (default: one heartbeat timeout).
+    restart_hold_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_trials < 1:
+            raise ValueError(f"spec.budget.maxTrials={self.max_trials!r}: must be >= 1")
+        if self.max_failed_trials < 0:
+            raise ValueError(f"spec.budget.maxFailedTrials={self.max_failed_trials!r}: must be >= 0")
+        if self.max_task_retries < 0:
+            raise ValueError(f"spec.faultTolerance.maxTaskRetries={self.max_task_retries!r}: must be >= 0")
+        if self.goal not in ("maximize", "minimize"):
+            raise ValueError(f"spec.objective.goal={self.goal!r}: allowed maximize, minimize")
+
+
+@dataclass
+class LeaseMessage:
+    task_id: str
+    attempt: int
+    arch_json: str
+    evaluation_json: str
+    seed: int
+
+
+@dataclass
+class ShutdownMessage:
+    reason: str
+
+
+# Put on an outbox to end that worker's session stream (the worker was declared dead).
+END_OF_STREAM = None
+
+
+def describe_candidate(candidate: Any) -> tuple[str, str, str, str, int]:
+    """(candidate id, canonical arch JSON text, arch hash, summary, generation) of a Candidate."""
+    graph = candidate.graph
+    arch = graph.to_json()
+    arch_text = arch if isinstance(arch, str) else json.dumps(arch, sort_keys=True)
+    arch_hash = graph.arch_hash
+    arch_hash = arch_hash() if callable(arch_hash) else arch_hash
+    summary = getattr(graph, "summary", "")
+    summary = summary() if callable(summary) else summary
+    return str(candidate.id), arch_text, str(arch_hash), str(summary or ""), int(getattr(candidate, "generation", 0) or 0)
+
+
+class ExperimentCoordinator:
+    """All master decisions, under one lock, each journaled as one transaction."""
+
+    def __init__(self, optimizer: Any, settings: ExperimentSettings, journal: Journal, clock=None):
+        self.optimizer = optimizer
+        self.settings = settings
+        self.journal = journal
+        self.clock = clock or SystemClock()
+        self.registry = WorkerRegistry(self.clock, settings.heartbeat_interval, settings.missed_heartbeats)
+        self.leases = LeaseTable()
+        self._lock = threading.RLock()
+        self.changed = threading.Condition(self._lock)
+        self._outboxes: dict[str, queue.Queue] = {}
+        self.phase = PENDING
+        self.message = ""
+        self.succeeded = 0
+        self.failed = 0
+        self.retries = 0
+        self.stale_results = 0
+        self.best: Task | None = None
+        self.losses: list[dict] = []
+        self._seq = 0
+        self._exhausted = False
+        self._evaluation_json = json.dumps(settings.evaluation, sort_keys=True)
+        self._restore()
+
+    # --- restart -----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        with self._lock, self.journal.transaction():
+            now, mono = self.clock.wall(), self.clock.monotonic()
+            state = self.journal.load_optimizer()
+            if state is not None:
+                self.optimizer.load_state_dict(state)
+            tasks = self.journal.load_tasks()
+            for att in self.journal.load_attempts():
+                self.leases.attempts[(att.task_id, att.attempt)] = att
+            hold = self.settings.restart_hold_seconds
+            hold = self.registry.heartbeat_timeout if hold is None else hold
+            for task in tasks:
+                if task.state is TaskState.LEASED:
+                    # The worker may still be running it: keep the attempt number, accept its result,
+                    # and reserve the task for it for a while before handing it to someone else.
+                    task.set_state(TaskState.PENDING)
+                    task.orphan_attempt = task.attempt
+                    task.held_until = mono + hold
+                    self.journal.event(now, "requeued", task.task_id, task.attempt, detected_by=LossReason.RESTART.value,
+                                       detected_at=now, hold_seconds=hold)
+                self.leases.add(task)
+                self._seq += 1
+                self.journal.save_task(task, self._seq)
+                if task.state is TaskState.SUCCEEDED:
+                    self.succeeded += 1
+                    self._update_best(task)
+                elif task.state is TaskState.FAILED:
+                    self.failed += 1
+            self.retries = self.journal.query("SELECT COUNT(*) FROM events WHERE kind = 'retry'")[0][0]
+            self.stale_results = self.journal.query(
+                "SELECT COUNT(*) FROM results WHERE disposition = 'stale'")[0][0]
+            phase = self.journal.get_meta("phase")
+            if phase in (SUCCEEDED, FAILED):
+                self.phase = phase
+                self.message = self.journal.get_meta("message", "")
+            self.journal.set_meta("name", self.settings.name)
+            self.journal.event(now, "master_started", restored_tasks=len(tasks), phase=self.phase)
+            if tasks:
+                log.info("restored %d tasks from %s (%d succeeded, %d failed)", len(tasks), self.journal.path,
+                         self.succeeded, self.failed)
+
+    # --- workers -----------------------------------------------------------------------------
+    def register(self, name: str, gpus: int, slots: int, hostname: str = "", pid: int = 0,
+                 running: list[tuple[str, int]] | None = None) -> tuple[str, list[tuple[str, int]]]:
+        if not name:
+            raise ValueError("worker_name: must not be empty")
+        if slots < 1 or gpus < 0:
+            raise ValueError(f"slots={slots} gpus={gpus}: slots must be >= 1 and gpus >= 0")
+        with self._lock, self.journal.transaction():
+            now = self.clock.wall()
+            rec = self.registry.register(name, gpus, slots, hostname, pid)
+            self._outboxes[rec.worker_id] = queue.Queue()
+            self.journal.event(now, "worker_registered", worker_id=rec.worker_id, worker_name=name, gpus=gpus,
+                               slots=slots, hostname=hostname, pid=pid)
+            adopted = []
+            for task_id, attempt in running or []:
+                att = self.leases.adopt(task_id, attempt, rec.worker_id, name, now)
+                if att is None:
+                    continue
+                rec.leases.add((task_id, attempt))
+                adopted.append((task_id, attempt))
+                self.journal.save_attempt(att)
+                self._save_task(self.leases.tasks[task_id])
+                self.journal.event(now, "adopted", task_id, attempt, rec.worker_id, name)
+            return rec.worker_id, adopted
+
+    def connect(self, worker_id: str) -> queue.Queue | None:
+        """The worker's session stream opened; returns its outbox (None: unknown or dead)."""
+        with self._lock, self.journal.transaction():
+            rec = self.registry.get(worker_id)
+            if rec is None or not rec.alive:
+                return None
+            self.registry.connected(worker_id)
+            if self.phase == PENDING:
+                self._set_phase(RUNNING, "")
+            outbox = self._outboxes[worker_id]
+            if self.phase in (SUCCEEDED, FAILED):
+                outbox.put(ShutdownMessage(f"experiment {self.phase.lower()}"))
+            self._dispatch()
+            return outbox
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Records a heartbeat; False when the worker is unknown or already declared dead."""
+        with self._lock:
+            rec = self.registry.get(worker_id)
+            if rec is None or not rec.alive:
+                return False
+            self.registry.heartbeat(worker_id)
+            return True
+
+    def drain(self, worker_id: str, reason: str) -> None:
+        with self._lock, self.journal.transaction():
+            rec = self.registry.get(worker_id)
+            if rec is None or not rec.alive:
+                return
+            self.registry.drain(worker_id)
+            self.journal.event(self.clock.wall(), "worker_draining", worker_id=worker_id, worker_name=rec.name,
+                               reason=reason)
+
+    def worker_lost(self, worker_id: str, reason: LossReason, detail: str = "") -> list[tuple[str, int]]:
+        """Declares a worker dead; its leases go back to the queue at once (no retry used) and
+        are re-leased right away to workers with free slots."""
+        with self._lock, self.journal.transaction():
+            now = self.clock.wall()
+            rec = self.registry.mark_dead(worker_id, reason.value)
+            if rec is None:
+                return []
+            released = self.leases.release_worker(worker_id, reason.value, now)
+            rec.leases.clear()
+            for task_id, attempt in released:
+                self.journal.save_attempt(self.leases.attempts[(task_id, attempt)])
+                self._save_task(self.leases.tasks[task_id])
+                self.journal.event(now, "requeued", task_id, attempt, worker_id, rec.name, detected_by=reason.value,
+                                   detected_at=now)
+            self.journal.event(now, "worker_dead", worker_id=worker_id, worker_name=rec.name,
+                               detected_by=reason.value, detail=detail, requeued=[list(r) for r in released])
+            self.losses.append({"worker_id": worker_id, "worker_name": rec.name, "detected_by": reason.value,
+                                "detected_at": now, "requeued": released})
+            del self.losses[:-100]
+            self._outboxes.get(worker_id, queue.Queue()).put(END_OF_STREAM)
+            if released or reason is not LossReason.DEREGISTER:
+                log.warning("worker %s lost (%s); requeued %s", worker_id, reason.value, released or "nothing")
+            self._dispatch()
+            self.changed.notify_all()
+            return released
+
+    def worker_gone(self, worker: str, reason: str) -> tuple[list[str], list[tuple[str, int]]]:
+        """The operator says the pod is gone: every live registration of that name/id dies now."""
+        with self._lock:
+            ids, released = [], []
+            for rec in self.registry.by_name_or_id(worker):
+                ids.append(rec.worker_id)
+                released += self.worker_lost(rec.worker_id, LossReason.POD_GONE, reason)
+            return ids, released
+
+    def deregister(self, worker_id: str, reason: str) -> list[tuple[str, int]]:
+        return self.worker_lost(worker_id, LossReason.DEREGISTER, reason)
+
+    def check_heartbeats(self) -> list[str]:
+        """Declares dead every worker past interval x missed; also releases restart holds."""
+        with self._lock:
+            lost = []
+            for rec in self.registry.expired():
+                lost.append(rec.worker_id)
+                self.worker_lost(rec.worker_id, LossReason.HEARTBEAT,
+                                 f"no heartbeat for {self.registry.seconds_since_heartbeat(rec):.2f}s")
+            mono = self.clock.monotonic()
+            if any(t.held_until is not None and t.held_until <= mono for t in self._pending_tasks()):
+                with self.journal.transaction():
+                    self._dispatch()
+            return lost
+
+    # --- results -----------------------------------------------------------------------------
+    def report_result(self, task_id: str, attempt: int, ok: bool, metrics: dict | None, failure_kind: str = "",
+                      failure_message: str = "", worker_name: str = "", duration: float = 0.0) -> str:
+        """Returns the disposition: accepted, stale, duplicate or unknown."""
+        if not ok and failure_kind not in FAILURE_KINDS:
+            raise ValueError(f"failure_kind={failure_kind!r}: allowed {', '.join(FAILURE_KINDS)}")
+        failure_message = (failure_message or "")[:MAX_ERROR_TEXT]
+        if ok:
+            ok, failure_kind, failure_message = self._check_metrics(metrics)
+        with self._lock, self.journal.transaction():
+            now = self.clock.wall()
+            match = self.leases.match(task_id, attempt)
+            disposition = {ResultMatch.LIVE: "accepted", ResultMatch.ORPHAN: "accepted",
+                           ResultMatch.DUPLICATE: "duplicate", ResultMatch.UNKNOWN: "unknown"}.get(match, "stale")
+            self.journal.add_result(now, task_id, attempt, worker_name, disposition, ok, metrics if ok else None,
+                                    failure_kind, failure_message, duration)
+            if disposition == "stale":
+                self.stale_results += 1
+                self.journal.event(now, "stale_result", task_id, attempt, worker_name=worker_name)
+                return disposition
+            if disposition != "accepted":
+                return disposition
+            att = self.leases.attempts[(task_id, attempt)]
+            holder = self.registry.get(att.worker_id)
+            task = self.leases.tasks[task_id]
+            if ok:
+                self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now)
+                self.succeeded += 1
+                self.optimizer.tell(task.candidate_id, metrics)
+                self._save_optimizer(now)
+                self.journal.event(now, "succeeded", task_id, attempt, att.worker_id, worker_name or att.worker_name,
+                                   metric=metrics.get(self.settings.metric))
+                self._update_best(task, journal=True)
+            else:
+                retried = self.leases.fail(task_id, attempt, failure_kind, failure_message,
+                                           worker_name or att.worker_name, duration, self.settings.max_task_retries, now)
+                if retried:
+                    self.retries += 1
+                    self.journal.event(now, "retry", task_id, attempt, att.worker_id, worker_name or att.worker_name,
+                                       kind=failure_kind, message=failure_message, retries_used=task.retries_used)
+                else:
+                    self.failed += 1
+                    self.optimizer.tell(task.candidate_id, None)
+                    self._save_optimizer(now)
+                    self.journal.event(now, "failed", task_id, attempt, att.worker_id, worker_name or att.worker_name,
+                                       kind=failure_kind, message=failure_message)
+            self.journal.save_attempt(att)
+            self._save_task(task)
+            if holder is not None:
+                holder.leases.discard((task_id, attempt))
+                self.registry.refresh_load(holder)
+            self._check_done()
+            self._dispatch()
+            self.changed.notify_all()
+            return disposition
+
+    def _check_metrics(self, metrics: Any) -> tuple[bool, str, str]:
+        metric = self.settings.metric
+        if not isinstance(metrics, dict):
+            return False, "invalid", f"evaluator returned {type(metrics).__name__}, expected a dict of metrics"
+        value = metrics.get(metric)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, "invalid", f"metrics lack a number for the objective {metric!r}: got {value!r}"
+        if not math.isfinite(value):
+            return False, "nan", f"objective {metric!r} is {value!r}"
+        return True, "", ""
+
+    # --- dispatching -------------------------------------------------------------------------
+    def _pending_tasks(self) -> list[Task]:
+        return [self.leases.tasks[i] for i in self.leases.pending_ids()]
+
+    def _ready_pending(self) -> int:
+        mono = self.clock.monotonic()
+        return sum(1 for t in self._pending_tasks() if t.held_until is None or t.held_until <= mono)
+
+    def _refill(self) -> None:
+        """Asks the optimizer for as many new candidates as there are free slots without a
+        pending task, never beyond the budget."""
+        if self._exhausted:
+            return
+        free = sum(w.free_slots for w in self.registry.live())
+        want = free - self._ready_pending()
+        outstanding = len(self.leases.tasks) - self.succeeded - self.failed
+        budget_left = self.settings.max_trials - self.succeeded - self.failed - outstanding
+        n = min(want, budget_left)
+        if n <= 0:
+            return
+        if self.optimizer.is_finished():
+            candidates = []
+        else:
+            candidates = list(self.optimizer.ask(n))[:n]
+        now = self.clock.wall()
+        for cand in candidates:
+            cid, arch_text, arch_hash, summary, generation = describe_candidate(cand)
+            self._seq += 1
+            task = Task(task_id=f"t{self._seq:06d}", candidate_id=cid, arch_json=arch_text, arch_hash=arch_hash,
+                        summary=summary, generation=generation, seed=self.settings.seed * 1_000_003 + self._seq,
+                        proposed_at=now)
+            self.leases.add(task)
+            self.journal.save_task(task, self._seq)
+            self.journal.event(now, "proposed", task.task_id, candidate_id=cid, arch_hash=arch_hash,
+                               generation=generation)
+        if candidates:
+            self._save_optimizer(now)
+        elif outstanding == 0:
+            # Nothing in flight and the optimizer has nothing more: the search is over.
+            self._exhausted = True
+            self._check_done()
+
+    def _dispatch(self) -> None:
+        if self.phase != RUNNING:
+            return
+        self._refill()
+        if not self.leases.pending_ids():
+            return
+        mono, now = self.clock.monotonic(), self.clock.wall()
+        live = [w for w in self.registry.live() if w.accepts_work]
+        names = [w.name for w in live]
+        progress = True
+        while progress:
+            progress = False
+            for rec in sorted(live, key=lambda w: len(w.leases)):
+                if rec.free_slots <= 0:
+                    continue
+                task = self.leases.choose_for(rec.name, names, mono)
+                if task is None:
+                    continue
+                self._lease(task, rec, now)
+                progress = True
+
+    def _lease(self, task: Task, rec: WorkerRecord, now: float) -> None:
+        orphan = task.orphan_attempt
+        att = self.leases.lease(task.task_id, rec.worker_id, rec.name, now)
+        if orphan is not None:
+            self.journal.save_attempt(self.leases.attempts[(task.task_id, orphan)])
+        rec.leases.add((task.task_id, att.attempt))
+        self.registry.refresh_load(rec)
+        self.journal.save_attempt(att)
+        self._save_task(task)
+        self.journal.event(now, "leased", task.task_id, att.attempt, rec.worker_id, rec.name)
+        self._outboxes[rec.worker_id].put(LeaseMessage(task.task_id, att.attempt, task.arch_json,
+                                                       self._evaluation_json, task.seed))
+
+    # --- completion --------------------------------------------------------------------------
+    def _check_done(self) -> None:
+        if self.phase in (SUCCEEDED, FAILED):
+            return
+        s = self.settings
+        if self.failed > s.max_failed_trials:
+            self._finish(FAILED, f"{self.failed} failed trials exceed spec.budget.maxFailedTrials={s.max_failed_trials}")
+        elif self.succeeded + self.failed >= s.max_trials:
+            self._finish(SUCCEEDED, f"{self.succeeded + self.failed} trials finished (budget {s.max_trials})")
+        elif self._exhausted and len(self.leases.tasks) == self.succeeded + self.failed:
+            self._finish(SUCCEEDED, f"optimizer finished after {self.succeeded + self.failed} trials")
+
+    def _finish(self, phase: str, message: str) -> None:
+        self._set_phase(phase, message)
+        log.info("experiment %s: %s", phase, message)
+        for rec in self.registry.live():
+            self._outboxes[rec.worker_id].put(ShutdownMessage(f"experiment {phase.lower()}: {message}"))
+        self.changed.notify_all()
+
+    def _set_phase(self, phase: str, message: str) -> None:
+        self.phase, self.message = phase, message
+        now = self.clock.wall()
+        self.journal.set_meta("phase", phase)
+        self.journal.set_meta("message", message)
+        self.journal.event(now, "phase", phase=phase, message=message)
+
+    @property
+    def done(self) -> bool:
+        return self.phase in (SUCCEEDED, FAILED)
+
+    def wait_done(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            return self.changed.wait_for(lambda: self.done, timeout)
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _save_task(self, task: Task) -> None:
+        seq = int(task.task_id[1:]) if task.task_id[1:].isdigit() else 0
+        self.journal.save_task(task, seq)
+
+    def _save_optimizer(self, now: float) -> None:
+        self.journal.save_optimizer(self.optimizer.state_dict(), now)
+
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.settings.goal == "maximize" else a < b
+
+    def _update_best(self, task: Task, journal: bool = False) -> None:
+        value = task.metrics.get(self.settings.metric) if task.metrics else None
+        if value is None:
+            return
+        if self.best is None or self._better(value, self.best.metrics[self.settings.metric]):
+            self.best = task
+            if journal:
+                self.journal.set_meta("best", {"trial_id": task.task_id, "metric": value, "summary": task.summary,
+                                               "arch_hash": task.arch_hash})
+                self.journal.event(self.clock.wall(), "new_best", task.task_id, task.finished_attempt, metric=value)
+
+    def status(self, include_dead: bool = True) -> dict:
+        with self._lock:
+            workers = []
+            for rec in self.registry.workers.values():
+                if not include_dead and not rec.alive:
+                    continue
+                workers.append({"worker_id": rec.worker_id, "worker_name": rec.name, "state": rec.state.value,
+                                "slots": rec.slots, "gpus": rec.gpus, "running": sorted(rec.leases),
+                                "seconds_since_heartbeat": self.registry.seconds_since_heartbeat(rec)})
+            best = None
+            if self.best is not None:
+                b = self.best
+                best = {"trial_id": b.task_id, "metric": b.metrics[self.settings.metric], "summary": b.summary,
+                        "arch_json": b.arch_json, "metrics": b.metrics, "arch_hash": b.arch_hash}
+            return {"phase": self.phase, "message": self.message, "experiment_name": self.settings.name,
+                    "succeeded": self.succeeded, "failed": self.failed,
+                    "running": self.leases.count(TaskState.LEASED), "pending": len(self.leases.pending_ids()),
+                    "budget": self.settings.max_trials, "workers": workers, "best": best,
+                    "stale_results": self.stale_results, "retries": self.retries, "losses": list(self.losses),
+                    "metric": self.settings.metric, "goal": self.settings.goal,
+                    "workers_alive": sum(1 for w in self.registry.workers.values()
+                                         if w.alive and w.state is not WorkerState.REGISTERING)}

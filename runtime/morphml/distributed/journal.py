@@ -1,0 +1,185 @@
+"""The master's journal: an SQLite file holding every state change that matters.
+
+Tables: `tasks` (one row per trial, its state and outcome), `attempts` (one row per lease),
+`results` (every result received, counted or stale), `events` (append-only audit log:
+proposed, leased, adopted, succeeded, failed, retry, requeued with the detection path,
+worker_registered, worker_dead, stale_result, phase), `optimizer` (the optimizer's
+state_dict as JSON after every ask and tell), `meta` (experiment name, phase, best).
+
+Durability: WAL mode. `synchronous=FULL` (the default) fsyncs the WAL on every commit, so a
+committed trial survives a power loss as well as a process kill. `synchronous=NORMAL` skips
+that fsync (commits survive a killed master process, the SIGKILL/pod-deletion failure model,
+but the last commits may roll back on power loss: those trials then re-run, still counted
+once); choose it with `Journal(path, synchronous="NORMAL")` / `morphml master --journal-sync normal`.
+Each coordinator operation is one transaction, so the journal never holds half a change.
+
+JSON only (no pickle). Imports: sqlite3, json, morphml.distributed.leases/states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from .leases import Attempt, Task
+from .states import AttemptState, TaskState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks(
+  task_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, candidate_id TEXT NOT NULL, arch_json TEXT NOT NULL,
+  arch_hash TEXT NOT NULL, summary TEXT NOT NULL, generation INTEGER NOT NULL, seed INTEGER NOT NULL,
+  proposed_at REAL NOT NULL, state TEXT NOT NULL, attempt INTEGER NOT NULL, retries_used INTEGER NOT NULL,
+  avoid_workers TEXT NOT NULL, metrics_json TEXT, error_kind TEXT, error_message TEXT,
+  finished_by TEXT, finished_attempt INTEGER, finished_at REAL, duration_seconds REAL);
+CREATE TABLE IF NOT EXISTS attempts(
+  task_id TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT NOT NULL, worker_name TEXT NOT NULL,
+  leased_at REAL NOT NULL, state TEXT NOT NULL, ended_at REAL, outcome TEXT,
+  PRIMARY KEY(task_id, attempt));
+CREATE TABLE IF NOT EXISTS results(
+  id INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, task_id TEXT NOT NULL,
+  attempt INTEGER NOT NULL, worker_name TEXT NOT NULL, disposition TEXT NOT NULL, ok INTEGER NOT NULL,
+  metrics_json TEXT, failure_kind TEXT, failure_message TEXT, duration_seconds REAL);
+CREATE TABLE IF NOT EXISTS events(
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL, task_id TEXT,
+  attempt INTEGER, worker_id TEXT, worker_name TEXT, detail TEXT);
+CREATE TABLE IF NOT EXISTS optimizer(id INTEGER PRIMARY KEY CHECK (id = 1), state_json TEXT NOT NULL,
+  saved_at REAL NOT NULL);
+"""
+
+SYNC_MODES = ("FULL", "NORMAL")
+
+
+class Journal:
+    """One SQLite file; all writes go through transaction() (one commit per operation)."""
+
+    def __init__(self, path: str | Path, synchronous: str = "FULL"):
+        mode = synchronous.upper()
+        if mode not in SYNC_MODES:
+            raise ValueError(f"journal synchronous={synchronous!r}: allowed {', '.join(m.lower() for m in SYNC_MODES)}")
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={mode}")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self._depth = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Nested calls join the outer transaction; the outermost commits."""
+        with self._lock:
+            if self._depth == 0:
+                self._db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("COMMIT")
+
+    # --- writes --------------------------------------------------------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+
+    def save_task(self, task: Task, seq: int) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (task.task_id, seq, task.candidate_id, task.arch_json, task.arch_hash, task.summary,
+                 task.generation, task.seed, task.proposed_at, task.state.value, task.attempt,
+                 task.retries_used, json.dumps(sorted(task.avoid_workers)),
+                 json.dumps(task.metrics) if task.metrics is not None else None,
+                 task.error_kind, task.error_message, task.finished_by, task.finished_attempt,
+                 task.finished_at, task.duration_seconds))
+
+    def save_attempt(self, att: Attempt) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,?,?,?,?)",
+                (att.task_id, att.attempt, att.worker_id, att.worker_name, att.leased_at, att.state.value,
+                 att.ended_at, att.outcome))
+
+    def add_result(self, received_at: float, task_id: str, attempt: int, worker_name: str, disposition: str,
+                   ok: bool, metrics: dict | None, kind: str, message: str, duration: float) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO results(received_at, task_id, attempt, worker_name, disposition, ok, metrics_json,"
+                " failure_kind, failure_message, duration_seconds) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (received_at, task_id, attempt, worker_name, disposition, int(ok),
+                 json.dumps(metrics) if metrics is not None else None, kind, message, duration))
+
+    def event(self, ts: float, kind: str, task_id: str | None = None, attempt: int | None = None,
+              worker_id: str | None = None, worker_name: str | None = None, **detail: Any) -> None:
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO events(ts, kind, task_id, attempt, worker_id, worker_name, detail) VALUES (?,?,?,?,?,?,?)",
+                (ts, kind, task_id, attempt, worker_id, worker_name, json.dumps(detail) if detail else None))
+
+    def save_optimizer(self, state: dict, saved_at: float) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO optimizer(id, state_json, saved_at) VALUES (1, ?, ?)",
+                             (json.dumps(state), saved_at))
+
+    # --- reads ---------------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def load_optimizer(self) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT state_json FROM optimizer WHERE id = 1").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def load_tasks(self) -> list[Task]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM tasks ORDER BY seq").fetchall()
+        tasks = []
+        for r in rows:
+            tasks.append(Task(
+                task_id=r[0], candidate_id=r[2], arch_json=r[3], arch_hash=r[4], summary=r[5], generation=r[6],
+                seed=r[7], proposed_at=r[8], state=TaskState(r[9]), attempt=r[10], retries_used=r[11],
+                avoid_workers=set(json.loads(r[12])), metrics=json.loads(r[13]) if r[13] else None,
+                error_kind=r[14] or "", error_message=r[15] or "", finished_by=r[16] or "",
+                finished_attempt=r[17] or 0, finished_at=r[18], duration_seconds=r[19] or 0.0))
+        return tasks
+
+    def load_attempts(self) -> list[Attempt]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM attempts ORDER BY leased_at").fetchall()
+        return [Attempt(task_id=r[0], attempt=r[1], worker_id=r[2], worker_name=r[3], leased_at=r[4],
+                        state=AttemptState(r[5]), ended_at=r[6], outcome=r[7] or "") for r in rows]
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Read-only SQL for reports and tests."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        sql = "SELECT seq, ts, kind, task_id, attempt, worker_id, worker_name, detail FROM events"
+        params: tuple = ()
+        if kind:
+            sql += " WHERE kind = ?"
+            params = (kind,)
+        out = []
+        for r in self.query(sql + " ORDER BY seq", params):
+            out.append({"seq": r[0], "ts": r[1], "kind": r[2], "task_id": r[3], "attempt": r[4],
+                        "worker_id": r[5], "worker_name": r[6], "detail": json.loads(r[7]) if r[7] else {}})
+        return out

@@ -1,0 +1,101 @@
+"""The explicit state machines of the distributed runtime, in one place.
+
+Task (one trial of one candidate architecture):
+
+    PENDING --lease--> LEASED --ok--> SUCCEEDED
+       ^                 |  \--failed, retries left / worker lost--> PENDING
+       |                 \--failed, no retries left--> FAILED
+       \-------------------------------------------------/ (back to PENDING)
+
+Attempt (one lease of a task, identified by (task id, attempt number)):
+
+    LEASED --> SUCCEEDED | FAILED | STALE
+
+An attempt becomes STALE when its worker is declared dead (or the lease is revoked); a
+result that arrives later for it is recorded against the STALE attempt and never counted.
+
+Worker (one registration):
+
+    REGISTERING --hello--> IDLE <--> BUSY
+    IDLE/BUSY --drain--> DRAINING
+    any --stream broken / heartbeat timeout / pod gone / deregister--> DEAD
+
+Imports: enum only.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the state machine does not allow (a bug, never user input)."""
+
+
+class TaskState(str, enum.Enum):
+    PENDING = "pending"
+    LEASED = "leased"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class AttemptState(str, enum.Enum):
+    LEASED = "leased"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STALE = "stale"
+
+
+class WorkerState(str, enum.Enum):
+    REGISTERING = "registering"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.PENDING: frozenset({TaskState.LEASED}),
+    TaskState.LEASED: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.PENDING}),
+    TaskState.SUCCEEDED: frozenset(),
+    TaskState.FAILED: frozenset(),
+}
+
+ATTEMPT_TRANSITIONS: dict[AttemptState, frozenset[AttemptState]] = {
+    AttemptState.LEASED: frozenset({AttemptState.SUCCEEDED, AttemptState.FAILED, AttemptState.STALE}),
+    AttemptState.SUCCEEDED: frozenset(),
+    AttemptState.FAILED: frozenset(),
+    AttemptState.STALE: frozenset(),
+}
+
+WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.REGISTERING: frozenset({WorkerState.IDLE, WorkerState.DRAINING, WorkerState.DEAD}),
+    WorkerState.IDLE: frozenset({WorkerState.BUSY, WorkerState.DRAINING, WorkerState.DEAD}),
+    WorkerState.BUSY: frozenset({WorkerState.IDLE, WorkerState.DRAINING, WorkerState.DEAD}),
+    WorkerState.DRAINING: frozenset({WorkerState.DEAD}),
+    WorkerState.DEAD: frozenset(),
+}
+
+_TABLES = {TaskState: TASK_TRANSITIONS, AttemptState: ATTEMPT_TRANSITIONS, WorkerState: WORKER_TRANSITIONS}
+
+
+def check_transition(current: enum.Enum, new: enum.Enum) -> None:
+    """Raises IllegalTransition unless current -> new is allowed (same state is a no-op)."""
+    if current is new:
+        return
+    allowed = _TABLES[type(current)][current]
+    if new not in allowed:
+        names = sorted(s.value for s in allowed) or ["none (final state)"]
+        raise IllegalTransition(
+            f"{type(current).__name__} {current.value!r} cannot become {new.value!r}; allowed: {', '.join(names)}"
+        )
+
+
+class LossReason(str, enum.Enum):
+    """How a worker's death was detected; recorded per re-lease in the journal."""
+
+    STREAM = "stream"  # the Connect stream broke (process died, connection reset)
+    HEARTBEAT = "heartbeat"  # no heartbeat for interval x missed (hung, partitioned)
+    POD_GONE = "pod_gone"  # the operator called WorkerGone
+    DEREGISTER = "deregister"  # the worker left cleanly while holding leases
+    RESTART = "restart"  # the master restarted while the lease was out
