@@ -268,3 +268,62 @@ def test_user_evaluator_runs_in_a_process_that_never_imports_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "no torch" in done.stdout
+
+
+# --- failure classification inside the trainer ----------------------------------------------
+
+
+class RaisingModel(torch.nn.Module):
+    """A model whose forward pass fails the way a real one can (allocation failure, shape bug)."""
+
+    def __init__(self, error: Exception):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.error = error
+
+    def forward(self, x):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error,kind,words",
+    [
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "oom", "out of memory on cpu"),
+        (RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory"), "oom", "can't allocate memory"),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), "oom", "out of memory"),
+        (ValueError("mat1 and mat2 shapes cannot be multiplied"), "exception", "ValueError: mat1 and mat2"),
+    ],
+)
+def test_trainer_classifies_failures(error, kind, words):
+    from morphml.evaluation import load_dataset
+    from morphml.evaluation.trainer import train_and_validate
+
+    with pytest.raises(TrialFailure) as info:
+        train_and_validate(RaisingModel(error), load_dataset({"name": "digits"}), training_settings({}), torch.device("cpu"))
+    assert info.value.kind == kind
+    assert words in info.value.message
+
+
+def test_user_evaluator_memory_error_is_oom(tmp_path, monkeypatch):
+    (tmp_path / "b2_oom_eval.py").write_text("def evaluate(a, s, d):\n    raise MemoryError('no room')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TrialFailure) as info:
+        evaluate_architecture(small_cnn(), {"evaluator": "b2_oom_eval:evaluate"})
+    assert info.value.kind == "oom"
+
+
+def test_user_evaluator_may_raise_its_own_trial_failure(tmp_path, monkeypatch):
+    (tmp_path / "b2_own_failure.py").write_text(
+        "from morphml.evaluation import TrialFailure\n"
+        "def evaluate(a, s, d):\n    raise TrialFailure('timeout', 'my own budget ran out')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TrialFailure) as info:
+        evaluate_architecture(small_cnn(), {"evaluator": "b2_own_failure:evaluate"})
+    assert (info.value.kind, info.value.message) == ("timeout", "my own budget ran out")
+
+
+def test_trial_failure_refuses_unknown_kinds_and_serialises():
+    with pytest.raises(ValueError, match="not one of exception, nan, timeout, oom, invalid"):
+        TrialFailure("crashed", "x")
+    assert TrialFailure("nan", "loss nan").to_json() == {"kind": "nan", "message": "loss nan"}
