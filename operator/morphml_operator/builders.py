@@ -1,0 +1,391 @@
+"""Pure builders: a NASExperiment (its name, namespace and defaulted spec) -> Kubernetes manifests.
+
+Every function here returns plain dicts and touches nothing: no API calls, no clock, no randomness
+(the token is passed in). The handlers call these, `kopf.adopt` the result (ownerReferences) and
+send it to the API. Unit tests pin the output (tests/unit/test_builders.py).
+
+Names for an experiment called NAME:
+    NAME-token      Secret with the experiment's auth token (key `token`)
+    NAME-journal    PersistentVolumeClaim holding the master's SQLite journal
+    NAME-experiment ConfigMap with the manifest, mounted at /etc/morphml/experiment.yaml
+    NAME-pods       ServiceAccount of master and workers: no API rights, no token mounted
+    NAME-master     master Pod and its Service (gRPC on 50051)
+    NAME-worker     worker Deployment
+
+Imports: the standard library and PyYAML only (no kopf, no kubernetes client), so the builders can
+be tested and reused anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import yaml
+
+MASTER_PORT = 50051
+EXPERIMENT_PATH = "/etc/morphml/experiment.yaml"
+TOKEN_DIR = "/etc/morphml/token"
+TOKEN_PATH = f"{TOKEN_DIR}/token"
+JOURNAL_DIR = "/var/lib/morphml"
+JOURNAL_PATH = f"{JOURNAL_DIR}/journal.db"
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS_USER = 1000  # the `morphml` user of Dockerfile.master and Dockerfile.worker
+
+EXPERIMENT_LABEL = "morphml.io/experiment"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+
+@dataclasses.dataclass(frozen=True)
+class PodDefaults:
+    """What the operator fills in where the spec leaves it out (from the operator's settings)."""
+
+    master_image: str = "morphml-master:0.1.0"
+    worker_image: str = "morphml-worker:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # Seconds a worker gets between SIGTERM and SIGKILL: enough to stop, hand its running trial
+    # back to the master (Deregister) and exit; a finished-but-unreported result is sent too.
+    worker_grace_seconds: int = 60
+    master_grace_seconds: int = 30
+
+
+# --------------------------------------------------------------------------- names and labels
+
+
+def token_secret_name(name: str) -> str:
+    return f"{name}-token"
+
+
+def journal_pvc_name(name: str) -> str:
+    return f"{name}-journal"
+
+
+def experiment_configmap_name(name: str) -> str:
+    return f"{name}-experiment"
+
+
+def service_account_name(name: str) -> str:
+    return f"{name}-pods"
+
+
+def master_name(name: str) -> str:
+    """The master Pod's and the master Service's name."""
+    return f"{name}-master"
+
+
+def worker_deployment_name(name: str) -> str:
+    return f"{name}-worker"
+
+
+def master_address(name: str) -> str:
+    """host:port workers dial: the master Service, resolved in the experiment's namespace."""
+    return f"{master_name(name)}:{MASTER_PORT}"
+
+
+def labels(name: str, component: str | None = None) -> dict[str, str]:
+    """Labels on everything an experiment owns; `component` is master, worker, journal, ..."""
+    result = {
+        "app.kubernetes.io/name": "morphml",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "morphml-operator",
+        EXPERIMENT_LABEL: name,
+    }
+    if component:
+        result[COMPONENT_LABEL] = component
+    return result
+
+
+def selector(name: str, component: str) -> dict[str, str]:
+    """The labels that select one component of one experiment (stable: never change them)."""
+    return {EXPERIMENT_LABEL: name, COMPONENT_LABEL: component}
+
+
+def selector_string(name: str, component: str) -> str:
+    """`selector` as a label selector string, e.g. for status.workers.selector."""
+    return ",".join(f"{key}={value}" for key, value in selector(name, component).items())
+
+
+def _metadata(name: str, namespace: str, object_name: str, component: str) -> dict[str, Any]:
+    return {"name": object_name, "namespace": namespace, "labels": labels(name, component)}
+
+
+# --------------------------------------------------------------------------- small objects
+
+
+def build_token_secret(name: str, namespace: str, token: str) -> dict:
+    """The Secret holding the experiment's token; only the master and its workers mount it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(name, namespace, token_secret_name(name), "token"),
+        "type": "Opaque",
+        "stringData": {"token": token},
+    }
+
+
+def build_journal_pvc(name: str, namespace: str, spec: Mapping[str, Any]) -> dict:
+    """The claim the master keeps its journal on, so a new master pod resumes the search."""
+    persistence = (spec.get("master") or {}).get("persistence") or {}
+    claim: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": persistence.get("size", "1Gi")}},
+    }
+    if persistence.get("storageClassName"):
+        claim["storageClassName"] = persistence["storageClassName"]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(name, namespace, journal_pvc_name(name), "journal"),
+        "spec": claim,
+    }
+
+
+def experiment_document(name: str, namespace: str, spec: Mapping[str, Any]) -> dict:
+    """The manifest the master reads: the experiment as the user applied it, defaults included."""
+    return {
+        "apiVersion": "morphml.io/v1alpha1",
+        "kind": "NASExperiment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": dict(spec),
+    }
+
+
+def build_experiment_configmap(name: str, namespace: str, spec: Mapping[str, Any]) -> dict:
+    """The ConfigMap mounted into the master pod at /etc/morphml/experiment.yaml."""
+    text = yaml.safe_dump(experiment_document(name, namespace, spec), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(name, namespace, experiment_configmap_name(name), "experiment"),
+        "data": {"experiment.yaml": text},
+    }
+
+
+def build_service_account(name: str, namespace: str) -> dict:
+    """The identity of the experiment's pods: bound to no Role, and its token is not mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(name, namespace, service_account_name(name), "pods"),
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_master_service(name: str, namespace: str) -> dict:
+    """The stable address workers dial: NAME-master:50051."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, namespace, master_name(name), "master"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(name, "master"),
+            "ports": [{"name": "grpc", "port": MASTER_PORT, "targetPort": "grpc", "protocol": "TCP"}],
+        },
+    }
+
+
+# --------------------------------------------------------------------------- pods
+
+
+def _pod_security_context() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_env(name: str) -> list[dict]:
+    return [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "MORPHML_EXPERIMENT", "value": name},
+        # The root filesystem is read-only; caches (torch, matplotlib) go to the /tmp emptyDir.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def _token_volume(name: str) -> dict:
+    return {
+        "name": "token",
+        "secret": {"secretName": token_secret_name(name), "defaultMode": 0o440, "items": [{"key": "token", "path": "token"}]},
+    }
+
+
+def _grpc_probe(service: str, period: int, failures: int, initial_delay: int = 0) -> dict:
+    return {
+        "grpc": {"port": MASTER_PORT, "service": service},
+        "initialDelaySeconds": initial_delay,
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def _resources(section: Mapping[str, Any], fallback: dict) -> dict:
+    resources = section.get("resources") or {}
+    return {key: dict(value) for key, value in resources.items()} if resources else dict(fallback)
+
+
+def master_command() -> list[str]:
+    """The master container's command (Dockerfile.master's entrypoint is `morphml`)."""
+    return [
+        "morphml", "master", EXPERIMENT_PATH,
+        "--port", str(MASTER_PORT),
+        "--journal", JOURNAL_PATH,
+        "--token-file", TOKEN_PATH,
+    ]
+
+
+def worker_command(name: str, gpus: int) -> list[str]:
+    """The worker container's command (Dockerfile.worker's entrypoint is `morphml`)."""
+    return ["morphml", "worker", "--master", master_address(name), "--token-file", TOKEN_PATH, "--gpus", str(gpus)]
+
+
+def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], defaults: PodDefaults = PodDefaults()) -> dict:
+    """The master: runs the search, serves gRPC on 50051, journals to the PVC.
+
+    A bare Pod (not a Deployment) because there must never be two masters writing one journal;
+    the operator recreates it when it goes away, and the new one resumes from the journal.
+    """
+    master = spec.get("master") or {}
+    container = {
+        "name": "master",
+        "image": master.get("image") or defaults.master_image,
+        "imagePullPolicy": defaults.image_pull_policy,
+        "command": master_command()[:1],
+        "args": master_command()[1:],
+        "ports": [{"name": "grpc", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "env": _pod_env(name),
+        "resources": _resources(master, {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}),
+        # Health service name "morphml.Master" turns SERVING once the journal is open and the
+        # search is loaded; "" only says the process is up (enough for liveness).
+        "readinessProbe": _grpc_probe("morphml.Master", period=5, failures=3),
+        "livenessProbe": _grpc_probe("", period=10, failures=6, initial_delay=10),
+        "securityContext": _container_security_context(),
+        "volumeMounts": [
+            {"name": "experiment", "mountPath": EXPERIMENT_PATH, "subPath": "experiment.yaml", "readOnly": True},
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "journal", "mountPath": JOURNAL_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _metadata(name, namespace, master_name(name), "master"),
+        "spec": {
+            "serviceAccountName": service_account_name(name),
+            "automountServiceAccountToken": False,
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": defaults.master_grace_seconds,
+            "securityContext": _pod_security_context(),
+            "containers": [container],
+            "volumes": [
+                {"name": "experiment", "configMap": {"name": experiment_configmap_name(name)}},
+                _token_volume(name),
+                {"name": "journal", "persistentVolumeClaim": {"claimName": journal_pvc_name(name)}},
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        },
+    }
+
+
+def desired_worker_replicas(spec: Mapping[str, Any], phase: str | None) -> int:
+    """Workers wanted now: none while suspended or once the search is over (frees the GPUs)."""
+    if spec.get("suspend") or phase in ("Succeeded", "Failed"):
+        return 0
+    return int((spec.get("workers") or {}).get("replicas", 1))
+
+
+def build_worker_deployment(
+    name: str,
+    namespace: str,
+    spec: Mapping[str, Any],
+    replicas: int,
+    defaults: PodDefaults = PodDefaults(),
+) -> dict:
+    """The workers: each dials the master, trains the trials it is leased, one per GPU.
+
+    gpusPerWorker > 0 requests and limits nvidia.com/gpu (the scheduler then places the pod on a
+    node with free GPUs) and tolerates the usual GPU-node taint. Liveness is the master's job
+    (heartbeats) and the operator's (pod gone); a worker has no server of its own to probe.
+    """
+    workers = spec.get("workers") or {}
+    gpus = int(workers.get("gpusPerWorker", 0))
+    resources = _resources(workers, {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}})
+    tolerations = [dict(t) for t in workers.get("tolerations") or []]
+    if gpus > 0:
+        resources.setdefault("requests", {})[GPU_RESOURCE] = gpus
+        resources.setdefault("limits", {})[GPU_RESOURCE] = gpus
+        gpu_toleration = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        if gpu_toleration not in tolerations:
+            tolerations.append(gpu_toleration)
+    env = _pod_env(name)
+    if gpus == 0:
+        env.append({"name": "CUDA_VISIBLE_DEVICES", "value": ""})
+    container = {
+        "name": "worker",
+        "image": workers.get("image") or defaults.worker_image,
+        "imagePullPolicy": defaults.image_pull_policy,
+        "command": worker_command(name, gpus)[:1],
+        "args": worker_command(name, gpus)[1:],
+        "env": env,
+        "resources": resources,
+        "securityContext": _container_security_context(),
+        "volumeMounts": [
+            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(name),
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": defaults.worker_grace_seconds,
+        "securityContext": _pod_security_context(),
+        "containers": [container],
+        "volumes": [_token_volume(name), {"name": "tmp", "emptyDir": {}}],
+    }
+    if workers.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(workers["nodeSelector"])
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, namespace, worker_deployment_name(name), "worker"),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector(name, "worker")},
+            # No surge: a surge pod would wait for GPUs the old pod still holds.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {"metadata": {"labels": labels(name, "worker")}, "spec": pod_spec},
+        },
+    }
+
+
+def build_all(name: str, namespace: str, spec: Mapping[str, Any], token: str, phase: str | None = None,
+              defaults: PodDefaults = PodDefaults()) -> list[dict]:
+    """Everything one experiment owns, in the order the operator creates it."""
+    return [
+        build_service_account(name, namespace),
+        build_token_secret(name, namespace, token),
+        build_experiment_configmap(name, namespace, spec),
+        build_journal_pvc(name, namespace, spec),
+        build_master_service(name, namespace),
+        build_master_pod(name, namespace, spec, defaults),
+        build_worker_deployment(name, namespace, spec, desired_worker_replicas(spec, phase), defaults),
+    ]

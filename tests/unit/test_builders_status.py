@@ -1,0 +1,163 @@
+"""morphml_operator.status.compute_status: master status + cluster counts -> CR status and Events."""
+
+from __future__ import annotations
+
+import pytest
+
+from morphml_operator.settings import OperatorSettings, SettingsError
+from morphml_operator.status import compute_status, format_best_summary
+
+pytestmark = pytest.mark.unit
+
+SPEC = {"budget": {"maxTrials": 24, "maxFailedTrials": 5}, "objective": {"metric": "val_accuracy", "goal": "maximize"},
+        "workers": {"replicas": 2}, "suspend": False}
+
+
+def master(phase="Running", succeeded=0, failed=0, running=0, best=None, losses=(), workers=(), message=""):
+    status = {"phase": phase, "succeeded": succeeded, "failed": failed, "running": running, "budget": 24,
+              "workers": list(workers), "losses": list(losses), "metric": "val_accuracy", "goal": "maximize",
+              "message": message}
+    if best:
+        status["best"] = best
+    return status
+
+
+def step(previous, master_status, ready=2, desired=2, spec=SPEC, now="2026-11-29T09:00:00Z", error=""):
+    return compute_status(name="digits", spec=spec, generation=1, previous=previous, master=master_status,
+                          workers_ready=ready, workers_desired=desired, now=now, master_error=error)
+
+
+def reasons(events):
+    return [e.reason for e in events]
+
+
+def test_first_look_without_master_is_pending():
+    status, events = step(None, None, ready=0, error="no IP yet")
+    assert status["phase"] == "Pending"
+    assert status["trialsSummary"] == "0/24"
+    assert status["workersSummary"] == "0/2"
+    assert status["workers"]["selector"] == "morphml.io/experiment=digits,app.kubernetes.io/component=worker"
+    assert "no IP yet" in status["message"]
+    assert events == []
+    master_ready = next(c for c in status["conditions"] if c["type"] == "MasterReady")
+    assert (master_ready["status"], master_ready["reason"]) == ("False", "MasterUnreachable")
+
+
+def test_running_master_starts_the_experiment_once():
+    status, events = step({"phase": "Pending"}, master(succeeded=3, failed=1, running=2,
+                                                       workers=[{"state": "busy"}, {"state": "dead"}]),
+                          now="2026-11-29T09:01:00Z")
+    assert status["phase"] == "Running"
+    assert status["trials"] == {"done": 4, "succeeded": 3, "failed": 1, "running": 2, "budget": 24}
+    assert status["trialsSummary"] == "4/24"
+    assert status["workers"]["registered"] == 1
+    assert status["startTime"] == "2026-11-29T09:01:00Z"
+    assert reasons(events) == ["Started"]
+    again, events = step(status, master(succeeded=4, failed=1), now="2026-11-29T09:02:00Z")
+    assert again["startTime"] == "2026-11-29T09:01:00Z" and events == []
+
+
+def test_new_best_is_shown_and_announced_once():
+    best = {"trial_id": "t000007", "metric": 0.97222, "summary": "conv32k3-bn-pool2-fc64"}
+    status, events = step({"phase": "Running"}, master(succeeded=7, best=best))
+    assert status["best"] == {"metric": "val_accuracy", "value": 0.97222, "trialId": "t000007",
+                              "architecture": "conv32k3-bn-pool2-fc64", "summary": "0.9722 conv32k3-bn-pool2-fc64"}
+    assert reasons(events) == ["NewBest"]
+    assert "t000007" in events[0].message and "0.9722" in events[0].message
+    _, events = step(status, master(succeeded=8, best=best))
+    assert events == []
+
+
+def test_unreachable_master_keeps_counts_and_best():
+    best = {"trial_id": "t3", "metric": 0.9, "summary": "fc64"}
+    running, _ = step({"phase": "Pending"}, master(succeeded=10, failed=2, running=2, best=best))
+    status, events = step(running, None, error="UNAVAILABLE")
+    assert status["phase"] == "Running"
+    assert status["trials"] == running["trials"]
+    assert status["best"] == running["best"]
+    assert events == []
+    assert next(c for c in status["conditions"] if c["type"] == "MasterReady")["status"] == "False"
+
+
+def test_counts_never_go_backwards():
+    shown, _ = step({"phase": "Running"}, master(succeeded=12, failed=1))
+    status, _ = step(shown, master(succeeded=9, failed=0))  # e.g. a master still replaying its journal
+    assert status["trials"]["done"] == 13 and status["trialsSummary"] == "13/24"
+
+
+def test_success_is_terminal_and_announced():
+    best = {"trial_id": "t9", "metric": 0.95, "summary": "fc64"}
+    status, events = step({"phase": "Running", "startTime": "2026-11-29T09:00:00Z"},
+                          master(phase="Succeeded", succeeded=24, best=best, message="budget reached"),
+                          now="2026-11-29T09:10:00Z")
+    assert status["phase"] == "Succeeded"
+    assert status["completionTime"] == "2026-11-29T09:10:00Z"
+    assert status["trials"]["running"] == 0
+    assert reasons(events) == ["NewBest", "Succeeded"]
+    succeeded = next(c for c in status["conditions"] if c["type"] == "Succeeded")
+    assert (succeeded["status"], succeeded["reason"]) == ("True", "BudgetReached")
+    later, events = step(status, None, ready=0, desired=0, now="2026-11-29T09:11:00Z")
+    assert later["phase"] == "Succeeded" and later["completionTime"] == "2026-11-29T09:10:00Z" and events == []
+    assert later["best"]["trialId"] == "t9"
+
+
+def test_failure_is_a_warning_with_the_masters_reason():
+    status, events = step({"phase": "Running"}, master(phase="Failed", failed=6, message="6 failed trials > maxFailedTrials 5"))
+    assert status["phase"] == "Failed"
+    assert [(e.type, e.reason) for e in events] == [("Warning", "Failed")]
+    assert "maxFailedTrials" in events[0].message
+
+
+def test_each_worker_loss_is_one_warning_and_deregistration_is_none():
+    losses = [
+        {"worker_name": "digits-worker-a", "detected_by": "heartbeat", "requeued": [{"task_id": "t1", "attempt": 1}]},
+        {"worker_name": "digits-worker-b", "detected_by": "deregister", "requeued": []},
+    ]
+    status, events = step({"phase": "Running"}, master(losses=losses[:1]))
+    assert [(e.type, e.reason) for e in events] == [("Warning", "WorkerLost")]
+    assert "digits-worker-a" in events[0].message and "heartbeat" in events[0].message
+    assert "1 trial back" in events[0].message
+    status, events = step(status, master(losses=losses))
+    assert events == [] and status["workersLost"] == 2
+
+
+def test_suspend_shows_suspended_and_resume_announces():
+    suspended_spec = {**SPEC, "suspend": True}
+    status, events = step({"phase": "Running"}, master(), ready=0, desired=0, spec=suspended_spec)
+    assert status["phase"] == "Suspended" and reasons(events) == ["Suspended"]
+    status, events = step(status, master())
+    assert status["phase"] == "Running" and reasons(events) == ["Resumed"]
+
+
+def test_condition_transition_time_moves_only_on_change():
+    first, _ = step(None, None, now="2026-11-29T09:00:00Z")
+    second, _ = step(first, None, now="2026-11-29T09:05:00Z")
+    third, _ = step(second, master(), now="2026-11-29T09:06:00Z")
+
+    def master_ready(status):
+        return next(c for c in status["conditions"] if c["type"] == "MasterReady")
+
+    assert master_ready(second)["lastTransitionTime"] == "2026-11-29T09:00:00Z"
+    assert master_ready(third)["lastTransitionTime"] == "2026-11-29T09:06:00Z"
+
+
+def test_best_summary_fits_the_column():
+    assert format_best_summary(0.5, "x" * 100) == ("0.5000 " + "x" * 100)[:57] + "..."
+    assert len(format_best_summary(0.5, "x" * 100)) == 60
+
+
+def test_settings_read_from_environment():
+    settings = OperatorSettings.from_env({"MORPHML_OPERATOR_WORKER_IMAGE": "w:2", "MORPHML_OPERATOR_STATUS_INTERVAL_SECONDS": "2.5"})
+    assert settings.worker_image == "w:2" and settings.status_interval_seconds == 2.5
+    assert settings.pod_defaults.worker_image == "w:2"
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("MORPHML_OPERATOR_STATUS_INTERVAL_SECONDS", "soon"),
+    ("MORPHML_OPERATOR_STATUS_INTERVAL_SECONDS", "0"),
+    ("MORPHML_OPERATOR_IMAGE_PULL_POLICY", "Sometimes"),
+    ("MORPHML_OPERATOR_MASTER_ADDRESS_TEMPLATE", "{pod}:{port}"),
+])
+def test_bad_setting_names_the_variable(variable, value):
+    with pytest.raises(SettingsError, match=variable):
+        OperatorSettings.from_env({variable: value})
