@@ -327,3 +327,29 @@ def test_trial_failure_refuses_unknown_kinds_and_serialises():
     with pytest.raises(ValueError, match="not one of exception, nan, timeout, oom, invalid"):
         TrialFailure("crashed", "x")
     assert TrialFailure("nan", "loss nan").to_json() == {"kind": "nan", "message": "loss nan"}
+
+
+def test_evaluation_spec_that_is_not_an_object_is_invalid():
+    with pytest.raises(TrialFailure) as info:
+        evaluate_architecture(small_cnn(), ["digits"])
+    assert info.value.kind == "invalid" and info.value.message.startswith("spec.evaluation: must be an object")
+
+
+@pytest.mark.timeout(60)
+def test_builtin_trainer_without_torch_is_a_trial_failure_saying_so():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None  # what a worker image without torch looks like to an import
+        from morphml.evaluation import TrialFailure, evaluate_architecture
+        arch = {"input_shape": [4], "num_classes": 2, "edges": [["in", "out"]],
+                "nodes": [{"id": "in", "op": "input", "params": {}}, {"id": "out", "op": "output", "params": {"units": 2}}]}
+        try:
+            evaluate_architecture(arch, {"dataset": {"name": "synthetic", "shape": [4], "classes": 2, "size": 40}})
+        except TrialFailure as failure:
+            print(failure.kind, "|", failure.message)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("exception | the built-in trainer needs torch"), done.stdout

@@ -129,11 +129,26 @@ def evaluate_architecture(
     (a user evaluator returns its own dict).
     """
     started = time.monotonic()
+    if evaluation_spec is not None and not isinstance(evaluation_spec, Mapping):
+        raise TrialFailure("invalid", f"spec.evaluation: must be an object, got {type(evaluation_spec).__name__}")
     spec = dict(evaluation_spec or {})
     arch = as_arch_dict(arch_json)
     if spec.get("evaluator"):
         return _call_user_evaluator(spec["evaluator"], arch, spec, device)
+    try:
+        return _train_builtin(arch, spec, device, seed, started)
+    except TrialFailure:
+        raise
+    except ImportError as exc:
+        raise TrialFailure(
+            "exception", f"the built-in trainer needs torch and scikit-learn (the 'worker' extra): {_describe(exc)}"
+        ) from None
+    except Exception as exc:
+        kind = "oom" if _is_oom(exc) else "exception"
+        raise TrialFailure(kind, _describe(exc)) from None
 
+
+def _train_builtin(arch: dict, spec: dict, device: str | None, seed: int, started: float) -> dict[str, Any]:
     plan = plan_graph(arch)
     try:
         settings = training_settings(spec)
@@ -147,10 +162,10 @@ def evaluate_architecture(
             f"dataset {dataset.name!r} has {list(dataset.input_shape)} and {dataset.num_classes}",
         )
 
-    from morphml.evaluation import trainer  # torch from here on
-    from morphml.evaluation.model import GraphModule
+    import torch  # from here on the trial needs torch
 
-    import torch
+    from morphml.evaluation import trainer
+    from morphml.evaluation.model import GraphModule
 
     trainer.configure_threads()
     chosen = trainer.select_device(device)
