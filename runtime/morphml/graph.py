@@ -606,6 +606,8 @@ class _Draft:
                 return candidate
 
     def build(self) -> ArchitectureGraph:
+        if len(self.nodes) <= 2:
+            raise GraphError("no layer would be left between input and output")
         nodes = [Node(node_id, op, params) for node_id, (op, params) in self.nodes.items()]
         return ArchitectureGraph(self.input_shape, self.num_classes, nodes, self.edges).validate().canonical()
 
@@ -791,6 +793,8 @@ def crossover(
         take_b = set(order_b[cut_b + 1 :])
         nodes: list[Node] = [Node("a" + n, first.node(n).op, dict(first.node(n).params)) for n in order_a[: cut_a + 1]]
         nodes += [Node("b" + n, second.node(n).op, dict(second.node(n).params)) for n in order_b[cut_b + 1 :]]
+        if len(nodes) <= 2:
+            continue  # input straight to output: valid, but no architecture worth training
         edges = [["a" + s, "a" + d] for s, d in first.edges if s in keep_a and d in keep_a]
         for src, dst in second.edges:
             if dst in take_b:

@@ -236,7 +236,9 @@ class Layer:
                 raise SearchSpaceError(f"{where}.{name}: required parameter of {op} is missing")
             choices[name] = [None if rule.default is REQUIRED else rule.default]
         self.op = op
-        self.choices = choices
+        # Vocabulary order, not the caller's keyword order: sampling draws parameters in this
+        # order, so the manifest form and the Python API draw the same architectures.
+        self.choices = {name: choices[name] for name in rules}
         self.optional = optional
         self.shape = tuple(shape) if shape is not None else None
 

@@ -153,7 +153,8 @@ class Optimizer:
         self.rng = random.Random(seed)
         # Every candidate ever asked, in ask order, and what became of it.
         self._candidates: dict[str, Candidate] = {}
-        self._status: dict[str, str] = {}  # "pending" | "done" | "failed"
+        # "queued" (bred, not yet handed out by ask) | "pending" (asked) | "done" | "failed"
+        self._status: dict[str, str] = {}
         self._metrics: dict[str, dict[str, Any] | None] = {}
         self._fitness: dict[str, float | None] = {}
         self._by_hash: dict[str, str] = {}  # arch_hash -> id of the candidate that carries its result
@@ -176,6 +177,8 @@ class Optimizer:
             candidate_id = candidate_id.id
         if candidate_id not in self._candidates:
             raise OptimizerError(f"tell: unknown candidate id {candidate_id!r}; it was never asked by this optimizer")
+        if self._status[candidate_id] == "queued":
+            raise OptimizerError(f"tell: candidate {candidate_id!r} has not been handed out by ask() yet")
         if self._status[candidate_id] != "pending":
             logger.info("ignoring a second result for candidate %s", candidate_id)
             return
@@ -209,22 +212,26 @@ class Optimizer:
 
     def history(self) -> list[tuple[Candidate, str, dict[str, Any] | None]]:
         """(candidate, status, metrics) for every asked candidate, in ask order."""
-        return [(self._candidates[i], self._status[i], self._metrics.get(i)) for i in self._candidates]
+        return [
+            (self._candidates[i], self._status[i], self._metrics.get(i))
+            for i in self._candidates
+            if self._status[i] != "queued"
+        ]
 
     def result_for(self, arch_hash: str) -> dict[str, Any] | None:
         """Metrics already known for an architecture (dedup reuse), or None."""
         candidate_id = self._by_hash.get(arch_hash)
-        if candidate_id is None or self._status[candidate_id] == "pending":
+        if candidate_id is None or self._status[candidate_id] in ("queued", "pending"):
             return None
         return self._metrics[candidate_id]
 
     @property
     def num_asked(self) -> int:
-        return len(self._candidates)
+        return sum(1 for status in self._status.values() if status != "queued")
 
     @property
     def num_told(self) -> int:
-        return sum(1 for status in self._status.values() if status != "pending")
+        return sum(1 for status in self._status.values() if status in ("done", "failed"))
 
     def optimize(
         self,
@@ -337,9 +344,10 @@ class Optimizer:
         """Id of the candidate carrying this architecture's result (told or in flight), or None."""
         return self._by_hash.get(graph.arch_hash)
 
-    def _register(self, candidate: Candidate) -> Candidate:
+    def _register(self, candidate: Candidate, *, queued: bool = False) -> Candidate:
+        """Record a new candidate: handed out now ("pending") or kept for a later ask ("queued")."""
         self._candidates[candidate.id] = candidate
-        self._status[candidate.id] = "pending"
+        self._status[candidate.id] = "queued" if queued else "pending"
         self._by_hash[candidate.arch_hash] = candidate.id
         return candidate
 

@@ -77,13 +77,15 @@ class GeneticAlgorithm(Optimizer):
         self._advance()
         handed = [self._candidates[i] for i in self._queue[:n]]
         del self._queue[:n]
+        for candidate in handed:
+            self._status[candidate.id] = "pending"
         return handed
 
     def _on_result(self, candidate_id: str) -> None:
         self._advance()
 
     def _generation_complete(self) -> bool:
-        return not self._queue and all(self._status[self._by_hash[h]] != "pending" for h in self._members)
+        return not self._queue and all(self._status[self._by_hash[h]] in ("done", "failed") for h in self._members)
 
     def _finished(self) -> bool:
         return self.generation >= self.num_generations - 1 and self._generation_complete()
@@ -101,7 +103,7 @@ class GeneticAlgorithm(Optimizer):
         if self._known(graph) is None:
             candidate = Candidate(f"g{self.generation}-c{new_count[0]}", graph, self.generation, parents)
             new_count[0] += 1
-            self._register(candidate)
+            self._register(candidate, queued=True)
             self._queue.append(candidate.id)
         self._members.append(graph.arch_hash)
 
