@@ -150,9 +150,9 @@ def test_torchvision_without_the_package_says_it_is_not_installed():
         import torchvision  # noqa: F401
     except ImportError:
         pass
-    else:  # with torchvision present this machine has no network: the download error is the case
-        with pytest.raises(EvaluationSpecError, match="could not load torchvision dataset"):
-            load_dataset({"name": "torchvision", "torchvisionName": "MNIST", "root": "/nonexistent/tv"})
+    else:  # with torchvision present, the error for a name it does not have is the case to pin
+        with pytest.raises(EvaluationSpecError, match="torchvisionName: 'NoSuchSet' is not a dataset in torchvision"):
+            load_dataset({"name": "torchvision", "torchvisionName": "NoSuchSet"})
         return
     with pytest.raises(EvaluationSpecError) as info:
         load_dataset({"name": "torchvision", "torchvisionName": "MNIST"})
