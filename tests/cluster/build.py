@@ -126,7 +126,15 @@ def ensure_built(log=None) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         log(f"morphml: control plane binaries built in {seconds:.0f} s")
+        _prune(root, keep=target)
         return target
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Drop builds for other versions (each is about 450 MB); the newest build is the one in use."""
+    for old in root.glob("k8s-*"):
+        if old != keep and old.is_dir() and not old.name.endswith(".partial"):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def pin_go_mod() -> Path:

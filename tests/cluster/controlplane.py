@@ -219,6 +219,8 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=Node,RBAC",
             "--allow-privileged=true",
+            # The node's Hostname address does not resolve; reach its log endpoint on 127.0.0.1.
+            "--kubelet-preferred-address-types=InternalIP",
             # The 'kubernetes' Service endpoints would be 127.0.0.1, which Endpoints validation
             # refuses (loopback); in-cluster clients get a kubeconfig from the node agent instead.
             "--endpoint-reconciler-type=none",
@@ -267,6 +269,7 @@ class ControlPlane:
         agent = self._spawn("node-agent", [
             sys.executable, str(NODE_AGENT), f"--kubeconfig={self.kubeconfig}",
             f"--node-name={self.node_name}", f"--state-dir={self.node_state_dir}",
+            f"--serving-cert={p['node.crt']}", f"--serving-key={p['node.key']}",
         ], env=env)
 
         def node_ready() -> bool:

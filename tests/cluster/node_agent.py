@@ -922,10 +922,7 @@ class PodRunner(threading.Thread):
         services = self.agent.service_resolver(self.ns)
 
         def rewrite(text: str) -> str:
-            for mount_path, local in mounts:
-                text = re.sub(r"(?<![\w./-])" + re.escape(mount_path) + r"(?=$|[/\s:;,'\"=)])",
-                              lambda _m, local=local: local, text)
-            return services.rewrite(text)
+            return services.rewrite(rewrite_mount_paths(text, mounts))
 
         argv = [rewrite(a) for a in argv]
         pod_env = {k: rewrite(v) for k, v in pod_env.items()}
@@ -975,6 +972,39 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR_REF.sub(sub, text)
 
 
+def rewrite_mount_paths(text: str, mounts: list[tuple[str, str]]) -> str:
+    """Replace each container mountPath in ``text`` by its local directory.
+
+    ``mounts`` is (mountPath, local dir), longest mountPath first. A mountPath matches only as a
+    whole path prefix: at the start of the string or after a character that cannot be part of a
+    path (space, '=', ':', quote...), and followed by the end, '/', or such a character. So
+    ``/etc/morphml/token/token`` and ``--journal=/var/lib/morphml/j.db`` are rewritten, while
+    ``/data`` inside ``/srv/data`` or ``/etc/morphml-other`` are not.
+    """
+    for mount_path, local in mounts:
+        text = re.sub(r"(?<![\w./-])" + re.escape(mount_path) + r"(?=$|[/\s:;,'\"=)])",
+                      lambda _m, local=local: local, text)
+    return text
+
+
+def service_host_patterns(name: str, namespace: str, same_namespace: bool) -> list[re.Pattern]:
+    """Regexes for the DNS names of Service ``name`` in ``namespace``; group 1 is an optional port.
+
+    ``name.ns.svc.cluster.local``, ``name.ns.svc`` and ``name.ns`` match wherever they stand as a
+    whole host name. The bare ``name`` (only from the same namespace) matches only where it clearly
+    is a host: followed by ``:<port>`` or right after ``//`` (a URL), so a Service called ``worker``
+    does not rewrite the word ``worker`` in ``morphml worker --master ...``.
+    """
+    patterns = []
+    for host in (f"{name}.{namespace}.svc.cluster.local", f"{name}.{namespace}.svc", f"{name}.{namespace}"):
+        patterns.append(re.compile(r"(?<![\w.-])" + re.escape(host) + r"(?![\w-]|\.[\w-])(?::(\d+))?"))
+    if same_namespace:
+        bare = re.escape(name)
+        patterns.append(re.compile(r"(?:(?<=//)" + bare + r"(?![\w.-])(?::(\d+))?"
+                                   r"|(?<![\w./-])" + bare + r":(\d+)(?![\w.-]))"))
+    return patterns
+
+
 class ServiceResolver:
     """Maps Service DNS names, as seen from one namespace, to the pod IP of a backing pod.
 
@@ -990,13 +1020,8 @@ class ServiceResolver:
         services = self.agent.client.get("/api/v1/services").get("items", [])
         for svc in services:
             name, ns = svc["metadata"]["name"], svc["metadata"]["namespace"]
-            fqdn = [f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc", f"{name}.{ns}"]
-            for host in fqdn:
-                entries.append((re.compile(r"(?<![\w.-])" + re.escape(host) + r"(?![\w-]|\.[\w-])(?::(\d+))?"), svc))
-            if ns == self.namespace:
-                # A bare name is only rewritten where it clearly is a host: followed by :port or after '//'.
-                entries.append((re.compile(r"(?:(?<=//)|(?<![\w./-]))" + re.escape(name) +
-                                           r"(?:(?=/)(?<=//" + re.escape(name) + r")|:(\d+))(?![\w.-])"), svc))
+            for pattern in service_host_patterns(name, ns, ns == self.namespace):
+                entries.append((pattern, svc))
         entries.sort(key=lambda e: -len(e[0].pattern))
         return entries
 
@@ -1005,7 +1030,8 @@ class ServiceResolver:
             self._names = self._build()
         for pattern, svc in self._names:
             if pattern.search(text):
-                text = pattern.sub(lambda m, svc=svc: self._target(svc, m.group(1)), text)
+                text = pattern.sub(lambda m, svc=svc: self._target(svc, next((g for g in m.groups() if g), None)),
+                                   text)
         return text
 
     def _target(self, svc: dict, port: str | None) -> str:
@@ -1036,6 +1062,73 @@ class ServiceResolver:
 
 
 # ------------------------------------------------------------------------------------------------
+# The kubelet's log endpoint, so `kubectl logs [-f] [--previous]` works through the API server
+# ------------------------------------------------------------------------------------------------
+class LogServer:
+    """HTTPS server for GET /containerLogs/<ns>/<pod>/<container> (follow, previous, tailLines)."""
+
+    def __init__(self, agent: "NodeAgent", cert: str, key: str, port: int):
+        import http.server
+        import socketserver
+
+        agent_ref = agent
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, fmt, *args):  # keep the agent's log for pod events
+                pass
+
+            def do_GET(self):
+                url = urllib.parse.urlparse(self.path)
+                parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]
+                if len(parts) != 4 or parts[0] != "containerLogs":
+                    self.send_error(404, "only /containerLogs/<namespace>/<pod>/<container> is served")
+                    return
+                query = urllib.parse.parse_qs(url.query)
+                flag = lambda name: query.get(name, ["false"])[0] in ("true", "1")
+                tail_lines = int(query["tailLines"][0]) if "tailLines" in query else None
+                found = agent_ref.find_container(parts[1], parts[2], parts[3])
+                if found is None:
+                    self.send_error(404, f"container {parts[3]!r} of pod {parts[1]}/{parts[2]} is not on this node")
+                    return
+                runner, container = found
+                run = container.restart_count - (1 if flag("previous") else 0)
+                path = runner.log_dir / f"{container.name}.{run}.log"
+                if run < 0 or not path.exists():
+                    self.send_error(400, f"previous terminated container {container.name!r} not found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                with open(path, "rb") as f:
+                    data = f.read()
+                    if tail_lines is not None:
+                        data = b"".join(data.splitlines(keepends=True)[-tail_lines:]) if tail_lines else b""
+                    self.wfile.write(data)
+                    self.wfile.flush()
+                    while flag("follow") and not agent_ref.stop.is_set():
+                        chunk = f.read()
+                        if chunk:
+                            self.wfile.write(chunk)
+                            self.wfile.flush()
+                        elif container.restart_count != run or container.proc is None:
+                            break
+                        else:
+                            time.sleep(0.2)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.httpd = Server(("127.0.0.1", port), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+
+    def serve(self) -> None:
+        threading.Thread(target=self.httpd.serve_forever, name="log-server", daemon=True).start()
+
+
+# ------------------------------------------------------------------------------------------------
 # The node
 # ------------------------------------------------------------------------------------------------
 class NodeAgent:
@@ -1059,6 +1152,8 @@ class NodeAgent:
         self.ips: dict[str, str] = {}
         self.gpu_owner: dict[int, str] = {}
         self.boot_time = now_rfc3339()
+        self.log_server = LogServer(self, args.serving_cert, args.serving_key, args.port) \
+            if args.serving_cert else None
 
     # -- shared bookkeeping ----------------------------------------------------------------------
     def allocate_ip(self, ns: str, name: str) -> str:
@@ -1092,6 +1187,15 @@ class NodeAgent:
             for i, owner in list(self.gpu_owner.items()):
                 if owner == runner.uid:
                     del self.gpu_owner[i]
+
+    def find_container(self, ns: str, name: str, container: str):
+        with self.lock:
+            runners = [r for r in self.runners.values() if r.ns == ns and r.name == name]
+        for runner in runners:
+            for c in runner.containers + runner.init_containers:
+                if c.name == container:
+                    return runner, c
+        return None
 
     def service_resolver(self, namespace: str) -> ServiceResolver:
         return ServiceResolver(self, namespace)
@@ -1129,7 +1233,7 @@ class NodeAgent:
                 cond("Ready", "True", "KubeletReady", "morphml process node agent is posting ready status"),
             ],
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.node_name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port if self.log_server else 10250}},
             "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": os.uname().release,
                          "osImage": "morphml process node", "containerRuntimeVersion": "process://0",
                          "kubeletVersion": "v0.0.0-process-node", "kubeProxyVersion": "", "operatingSystem": "linux",
@@ -1230,6 +1334,8 @@ class NodeAgent:
 
     # -- lifetime --------------------------------------------------------------------------------
     def run(self) -> None:
+        if self.log_server:
+            self.log_server.serve()
         self.register()
         threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=informer, name="claims", daemon=True, args=(
@@ -1268,6 +1374,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backoff-max", type=float, default=30.0, help="restart delay cap, seconds")
     parser.add_argument("--backoff-reset", type=float, default=60.0,
                         help="a container that ran this long restarts with the initial delay again")
+    parser.add_argument("--serving-cert", help="TLS certificate for the log endpoint (kubectl logs)")
+    parser.add_argument("--serving-key", help="its key")
+    parser.add_argument("--port", type=int, default=0, help="log endpoint port (0: any free port)")
     args = parser.parse_args(argv)
     agent = NodeAgent(args)
     signal.signal(signal.SIGTERM, lambda *a: threading.Thread(target=agent.shutdown).start())

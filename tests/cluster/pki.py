@@ -54,7 +54,7 @@ def generate(directory: Path) -> dict[str, Path]:
     """Write all certificates and keys into ``directory``; return a name -> path map.
 
     Names: ca.crt/ca.key, apiserver.crt/.key, admin.crt/.key,
-    controller-manager.crt/.key, scheduler.crt/.key, kubelet-client.crt/.key,
+    controller-manager.crt/.key, scheduler.crt/.key, kubelet-client.crt/.key, node.crt/.key,
     sa.key (service-account signing key, PKCS#8) and sa.pub.
     """
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,6 +93,7 @@ def generate(directory: Path) -> dict[str, Path]:
         _write_cert(paths[f"{stem}.crt"], cert)
 
     leaf("apiserver", "kube-apiserver", None, server=True)
+    leaf("node", "system:node:morphml-node-0", "system:nodes", server=True)  # the node agent's log endpoint
     leaf("admin", "kubernetes-admin", "system:masters", server=False)
     leaf("controller-manager", "system:kube-controller-manager", None, server=False)
     leaf("scheduler", "system:kube-scheduler", None, server=False)

@@ -126,7 +126,8 @@ def test_failing_liveness_probe_restarts_container(kube, kube_namespace):
     ns = kube_namespace
     kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unhealthy"}, "spec": {
         "terminationGracePeriodSeconds": 1,
-        "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["sleep", "3600"],
+        "containers": [{"name": "main", "image": PYTHON_IMAGE,
+                        "command": ["sh", "-c", "echo started; exec sleep 3600"],
                         "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1,
                                           "failureThreshold": 2}}]}}, ns)
 
@@ -139,6 +140,8 @@ def test_failing_liveness_probe_restarts_container(kube, kube_namespace):
     status = pod["status"]["containerStatuses"][0]
     assert status["lastState"]["terminated"]["exitCode"] != 0
     assert pod["status"]["phase"] == "Running"
+    # kubectl logs --previous goes API server -> node agent's log endpoint -> the previous run's file.
+    assert kube.kubectl("logs", "-n", ns, "unhealthy", "--previous").stdout == "started\n"
 
 
 @pytest.mark.timeout(60)
@@ -338,6 +341,7 @@ def test_probes_grpc_tcp_and_graceful_deletion(kube, kube_namespace):
         return
     log_dir = kube.pod_log_dir(ns, "probed", pod["metadata"]["uid"])
     assert "serving" in kube.pod_log(ns, "probed")
+    assert "serving" in kube.kubectl("logs", "-n", ns, "probed", "-c", "grpc").stdout
 
     # Deletion: SIGTERM reaches the process (it logs it and exits), then the object goes away.
     kube.kubectl("delete", "pod", "probed", "-n", ns, "--wait=true", timeout=40)
