@@ -30,6 +30,9 @@ def _state_dir() -> Path:
 
 def _serve(state: Path) -> None:
     """Run the control plane in this process until SIGTERM (the body of ``up``)."""
+    import shutil
+
+    shutil.rmtree(state / "cluster", ignore_errors=True)  # a fresh etcd every time, like the fixture
     plane = ControlPlane(workdir=state / "cluster")
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))

@@ -477,16 +477,18 @@ class PodRunner(threading.Thread):
         self._start(c)
 
     def _record_exit(self, c: Container, code: int) -> None:
-        self.agent.unregister_pgid(c.proc.pid)
-        try:
-            os.killpg(c.proc.pid, signal.SIGKILL)  # stray children of the container's process group
-        except (ProcessLookupError, PermissionError):
-            pass
+        pid = c.proc.pid if c.proc else 0
+        if pid:
+            self.agent.unregister_pgid(pid)
+            try:
+                os.killpg(pid, signal.SIGKILL)  # stray children of the container's process group
+            except (ProcessLookupError, PermissionError):
+                pass
         ran = time.monotonic() - c.started_at
         reason = c.kill_reason or ("Completed" if code == 0 else "Error")
         exit_code = code if code >= 0 else 128 + (-code)
         terminated = {"exitCode": exit_code, "reason": reason, "startedAt": c.started_at_str,
-                      "finishedAt": now_rfc3339(), "containerID": f"process://{c.proc.pid}"}
+                      "finishedAt": now_rfc3339(), "containerID": f"process://{pid}" if pid else ""}
         if code < 0:
             terminated["signal"] = -code
         log(f"pod {self.key}: container {c.name} exited {exit_code} ({reason}) after {ran:.1f} s")
@@ -535,13 +537,19 @@ class PodRunner(threading.Thread):
             c.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as err:
+            # Like a runtime's StartError: the container "ran" and failed with 128, so the
+            # restart policy and back-off apply and a Never pod ends Failed.
             out.close()
-            c.state = {"waiting": {"reason": "RunContainerError",
-                                   "message": f"cannot run {argv[0]!r}: {err.strerror or err}"}}
-            # Count it as a failed start so the restart policy / back-off applies.
-            c.restart_count += 1 if c.state else 0
-            c.backoff = min(max(c.backoff * 2, self.agent.backoff_initial), self.agent.backoff_max)
-            c.next_start_at = time.monotonic() + c.backoff
+            message = f"cannot run {argv[0]!r}: {err.strerror or err}"
+            log(f"pod {self.key}: container {c.name}: {message}")
+            with open(log_path, "a") as f:
+                f.write(f"node agent: {message}\n")
+            c.started_at, c.started_at_str = time.monotonic(), now_rfc3339()
+            c.kill_reason = "StartError"
+            self._record_exit(c, 128)
+            for state in (c.state, c.last_state):
+                if "terminated" in state:
+                    state["terminated"]["message"] = message
             return
         out.close()
         self.agent.register_pgid(c.proc.pid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ DIGITS = ROOT / "examples" / "digits.yaml"
 def _load_bad_manifest_table():
     spec = importlib.util.spec_from_file_location("morphml_bad_manifest_table", ROOT / "tests" / "unit" / "test_manifest_bad.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
     return module.BAD_MANIFESTS
 
@@ -38,8 +40,16 @@ BAD_MANIFESTS = _load_bad_manifest_table()
 def crd(kube):
     """The CRD installed from crds/ and Established (idempotent: helm may have installed it already)."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kube.kubectl("wait", "--for=condition=Established", "crd/nasexperiments.morphml.io", "--timeout=60s")
+    wait_established(kube)
     return CRD
+
+
+def wait_established(kube) -> None:
+    def established():
+        conditions = kube.kubectl_json("get", "crd", "nasexperiments.morphml.io").get("status", {}).get("conditions", [])
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    kube.wait_for(established, 60, 0.2, "the NASExperiment CRD to be Established")
 
 
 @pytest.mark.timeout(120)
