@@ -336,3 +336,14 @@ def test_genetic_finds_better_architectures_than_its_first_generation() -> None:
     first = max(m["val_accuracy"] for c, s, m in optimizer.history() if c.generation == 0)
     assert optimizer.best()[1]["val_accuracy"] >= first
     assert random.Random(0)  # the optimizer never touched the global RNG state in a way tests rely on
+
+
+def test_nas_core_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, morphml.space, morphml.graph, morphml.optimizers\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -99,26 +99,33 @@ class GeneticAlgorithm(Optimizer):
 
     # -- breeding ---------------------------------------------------------------------------
 
-    def _add_member(self, graph: ArchitectureGraph, parents: tuple[str, ...], new_count: list[int]) -> None:
+    def _add_member(
+        self,
+        graph: ArchitectureGraph,
+        parents: tuple[str, ...],
+        generation: int,
+        members: list[str],
+        queue: list[str],
+    ) -> None:
         if self._known(graph) is None:
-            candidate = Candidate(f"g{self.generation}-c{new_count[0]}", graph, self.generation, parents)
-            new_count[0] += 1
+            candidate = Candidate(f"g{generation}-c{len(queue)}", graph, generation, parents)
             self._register(candidate, queued=True)
-            self._queue.append(candidate.id)
-        self._members.append(graph.arch_hash)
+            queue.append(candidate.id)
+        members.append(graph.arch_hash)
+
+    def _install(self, generation: int, members: list[str], queue: list[str]) -> None:
+        self.generation, self._members, self._queue = generation, members, queue
 
     def _breed_initial(self) -> None:
-        self.generation = 0
-        self._members, self._queue = [], []
-        counter = [0]
+        members: list[str] = []
+        queue: list[str] = []
         for _ in range(self.population_size):
-            graph = self._sample_novel()
+            graph = self._sample_novel(avoid=())
             if graph is None:
                 # The space is (nearly) exhausted: reuse a known architecture as a member.
                 graph = self.space.sample(self.rng)
-            self._add_member(graph, (), counter)
-        if not self._queue:
-            self._exhausted = True
+            self._add_member(graph, (), 0, members, queue)
+        self._install(0, members, queue)
 
     def _tournament(self, pool: list[str]) -> str:
         """Arch hash of a tournament winner among ``pool`` (ties go to the lower index)."""
@@ -129,11 +136,10 @@ class GeneticAlgorithm(Optimizer):
     def _breed_next(self) -> None:
         previous = list(self._members)
         ranked = sorted(range(len(previous)), key=lambda i: (-self._sort_key(self._by_hash[previous[i]]), i))
-        self.generation += 1
-        self._members = [previous[i] for i in ranked[: self.elitism]]
-        self._queue = []
-        counter = [0]
-        while len(self._members) < self.population_size:
+        generation = self.generation + 1
+        members = [previous[i] for i in ranked[: self.elitism]]
+        queue: list[str] = []
+        while len(members) < self.population_size:
             first = self._tournament(previous)
             second = self._tournament(previous) if self.rng.random() < self.crossover_rate else None
             first_graph = self._candidates[self._by_hash[first]].graph
@@ -149,7 +155,8 @@ class GeneticAlgorithm(Optimizer):
                 if self._known(child) is None:
                     break
                 child = mutate(child, self.space, self.rng)
-            self._add_member(child, parents, counter)
+            self._add_member(child, parents, generation, members, queue)
+        self._install(generation, members, queue)
 
     # -- state ------------------------------------------------------------------------------
 
