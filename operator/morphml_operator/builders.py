@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 MASTER_PORT = 50051
+WORKER_HEALTH_PORT = 50052
 EXPERIMENT_PATH = "/etc/morphml/experiment.yaml"
 TOKEN_DIR = "/etc/morphml/token"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
@@ -225,9 +226,9 @@ def _token_volume(name: str) -> dict:
     }
 
 
-def _grpc_probe(service: str, period: int, failures: int, initial_delay: int = 0) -> dict:
+def _grpc_probe(port: int, service: str, period: int, failures: int, initial_delay: int = 0) -> dict:
     return {
-        "grpc": {"port": MASTER_PORT, "service": service},
+        "grpc": {"port": port, "service": service},
         "initialDelaySeconds": initial_delay,
         "periodSeconds": period,
         "timeoutSeconds": 3,
@@ -250,9 +251,16 @@ def master_command() -> list[str]:
     ]
 
 
-def worker_command(name: str, gpus: int) -> list[str]:
-    """The worker container's command (Dockerfile.worker's entrypoint is `morphml`)."""
-    return ["morphml", "worker", "--master", master_address(name), "--token-file", TOKEN_PATH, "--gpus", str(gpus)]
+def worker_command(name: str, gpus: int, slots: int = 1) -> list[str]:
+    """The worker container's command (Dockerfile.worker's entrypoint is `morphml`).
+
+    `--slots` only when a CPU worker runs more than one trial at once; `--health-port` serves
+    grpc.health.v1 for the kubelet's probes.
+    """
+    command = ["morphml", "worker", "--master", master_address(name), "--token-file", TOKEN_PATH, "--gpus", str(gpus)]
+    if gpus == 0 and slots != 1:
+        command += ["--slots", str(slots)]
+    return command + ["--health-port", str(WORKER_HEALTH_PORT)]
 
 
 def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], defaults: PodDefaults = PodDefaults()) -> dict:
@@ -273,8 +281,8 @@ def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], default
         "resources": _resources(master, {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}),
         # Health service name "morphml.Master" turns SERVING once the journal is open and the
         # search is loaded; "" only says the process is up (enough for liveness).
-        "readinessProbe": _grpc_probe("morphml.Master", period=5, failures=3),
-        "livenessProbe": _grpc_probe("", period=10, failures=6, initial_delay=10),
+        "readinessProbe": _grpc_probe(MASTER_PORT, "morphml.Master", period=5, failures=3),
+        "livenessProbe": _grpc_probe(MASTER_PORT, "", period=10, failures=6, initial_delay=10),
         "securityContext": _container_security_context(),
         "volumeMounts": [
             {"name": "experiment", "mountPath": EXPERIMENT_PATH, "subPath": "experiment.yaml", "readOnly": True},
@@ -322,10 +330,12 @@ def build_worker_deployment(
 
     gpusPerWorker > 0 requests and limits nvidia.com/gpu (the scheduler then places the pod on a
     node with free GPUs) and tolerates the usual GPU-node taint. Liveness is the master's job
-    (heartbeats) and the operator's (pod gone); a worker has no server of its own to probe.
+    (heartbeats) and the operator's (pod gone); the kubelet probes the worker's own health port
+    so a wedged worker process is restarted.
     """
     workers = spec.get("workers") or {}
     gpus = int(workers.get("gpusPerWorker", 0))
+    command = worker_command(name, gpus, int(workers.get("trialsPerWorker", 1)))
     resources = _resources(workers, {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}})
     tolerations = [dict(t) for t in workers.get("tolerations") or []]
     if gpus > 0:
@@ -341,9 +351,12 @@ def build_worker_deployment(
         "name": "worker",
         "image": workers.get("image") or defaults.worker_image,
         "imagePullPolicy": defaults.image_pull_policy,
-        "command": worker_command(name, gpus)[:1],
-        "args": worker_command(name, gpus)[1:],
+        "command": command[:1],
+        "args": command[1:],
+        "ports": [{"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"}],
         "env": env,
+        "readinessProbe": _grpc_probe(WORKER_HEALTH_PORT, "morphml.Worker", period=10, failures=3),
+        "livenessProbe": _grpc_probe(WORKER_HEALTH_PORT, "", period=15, failures=4, initial_delay=10),
         "resources": resources,
         "securityContext": _container_security_context(),
         "volumeMounts": [

@@ -63,7 +63,9 @@ def test_crd_is_accepted_and_established(kube, crd):
 
 @pytest.mark.timeout(60)
 def test_kubectl_explain_describes_the_optimizer(kube, crd):
-    explained = kube.kubectl("explain", "nasexperiment.spec.optimizer").stdout
+    # The API server publishes a new CRD's OpenAPI a moment after it is Established.
+    explained = kube.wait_for(lambda: kube.kubectl("explain", "nasexperiment.spec.optimizer", check=False).stdout,
+                              60, 0.5, "kubectl explain to know NASExperiment")
     assert "elitism" in explained and "tournamentSize" in explained
     assert "Best candidates copied unchanged into the next generation" in explained
     short = kube.kubectl("explain", "nasexp.spec.faultTolerance.missedHeartbeats").stdout

@@ -142,8 +142,10 @@ def test_worker_deployment_for_cpu_workers(spec):
     container = pod_spec["containers"][0]
     assert container["command"] + container["args"] == [
         "morphml", "worker", "--master", "digits-master:50051",
-        "--token-file", "/etc/morphml/token/token", "--gpus", "0",
+        "--token-file", "/etc/morphml/token/token", "--gpus", "0", "--health-port", "50052",
     ]
+    assert container["readinessProbe"]["grpc"] == {"port": 50052, "service": "morphml.Worker"}
+    assert container["livenessProbe"]["grpc"] == {"port": 50052, "service": ""}
     assert container["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
     assert {"name": "CUDA_VISIBLE_DEVICES", "value": ""} in container["env"]
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in container["env"]
@@ -159,7 +161,7 @@ def test_worker_deployment_requests_and_limits_gpus(spec):
         "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": 1},
         "limits": {"memory": "4Gi", "nvidia.com/gpu": 1},
     }
-    assert container["args"][-2:] == ["--gpus", "1"]
+    assert container["args"][-4:] == ["--gpus", "1", "--health-port", "50052"]
     assert pod_spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert not any(e["name"] == "CUDA_VISIBLE_DEVICES" for e in container["env"])
     # A surge pod would wait for GPUs the pod it replaces still holds.
@@ -220,3 +222,11 @@ def test_build_all_names_every_owned_object(spec):
 
 def test_selector_string_matches_the_worker_pod_labels():
     assert builders.selector_string("digits", "worker") == "morphml.io/experiment=digits,app.kubernetes.io/component=worker"
+
+
+def test_cpu_worker_with_several_trials_gets_slots(spec):
+    spec["workers"]["trialsPerWorker"] = 3
+    container = builders.build_worker_deployment("digits", "ml", spec, 1)["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-6:] == ["--gpus", "0", "--slots", "3", "--health-port", "50052"]
+    gpu = builders.build_worker_deployment("digits", "ml", gpu_spec(spec, 2), 1)["spec"]["template"]["spec"]["containers"][0]
+    assert "--slots" not in gpu["args"]  # a GPU worker runs one trial per GPU
