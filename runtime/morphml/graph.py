@@ -14,8 +14,8 @@ layer with bias for flat tensors; counted in ``param_count()``). sepconv2d is a 
 conv without bias followed by a 1x1 pointwise conv with bias.
 
 Shape rules (pure Python, what ``infer_shapes()`` computes and what the built model must match):
-conv2d/sepconv2d/depthwise_conv2d use "same" padding (odd kernels, padding k//2), output
-[filters, ceil(H/stride), ceil(W/stride)]; depthwise_conv2d needs filters to be a multiple of the
+conv2d/sepconv2d/depthwise_conv2d use TensorFlow-style "same" padding (an even kernel gets the
+extra row/column after), output [filters, ceil(H/stride), ceil(W/stride)]; depthwise_conv2d needs filters to be a multiple of the
 input channels. maxpool/avgpool use no padding: out = (H - pool_size) // stride + 1, refused when
 pool_size > H (a dimension would shrink below 1). global_avgpool: [C, H, W] -> [C]. flatten:
 [C, H, W] -> [C*H*W]. dense/output flatten an image input first. batchnorm works on both ranks.

@@ -53,7 +53,7 @@ REQUIRED = object()
 class ParamRule:
     """One parameter of one op: its default and the values it accepts."""
 
-    kind: str  # "int", "odd_int", "rate", "activation"
+    kind: str  # "int", "rate", "activation"
     default: Any = REQUIRED
     low: int = 1
     high: int = 4096
@@ -61,8 +61,6 @@ class ParamRule:
     def allowed(self) -> str:
         if self.kind == "int":
             return f"an integer in [{self.low}, {self.high}]"
-        if self.kind == "odd_int":
-            return f"an odd integer in [{self.low}, {self.high}] ('same' padding needs an odd kernel)"
         if self.kind == "rate":
             return "a number in [0, 1)"
         if self.kind == "activation":
@@ -71,7 +69,7 @@ class ParamRule:
 
     def normalize(self, value: Any) -> Any:
         """Return the canonical form of ``value`` or raise ValueError naming what is allowed."""
-        if self.kind in ("int", "odd_int"):
+        if self.kind == "int":
             # bool is an int subclass; True as a filter count is a mistake, not 1.
             if isinstance(value, bool) or not isinstance(value, int):
                 if isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
@@ -79,8 +77,6 @@ class ParamRule:
                 else:
                     raise ValueError(self.allowed())
             if not self.low <= value <= self.high:
-                raise ValueError(self.allowed())
-            if self.kind == "odd_int" and value % 2 == 0:
                 raise ValueError(self.allowed())
             return value
         if self.kind == "rate":
@@ -101,7 +97,7 @@ class ParamRule:
 
 _CONV_PARAMS = {
     "filters": ParamRule("int", REQUIRED, 1, 4096),
-    "kernel_size": ParamRule("odd_int", 3, 1, 15),
+    "kernel_size": ParamRule("int", 3, 1, 15),
     "stride": ParamRule("int", 1, 1, 8),
     "activation": ParamRule("activation", "relu"),
 }

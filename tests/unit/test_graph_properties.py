@@ -21,11 +21,11 @@ MANY = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthC
 def rich_space() -> SearchSpace:
     """Every layer kind, optional layers, nested repeated blocks with add/concat skips."""
     return SearchSpace("rich").add_layers(
-        Layer.conv2d(filters=[8, 16], kernel_size=[1, 3, 5], activation=["relu", "gelu", "none"]),
+        Layer.conv2d(filters=[8, 16], kernel_size=[1, 2, 3, 5], stride=[1, 2], activation=["relu", "gelu", "none"]),
         Layer.batchnorm(optional=True),
         Block(
             [
-                Layer.sepconv2d(filters=[8, 16], kernel_size=[3, 5]),
+                Layer.sepconv2d(filters=[8, 16], kernel_size=[3, 4]),
                 Layer.depthwise_conv2d(kernel_size=[3], optional=True),
                 Layer.silu(optional=True),
                 Block([Layer.conv2d(filters=[8], kernel_size=[3]), Layer.tanh()], repeat=(0, 1), skip=["none", "add"]),
@@ -44,6 +44,15 @@ def rich_space() -> SearchSpace:
 
 
 SPACE = rich_space()
+
+# Flat feature input ([F]): only dense-side layers make sense; mutations that insert image layers
+# must be refused and retried.
+FLAT_SPACE = SearchSpace("flat").add_layers(
+    Layer.dense(units=[8, 16]),
+    Layer.batchnorm(optional=True),
+    Block([Layer.dense(units=[8, 16]), Layer.gelu(optional=True)], repeat=(0, 2), skip=["none", "add", "concat"]),
+    Layer.dropout(rate=[0.0, 0.5], optional=True),
+).bind([12], 3)
 
 
 def _chain(seed: int, length: int) -> list[ArchitectureGraph]:
@@ -77,6 +86,17 @@ def test_every_sample_validates_and_round_trips(seed: int) -> None:
 def test_every_mutation_chain_stays_valid(seed: int, length: int) -> None:
     for graph in _chain(seed, length):
         _assert_valid_and_canonical(graph)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=SEEDS, length=st.integers(min_value=0, max_value=6))
+def test_flat_input_samples_and_mutants_stay_valid(seed: int, length: int) -> None:
+    rng = random.Random(seed)
+    graph = FLAT_SPACE.sample(rng)
+    for _ in range(length):
+        graph = mutate(graph, FLAT_SPACE, rng)
+        _assert_valid_and_canonical(graph)
+    assert all(len(shape) == 1 for shape in graph.infer_shapes().values())
 
 
 @settings(max_examples=300, deadline=None)

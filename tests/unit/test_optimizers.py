@@ -330,12 +330,13 @@ def test_bad_objective_names_the_field() -> None:
         build_optimizer(spec["optimizer"], SearchSpace.from_spec(spec["searchSpace"]), {"metric": "val_accuracy", "goal": "up"})
 
 
-def test_genetic_finds_better_architectures_than_its_first_generation() -> None:
+def test_genetic_improves_on_its_first_generation_without_touching_the_global_rng() -> None:
+    global_state = random.getstate()
     optimizer = GeneticAlgorithm(space(), population_size=10, num_generations=6, seed=7)
     optimizer.optimize(score)
+    assert random.getstate() == global_state
     first = max(m["val_accuracy"] for c, s, m in optimizer.history() if c.generation == 0)
-    assert optimizer.best()[1]["val_accuracy"] >= first
-    assert random.Random(0)  # the optimizer never touched the global RNG state in a way tests rely on
+    assert optimizer.best()[1]["val_accuracy"] > first
 
 
 def test_nas_core_imports_no_torch() -> None:

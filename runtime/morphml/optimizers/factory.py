@@ -6,7 +6,9 @@ random -> RandomSearch; populationSize -> population_size, generations -> num_ge
 (GA) or, for the other two, max_trials = populationSize * generations; mutationRate ->
 mutation_rate, crossoverRate -> crossover_rate, elitism, tournamentSize -> tournament_size,
 sampleSize -> sample_size, seed. Settings an algorithm does not use are accepted and ignored
-(the manifest has one optimizer section for all algorithms).
+(the manifest has one optimizer section for all algorithms). Defaults are the CRD's (populationSize
+20, generations 10, mutationRate 0.2, crossoverRate 0.5, elitism 1, tournamentSize 2, sampleSize a
+quarter of populationSize but at least 2), so a dict without CRD defaults applied means the same.
 
 Imports: the standard library, `morphml.space`, the optimizer modules.
 """
@@ -89,16 +91,19 @@ def build_optimizer(
                 num_generations=generations,
                 mutation_rate=spec.get("mutationRate", 0.2),
                 crossover_rate=spec.get("crossoverRate", 0.5),
-                elitism=spec.get("elitism", 2),
-                tournament_size=spec.get("tournamentSize", 3),
+                elitism=spec.get("elitism", 1),
+                tournament_size=spec.get("tournamentSize", 2),
                 **common,
             )
         trials = max_trials
         if trials is None and isinstance(population, int) and isinstance(generations, int):
             trials = population * generations
         if algorithm == "regularizedEvolution":
+            sample_size = spec.get("sampleSize")
+            if sample_size is None and isinstance(population, int):
+                sample_size = min(population, max(2, population // 4))
             return RegularizedEvolution(
-                space, population_size=population, sample_size=spec.get("sampleSize", 10), max_trials=trials, **common
+                space, population_size=population, sample_size=sample_size, max_trials=trials, **common
             )
         return RandomSearch(space, max_trials=trials, **common)
     except OptimizerError as exc:
