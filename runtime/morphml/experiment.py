@@ -474,20 +474,33 @@ class Experiment:
         space.setdefault("name", self.name)
         return space
 
+    def dataset_shape(self) -> tuple[tuple[int, ...], int]:
+        """(input_shape, num_classes) of spec.evaluation.dataset (no torch for digits/synthetic/npz)."""
+        from morphml.evaluation.datasets import dataset_shape  # lazily: only the master and CLI need it
+
+        return dataset_shape(self.evaluation["dataset"])
+
     @property
     def search_space(self):
-        """The morphml.space.SearchSpace the manifest declares (built once, on first use)."""
+        """The morphml.space.SearchSpace the manifest declares (built once, on first use).
+
+        Not bound to the dataset: `build_optimizer()` binds it (that needs the dataset's shape).
+        """
         if self._search_space is None:
             from morphml.space import SearchSpace  # lazily: loading a manifest needs no NAS core
 
-            self._search_space = SearchSpace.from_spec(self.search_space_spec)
+            self._search_space = SearchSpace.from_spec(self.search_space_spec, path="spec.searchSpace")
         return self._search_space
 
     def build_optimizer(self):
-        """A fresh optimizer over this experiment's search space, as the manifest configures it."""
+        """A fresh optimizer over this experiment's search space, bound to its dataset's shape."""
         from morphml.optimizers import build_optimizer
 
-        return build_optimizer(self.optimizer_spec, self.search_space, self.objective.to_spec())
+        input_shape, num_classes = self.dataset_shape()
+        space = self.search_space
+        space.bind(input_shape, num_classes)
+        return build_optimizer(self.optimizer_spec, space, self.objective.to_spec(), input_shape=input_shape,
+                               num_classes=num_classes, max_trials=self.budget.max_trials)
 
     def to_yaml(self) -> str:
         """The defaulted manifest as YAML (what the operator mounts into the master pod)."""
