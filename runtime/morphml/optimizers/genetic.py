@@ -4,7 +4,10 @@ Generation 0 is `population_size` random architectures. Each later generation is
 every member of the current one has a result (so `ask` returns [] while tells are outstanding):
 the `elitism` best members are carried over unchanged (their results reused, not re-trained),
 the rest are children: two tournament winners crossed over with probability `crossover_rate`
-(else a copy of the first), then mutated with probability `mutation_rate`. A child whose
+(else a copy of the first), then mutated gene by gene: each layer of the child is, with
+probability `mutation_rate`, the occasion for one mutation (a parameter, a layer or a skip
+connection; see `morphml.graph.mutate`), so a child of L layers gets L x mutation_rate mutations
+on average (the CRD's "probability that each gene of a child is mutated"). A child whose
 architecture was already evaluated or is in flight is mutated again (up to a bound) so the budget
 goes to new architectures; if it stays a duplicate it joins the population with the reused result.
 `num_generations` counts generation 0, so at most population_size * num_generations trials.
@@ -149,7 +152,8 @@ class GeneticAlgorithm(Optimizer):
                 parents += (self._by_hash[second],)
             else:
                 child = first_graph
-            if self.rng.random() < self.mutation_rate:
+            genes = sum(1 for node in child.nodes if node.op not in ("input", "output", "add", "concat"))
+            for _ in range(sum(1 for _ in range(max(genes, 1)) if self.rng.random() < self.mutation_rate)):
                 child = mutate(child, self.space, self.rng)
             for _ in range(NOVELTY_ATTEMPTS):
                 if self._known(child) is None:
