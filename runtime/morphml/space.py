@@ -253,6 +253,8 @@ class Layer:
         """
         if activation not in (None, "softmax", "none", "linear"):
             raise SearchSpaceError(f"output.activation: {activation!r} is not allowed; expected softmax or none")
+        if isinstance(units, (list, tuple)) and len(units) > 1:
+            raise SearchSpaceError(f"output.units: {list(units)!r} is not allowed; the class count is one fixed number")
         return Layer("output", {} if units is None else {"units": units})
 
     @staticmethod

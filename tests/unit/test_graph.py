@@ -145,6 +145,23 @@ def test_shared_layer_and_two_identical_parallel_layers_hash_different() -> None
     assert graph(True).arch_hash != graph(False).arch_hash
 
 
+def test_equal_hash_exactly_when_equal_canonical_form_over_many_samples() -> None:
+    space = SearchSpace("many").add_layers(
+        Layer.conv2d(filters=[4, 8], kernel_size=[1, 3]),
+        Block([Layer.conv2d(filters=[4, 8], kernel_size=[3]), Layer.relu(optional=True)], repeat=(0, 2), skip=["none", "add", "concat"]),
+        Layer.global_avgpool(optional=True),
+    ).bind([2, 4, 4], 3)
+    rng = random.Random(0)
+    by_hash: dict[str, str] = {}
+    by_form: dict[str, str] = {}
+    for _ in range(1500):
+        graph = mutate(space.sample(rng), space, rng)
+        form = graph.canonical().to_json_string()
+        assert by_hash.setdefault(graph.arch_hash, form) == form
+        assert by_form.setdefault(form, graph.arch_hash) == graph.arch_hash
+    assert len(by_hash) > 300  # the check saw many distinct architectures, not a handful
+
+
 def test_params_input_shape_and_classes_change_the_hash() -> None:
     base = chain_graph(conv(8))
     assert base.arch_hash != chain_graph(conv(16)).arch_hash

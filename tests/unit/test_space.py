@@ -176,6 +176,7 @@ def test_empty_layer_list_and_unknown_top_level_field_are_refused() -> None:
         (lambda: Layer("conv3d"), "unknown layer type 'conv3d'"),
         (lambda: Layer("dense", {"units": [8], "size": [2]}), "dense.size: unknown parameter"),
         (lambda: Layer.input(shape=(8, 8)), "input.shape"),
+        (lambda: Layer.output(units=[10, 20]), "output.units: [10, 20] is not allowed"),
         (lambda: Block([], repeat=1), "block.layers"),
         (lambda: Block([Layer.relu()], repeat=(2, 1)), "min 2 is greater than max 1"),
         (lambda: SearchSpace("s").add_layers(Layer.relu(), Layer.input(shape=(1, 8, 8))), "layers[1]: the input layer must be the first"),
