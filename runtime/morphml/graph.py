@@ -35,7 +35,6 @@ Imports: the standard library and `morphml.space` (the op vocabulary). No torch.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -691,7 +690,6 @@ def _apply_mutation(kind: str, graph: ArchitectureGraph, space: SearchSpace, rng
         return draft.build()
     if kind == "add_skip":
         position = {n: i for i, n in enumerate(order)}
-        succs = graph.successors()
         # `late` gets its output merged with an earlier node's; the merge takes over late's consumers.
         lates = [n for n in order if draft.nodes[n][0] not in ("input", "output")]
         if not lates:
@@ -705,7 +703,6 @@ def _apply_mutation(kind: str, graph: ArchitectureGraph, space: SearchSpace, rng
         draft.edges = [[merge_id, d] if s == late else [s, d] for s, d in draft.edges]
         draft.edges.append([late, merge_id])
         draft.edges.append([early, merge_id])
-        del succs
         return draft.build()
     if kind == "remove_skip":
         merges = [n for n in order if draft.nodes[n][0] in _MERGE_OPS]
@@ -805,7 +802,3 @@ def crossover(
             continue
         return child
     return first.canonical()
-
-
-def copy_graph(graph: ArchitectureGraph) -> ArchitectureGraph:
-    return ArchitectureGraph.from_json(copy.deepcopy(graph.to_json()), validate=False)
