@@ -4,7 +4,7 @@ What lives here:
 - the op vocabulary (`OP_PARAMS`, `LAYER_TYPES`): every op the graph knows, its parameters, their
   defaults and allowed values, shared by the space (checks choices), the graph (checks nodes) and
   the mutation operators (pick replacement values);
-- `Layer` (one layer with a choice list per parameter, optionally optional), `Block` (a group of
+- `Layer` (one layer with a choice list per parameter; `optional=True` lets sampling drop it), `Block` (a group of
   layers repeated min..max times, each repetition optionally closed by a residual `add` or a
   `concat` skip connection) and `SearchSpace` (an ordered list of those, plus the dataset binding:
   input shape and class count);
