@@ -46,6 +46,12 @@ def always_raises(arch_json: dict, evaluation_spec: dict, device: str | None) ->
     raise RuntimeError("synthetic evaluator failure: loss exploded at step 3")
 
 
+def raises_after_sleep(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
+    """Sleeps MORPHML_TEST_SLEEP seconds, then fails (gives every worker time to register)."""
+    time.sleep(float(os.environ.get("MORPHML_TEST_SLEEP", "0.5")))
+    always_raises(arch_json, evaluation_spec, device)
+
+
 def returns_nan(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
     return {"val_accuracy": float("nan")}
 

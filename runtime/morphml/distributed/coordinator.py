@@ -236,9 +236,10 @@ class ExperimentCoordinator:
                                    detected_at=now)
             self.journal.event(now, "worker_dead", worker_id=worker_id, worker_name=rec.name,
                                detected_by=reason.value, detail=detail, requeued=[list(r) for r in released])
-            self.losses.append({"worker_id": worker_id, "worker_name": rec.name, "detected_by": reason.value,
-                                "detected_at": now, "requeued": released})
-            del self.losses[:-100]
+            if reason is not LossReason.DEREGISTER or released:  # a clean leave is not a loss
+                self.losses.append({"worker_id": worker_id, "worker_name": rec.name, "detected_by": reason.value,
+                                    "detected_at": now, "requeued": released})
+                del self.losses[:-100]
             self._outboxes.get(worker_id, queue.Queue()).put(END_OF_STREAM)
             if released or reason is not LossReason.DEREGISTER:
                 log.warning("worker %s lost (%s); requeued %s", worker_id, reason.value, released or "nothing")
@@ -311,13 +312,14 @@ class ExperimentCoordinator:
                 if retried:
                     self.retries += 1
                     self.journal.event(now, "retry", task_id, attempt, att.worker_id, worker_name or att.worker_name,
-                                       kind=failure_kind, message=failure_message, retries_used=task.retries_used)
+                                       failure_kind=failure_kind, message=failure_message,
+                                       retries_used=task.retries_used)
                 else:
                     self.failed += 1
                     self.optimizer.tell(task.candidate_id, None)
                     self._save_optimizer(now)
                     self.journal.event(now, "failed", task_id, attempt, att.worker_id, worker_name or att.worker_name,
-                                       kind=failure_kind, message=failure_message)
+                                       failure_kind=failure_kind, message=failure_message)
             self.journal.save_attempt(att)
             self._save_task(task)
             if holder is not None:

@@ -176,6 +176,7 @@ class WorkerNode:
         self._worker_id = ""
         self._draining = threading.Event()
         self._done = threading.Event()
+        self._leaving = threading.Event()  # deregistering: never register again
         self._send: queue.Queue | None = None
         self._stream = None
         self._health_server = None
@@ -187,6 +188,7 @@ class WorkerNode:
             runner.ensure_started()  # warm: the first trial does not pay the interpreter start
         for slot in range(self.config.slots):
             threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot}", daemon=True).start()
+        threading.Thread(target=self._redeliver_loop, name="redeliver", daemon=True).start()
         if not block:
             threading.Thread(target=self._main_loop, name="worker-main", daemon=True).start()
             return 0
@@ -211,7 +213,7 @@ class WorkerNode:
         backoff = self.config.reconnect_initial_seconds
         away_since = time.monotonic()
         try:
-            while not self._done.is_set():
+            while not self._done.is_set() and not self._leaving.is_set():
                 try:
                     self._register()
                 except WorkerRefused as exc:
@@ -233,6 +235,8 @@ class WorkerNode:
                 backoff = self.config.reconnect_initial_seconds
                 self._session()
                 away_since = time.monotonic()
+            if self._leaving.is_set():
+                self._done.wait(10)  # let the drain thread finish its Deregister call
         finally:
             self._shutdown()
         return self.exit_code
@@ -254,9 +258,8 @@ class WorkerNode:
         self._worker_id = reply.worker_id
         self._heartbeat_interval = reply.heartbeat_interval_seconds or 10.0
         adopted = {(r.task_id, r.attempt) for r in reply.adopted}
-        for lease in running:
-            if lease not in adopted:  # its result would be stale: free the slot now
-                self._cancel(lease)
+        # Leases the master did not re-adopt keep running: their results are reported and
+        # recorded as stale (a record of what happened), never counted.
         log.info("registered as %s (adopted %d running lease(s))", self._worker_id, len(adopted))
         self._flush_undelivered()
 
@@ -366,10 +369,20 @@ class WorkerNode:
             ack = self._stub.ReportResult(result, metadata=self._metadata, timeout=30)
             log.info("result %s/%d: %s", result.lease.task_id, result.lease.attempt, ack.disposition)
         except grpc.RpcError as exc:
-            log.warning("could not report %s/%d (%s); will retry after reconnect", result.lease.task_id,
-                        result.lease.attempt, exc.code())
+            if exc.code() in PERMANENT_ERRORS:
+                log.error("master rejected result %s/%d: %s", result.lease.task_id, result.lease.attempt, exc.details())
+                return
+            log.warning("could not report %s/%d (%s); will retry", result.lease.task_id, result.lease.attempt,
+                        exc.code())
             with self._lock:
                 self._undelivered.append(result)
+
+    def _redeliver_loop(self) -> None:
+        # Results that could not be reported (master away or erring) are retried every second
+        # and after every re-registration.
+        while not self._done.wait(1.0):
+            if self._undelivered and self._send is not None:
+                self._flush_undelivered()
 
     def _flush_undelivered(self) -> None:
         with self._lock:
@@ -391,6 +404,7 @@ class WorkerNode:
         for ref in leftover:  # grace period over: hand these back (Deregister requeues them)
             self._cancel(ref)
         self._flush_undelivered()
+        self._leaving.set()
         try:
             self._stub.Deregister(pb.DeregisterRequest(worker_id=self._worker_id, reason=reason),
                                   metadata=self._metadata, timeout=5)

@@ -1,0 +1,162 @@
+"""Process tests: worker death by SIGKILL (broken stream), hang by SIGSTOP (heartbeat timeout),
+SIGTERM drain, and failing evaluators, with real master and worker processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
+                      write_manifest)
+
+pytestmark = pytest.mark.process
+
+
+def running_worker(port: int):
+    """(worker name, task id, attempt) of some worker holding a lease."""
+    st = status(port)
+    for w in st.workers if st else []:
+        if w.state != "dead" and w.running:
+            return w.worker_name, w.running[0].task_id, w.running[0].attempt
+    return None
+
+
+@pytest.mark.timeout(90)
+def test_worker_killed_mid_trial_is_rerun_once_on_another_worker(procs, tmp_path):
+    # Budget 2, three workers: two run a trial each, the third stays idle, so a killed
+    # worker's trial can be re-leased the moment the death is seen. Heartbeats are slow
+    # (2 s x 3) so only the broken stream can explain a quick re-lease.
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "2", "--missed-heartbeats", "3"])
+    workers = {name: procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "3"}) for name in ("wa", "wb", "wc")}
+    victim, task_id, attempt = wait_for(lambda: running_worker(port), 30, "a running trial")
+    assert attempt == 1
+    killed_at = time.time()
+    os.killpg(workers[victim].pid, signal.SIGKILL)
+    st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to finish")
+    assert st.phase == "Succeeded" and st.succeeded == 2
+    journal = tmp_path / "journal.db"
+    assert_each_trial_once(journal, 2)
+    loss = [l for l in st.losses if l.worker_name == victim]
+    assert len(loss) == 1 and loss[0].detected_by == "stream"
+    assert [(r.task_id, r.attempt) for r in loss[0].requeued] == [(task_id, 1)]
+    relet = [e for e in journal_events(journal, "leased") if e["task_id"] == task_id and e["attempt"] == 2]
+    assert len(relet) == 1 and relet[0]["worker_name"] != victim
+    detect_s, relet_s = loss[0].detected_at - killed_at, relet[0]["ts"] - killed_at
+    print(f"\nkill -> detected {detect_s * 1000:.0f} ms, kill -> re-leased {relet_s * 1000:.0f} ms")
+    assert relet_s < 1.0, f"re-lease took {relet_s:.3f} s after SIGKILL (target < 1 s)"
+    task = journal_rows(journal, "SELECT finished_attempt, finished_by, retries_used FROM tasks WHERE task_id = ?",
+                        (task_id,))[0]
+    assert task[0] == 2 and task[1] != victim and task[2] == 0  # the loss used no retry
+
+
+@pytest.mark.timeout(90)
+def test_hung_worker_is_declared_dead_after_missed_heartbeats_and_its_late_result_is_stale(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
+    port = free_port()
+    interval, missed = 0.3, 3
+    procs.master(manifest, port, extra=["--heartbeat-interval", str(interval), "--missed-heartbeats", str(missed)])
+    workers = {name: procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "3"}) for name in ("wa", "wb", "wc")}
+    victim, task_id, _ = wait_for(lambda: running_worker(port), 30, "a running trial")
+    time.sleep(0.5)  # let the worker hand the lease to its trial process before it hangs
+    stopped_at = time.time()
+    os.kill(workers[victim].pid, signal.SIGSTOP)  # the worker hangs; its stream stays open
+    try:
+        st = wait_for(lambda: (s := status(port)) and any(l.worker_name == victim for l in s.losses) and s, 20,
+                      "the hung worker to be declared dead")
+        loss = [l for l in st.losses if l.worker_name == victim][0]
+        assert loss.detected_by == "heartbeat"
+        detect_s = loss.detected_at - stopped_at
+        print(f"\nSIGSTOP -> declared dead {detect_s * 1000:.0f} ms (timeout {interval * missed:.1f} s)")
+        # dead `missed` intervals after the last heartbeat, which came at most one interval before the stop
+        assert interval * (missed - 1) <= detect_s < interval * missed + 2.0
+        wait_for(lambda: [e for e in journal_events(tmp_path / "journal.db", "leased")
+                          if e["task_id"] == task_id and e["attempt"] == 2], 10, "the re-lease")
+    finally:
+        os.kill(workers[victim].pid, signal.SIGCONT)
+    wait_for(lambda: finished(status(port)), 60, "the experiment to finish")
+    journal = tmp_path / "journal.db"
+    # The resumed worker's trial finished meanwhile: its result arrives late and is stale.
+    stale = wait_for(lambda: journal_rows(journal, "SELECT task_id, attempt FROM results WHERE disposition = 'stale'"),
+                     20, "the late result")
+    assert stale == [(task_id, 1)]
+    assert_each_trial_once(journal, 2)
+    st = status(port)
+    assert st.stale_results == 1 and st.succeeded == 2
+    assert journal_rows(journal, "SELECT finished_attempt FROM tasks WHERE task_id = ?", (task_id,))[0][0] == 2
+
+
+@pytest.mark.timeout(90)
+def test_failing_evaluator_is_retried_on_another_worker_then_recorded_failed(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:raises_after_sleep", max_trials=3,
+                              max_failed=1, retries=1)
+    port = free_port()
+    procs.master(manifest, port)
+    for name in ("wa", "wb"):  # the first attempt takes 1 s: both workers are registered by then
+        procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "1"})
+    st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to end")
+    assert st.phase == "Failed"
+    assert "maxFailedTrials=1" in st.message
+    journal = tmp_path / "journal.db"
+    failed = journal_rows(journal, "SELECT task_id, error_kind, error_message, retries_used FROM tasks"
+                                   " WHERE state = 'failed'")
+    assert len(failed) == 2
+    for task_id, kind, message, retries in failed:
+        assert kind == "exception" and "synthetic evaluator failure: loss exploded" in message and retries == 1
+        attempts = journal_rows(journal, "SELECT worker_name, state FROM attempts WHERE task_id = ? ORDER BY attempt",
+                                (task_id,))
+        assert [s for _, s in attempts] == ["failed", "failed"]
+        assert attempts[0][0] != attempts[1][0], f"retry ran on the same worker: {attempts}"
+
+
+@pytest.mark.timeout(90)
+def test_nan_metrics_are_a_failed_trial_of_kind_nan(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:returns_nan", max_trials=1,
+                              max_failed=5, retries=0)
+    port = free_port()
+    procs.master(manifest, port)
+    procs.worker(port, "wa")
+    st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to end")
+    assert st.phase == "Succeeded" and st.failed == 1
+    assert journal_rows(tmp_path / "journal.db", "SELECT error_kind FROM tasks") == [("nan",)]
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_worker_finishes_its_trial_then_deregisters(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=3)
+    port = free_port()
+    procs.master(manifest, port)
+    worker = procs.worker(port, "wa", extra=["--grace-seconds", "20"], env={"MORPHML_TEST_SLEEP": "1.5"})
+    _, task_id, _ = wait_for(lambda: running_worker(port), 30, "a running trial")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    journal = tmp_path / "journal.db"
+    assert journal_rows(journal, "SELECT state, finished_by FROM tasks WHERE task_id = ?", (task_id,)) == \
+        [("succeeded", "wa")]
+    st = status(port)
+    assert not st.losses and st.running == 0  # a clean leave is not a loss
+    dead = journal_events(journal, "worker_dead")
+    assert [(e["worker_name"], e["detail"]["detected_by"], e["detail"]["requeued"]) for e in dead] == \
+        [("wa", "deregister", [])]
+    # the remaining trials go to the next worker
+    procs.worker(port, "wb", env={"MORPHML_TEST_SLEEP": "0.1"})
+    st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to finish")
+    assert_each_trial_once(journal, 3)
+
+
+@pytest.mark.timeout(60)
+def test_evaluator_timeout_kills_the_trial_and_the_worker_keeps_heartbeating(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:hangs", max_trials=1, retries=0)
+    text = manifest.read_text().replace("timeoutSeconds: 60", "timeoutSeconds: 2")
+    manifest.write_text(text)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "0.5", "--missed-heartbeats", "2"])
+    procs.worker(port, "wa")
+    st = wait_for(lambda: finished(status(port)) and status(port), 40, "the experiment to end")
+    assert st.failed == 1 and not st.losses  # the worker itself never looked dead
+    kind, message = journal_rows(tmp_path / "journal.db", "SELECT error_kind, error_message FROM tasks")[0]
+    assert kind == "timeout" and "timeoutSeconds=2" in message
