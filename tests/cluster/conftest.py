@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import sys
 
 import pytest
@@ -56,7 +58,8 @@ def _start(config) -> None:
             cluster = ExistingCluster(existing, bin_dir)
         else:
             cluster = ControlPlane(bin_dir=bin_dir).start()
-            config.add_cleanup(cluster.stop)
+            config.add_cleanup(lambda: _stop(cluster))
+            _stop_on_sigterm()
             print(f"\nmorphml: control plane ready in {cluster.timings.get('start_seconds', 0):.1f} s "
                   f"(kubeconfig {cluster.kubeconfig})", file=sys.stderr, flush=True)
         _state["cluster"] = cluster
@@ -64,11 +67,35 @@ def _start(config) -> None:
         _state["error"] = exc
 
 
+def _stop(cluster) -> None:
+    cluster.stop()
+    session = _state.get("session")
+    # Keep the logs (etcd data, component and pod logs, ~60 MB) only when something failed.
+    if session is not None and not session.testsfailed and not os.environ.get("MORPHML_KEEP_CLUSTER_STATE"):
+        shutil.rmtree(cluster.workdir, ignore_errors=True)
+    else:
+        print(f"\nmorphml: control plane logs kept in {cluster.workdir / 'logs'}", file=sys.stderr)
+
+
+def _stop_on_sigterm() -> None:
+    """A SIGTERM to pytest (a CI timeout) unwinds like Ctrl-C so the cleanup still kills the cluster."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def interrupt(*_):
+            raise KeyboardInterrupt("SIGTERM")
+
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def pytest_sessionstart(session) -> None:
+    _state["session"] = session
+
+
 def pytest_configure(config) -> None:
     _state["config"] = config
 
 
 def pytest_collection_finish(session) -> None:
+    _state["session"] = session
     if any(_needs_cluster(item) for item in session.items) and "cluster" not in _state:
         _start(session.config)
 
@@ -93,6 +120,7 @@ def kube(kube_cluster) -> Kube:
 def kube_namespace(kube, request) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"{base}-{os.urandom(2).hex()}"
+    kube.cluster.check_alive()  # a dead component fails here with its log, not as a timeout later
     kube.kubectl("create", "namespace", name)
     # Pods need the namespace's default ServiceAccount, made by a controller a moment later.
     kube.wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
