@@ -380,6 +380,22 @@ class PodRunner(threading.Thread):
         self.phase = "Pending"
         self.gpu_ids: list[int] = []
 
+    def event(self, reason: str, message: str, kind: str = "Normal", container: str | None = None) -> None:
+        """Record a core/v1 Event on the pod, as the kubelet does (Started, Killing, Unhealthy, BackOff...)."""
+        stamp = now_rfc3339()
+        involved = {"apiVersion": "v1", "kind": "Pod", "namespace": self.ns, "name": self.name, "uid": self.uid}
+        if container:
+            involved["fieldPath"] = f"spec.containers{{{container}}}"
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{self.name}.", "namespace": self.ns},
+                "involvedObject": involved, "reason": reason, "message": message, "type": kind,
+                "source": {"component": "kubelet", "host": self.agent.node_name},
+                "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1}
+        try:
+            self.client.request("POST", f"/api/v1/namespaces/{self.ns}/events", body, timeout=5)
+        except (ApiError, OSError):
+            pass  # events are best effort, as in the kubelet
+
     # -- events from the informer ----------------------------------------------------------------
     def update(self, pod: dict) -> None:
         self.pod = pod
@@ -516,6 +532,7 @@ class PodRunner(threading.Thread):
         c.next_start_at = time.monotonic() + c.backoff
         c.last_state = {"terminated": terminated}
         c.restart_count += 1
+        self.event("BackOff", f"Back-off {c.backoff:g}s restarting failed container {c.name}", "Warning", c.name)
         c.state = {"waiting": {"reason": "CrashLoopBackOff",
                                "message": f"back-off {c.backoff:g}s restarting failed container={c.name} "
                                           f"pod={self.name}_{self.ns}({self.uid})"}}
@@ -569,6 +586,7 @@ class PodRunner(threading.Thread):
             if probe:
                 probe.reset(c.started_at)
         log(f"pod {self.key}: started container {c.name} pid {c.proc.pid}: {' '.join(argv)[:300]}")
+        self.event("Started", f"Started container {c.name} (process {c.proc.pid})", container=c.name)
 
     def _probe(self, c: Container, moment: float) -> None:
         if c.init:
@@ -585,7 +603,11 @@ class PodRunner(threading.Thread):
             except Unsupported as err:
                 log(f"pod {self.key}: container {c.name}: {err}")
                 ok = False
+            before = probe.result
             probe.record(ok)
+            if probe.result is False and before is not False:
+                kind = {id(c.readiness): "Readiness", id(c.liveness): "Liveness", id(c.startup): "Startup"}[id(probe)]
+                self.event("Unhealthy", f"{kind} probe failed {probe.failures} times", "Warning", c.name)
             return ok
 
         if not c.started:
@@ -610,6 +632,7 @@ class PodRunner(threading.Thread):
 
     def _kill_container(self, c: Container, why: str) -> None:
         log(f"pod {self.key}: container {c.name} {why}, will be restarted")
+        self.event("Killing", f"Container {c.name} {why}, will be restarted", container=c.name)
         grace = c.spec.get("livenessProbe", {}).get("terminationGracePeriodSeconds") or \
             self.pod["spec"].get("terminationGracePeriodSeconds", 30)
         self._signal_and_wait([c], float(grace))
@@ -715,6 +738,10 @@ class PodRunner(threading.Thread):
         grace = 0.0 if self.gone else float(meta.get("deletionGracePeriodSeconds",
                                                      self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
         log(f"pod {self.key}: deleting, SIGTERM then SIGKILL after {grace:g} s")
+        if not self.gone:
+            for c in self.containers:
+                if c.proc is not None:
+                    self.event("Killing", f"Stopping container {c.name}", container=c.name)
         self._kill_all(grace)
         if self.gone:
             return

@@ -140,6 +140,9 @@ def test_failing_liveness_probe_restarts_container(kube, kube_namespace):
     status = pod["status"]["containerStatuses"][0]
     assert status["lastState"]["terminated"]["exitCode"] != 0
     assert pod["status"]["phase"] == "Running"
+    reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns, "--field-selector",
+                                                     "involvedObject.name=unhealthy")["items"]}
+    assert {"Scheduled", "Started", "Unhealthy", "Killing"} <= reasons, reasons
     # kubectl logs --previous goes API server -> node agent's log endpoint -> the previous run's file.
     assert kube.kubectl("logs", "-n", ns, "unhealthy", "--previous").stdout == "started\n"
 
