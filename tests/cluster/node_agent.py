@@ -1338,6 +1338,18 @@ class NodeAgent:
 
     # -- volumes: one hostPath PersistentVolume per claim (no provisioner exists here) -----------
     def on_claim_event(self, kind: str, obj) -> None:
+        if kind == "DELETED":
+            # The claim is gone (no pod can use it any more: pvc-protection): drop its volume and data.
+            meta = obj["metadata"]
+            try:
+                self.client.request("DELETE", f"/api/v1/persistentvolumes/pvc-{meta['uid']}")
+            except ApiError as err:
+                if err.status != 404:
+                    log(f"claim {meta['namespace']}/{meta['name']}: deleting its volume failed: {err}")
+            except OSError:
+                pass
+            shutil.rmtree(self.claim_dir(meta["namespace"], meta["name"], meta["uid"]), ignore_errors=True)
+            return
         if kind not in ("ADDED", "MODIFIED"):
             return
         spec, meta = obj.get("spec", {}), obj["metadata"]
@@ -1353,7 +1365,9 @@ class NodeAgent:
               "metadata": {"name": f"pvc-{meta['uid']}", "labels": {"morphml.io/process-node": "true"}},
               "spec": {"capacity": {"storage": spec.get("resources", {}).get("requests", {}).get("storage", "1Gi")},
                        "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
-                       "persistentVolumeReclaimPolicy": "Delete",
+                       # Retain: the agent itself removes the volume when the claim goes (no
+                       # hostPath deleter runs in the controller manager).
+                       "persistentVolumeReclaimPolicy": "Retain",
                        "storageClassName": spec.get("storageClassName") or "",
                        "volumeMode": spec.get("volumeMode", "Filesystem"),
                        "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"},

@@ -320,6 +320,13 @@ def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
     finished("report-2")
     assert json.loads(kube.pod_log(ns, "report-2"))["runs"] == 2
 
+    # Deleting the claim (once no pod uses it) removes its volume.
+    volume = kube.kubectl_json("get", "pvc", "data", "-n", ns)["spec"]["volumeName"]
+    kube.kubectl("delete", "pod", "report-2", "-n", ns)
+    kube.kubectl("delete", "pvc", "data", "-n", ns, "--wait=true", timeout=30)
+    kube.wait_for(lambda: kube.kubectl("get", "pv", volume, check=False).returncode != 0, 20, 0.3,
+                  f"PersistentVolume {volume} to be removed with its claim")
+
 
 @pytest.mark.timeout(90)
 def test_probes_grpc_tcp_and_graceful_deletion(kube, kube_namespace):
