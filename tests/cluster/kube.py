@@ -191,6 +191,8 @@ class Kube:
         status = next((c for c in pod.get("status", {}).get("containerStatuses", []) if c["name"] == container), {})
         run = status.get("restartCount", 0) - (1 if previous else 0)
         path = directory / f"{container}.{run}.log"
+        if not previous and not path.exists() and run > 0:
+            path = directory / f"{container}.{run - 1}.log"  # waiting to restart: the last run's output
         return path.read_text(errors="replace") if path.exists() else ""
 
     def pod_log_dir(self, namespace: str, name: str, uid: str) -> Path:

@@ -1128,6 +1128,9 @@ class LogServer:
                 runner, container = found
                 run = container.restart_count - (1 if flag("previous") else 0)
                 path = runner.log_dir / f"{container.name}.{run}.log"
+                if not flag("previous") and not path.exists() and run > 0:
+                    run -= 1  # waiting to restart: like the kubelet, show the last run
+                    path = runner.log_dir / f"{container.name}.{run}.log"
                 if run < 0 or not path.exists():
                     self.send_error(400, f"previous terminated container {container.name!r} not found")
                     return
