@@ -368,3 +368,33 @@ def test_probes_grpc_tcp_and_graceful_deletion(kube, kube_namespace):
     kube.kubectl("delete", "pod", "stubborn", "-n", ns, "--wait=true", timeout=40)
     took = time.monotonic() - started
     assert 1.8 <= took < 10, took
+
+
+@pytest.mark.timeout(120)
+def test_up_and_down_commands_run_a_cluster_a_person_can_use(kube, tmp_path):
+    """`python -m tests.cluster up` starts a second, independent control plane and prints its
+    kubeconfig; `down` stops every process of it. (``kube`` only makes sure the binaries are built.)"""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MORPHML_KUBE_STATE=str(tmp_path / "state"))
+    up = subprocess.run([sys.executable, "-m", "tests.cluster", "up"], cwd=repo, env=env, capture_output=True,
+                        text=True, timeout=90)
+    try:
+        assert up.returncode == 0, up.stderr
+        kubeconfig = up.stdout.strip()
+        assert kubeconfig != kube.kubeconfig and Path(kubeconfig).exists()
+        nodes = subprocess.run([kube.kubectl_path, f"--kubeconfig={kubeconfig}", "get", "nodes", "-o", "json"],
+                               capture_output=True, text=True, timeout=30, check=True)
+        node = json.loads(nodes.stdout)["items"][0]
+        assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+        serve_pid = int((tmp_path / "state" / "pid").read_text())
+    finally:
+        down = subprocess.run([sys.executable, "-m", "tests.cluster", "down"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    with pytest.raises(ProcessLookupError):
+        os.kill(serve_pid, 0)
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "state")], capture_output=True, text=True)
+    assert leftovers.stdout == "", f"processes of the stopped cluster still run: {leftovers.stdout}"
