@@ -62,7 +62,7 @@ class WorkerConfig:
     health_port: int | None = None
     grace_seconds: float = 25.0
     reconnect_initial_seconds: float = 0.1
-    reconnect_max_seconds: float = 5.0
+    reconnect_max_seconds: float = 2.0
     give_up_after_seconds: float | None = 600.0  # exit when the master is unreachable this long
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 

@@ -1,0 +1,85 @@
+"""Process tests: wrong tokens, garbage and oversized messages against a real master process;
+the master keeps serving and the experiment still finishes."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+
+from conftest import TOKEN, finished, free_port, health_ok, status, wait_for, write_manifest
+from morphml.distributed.auth import token_metadata
+from morphml.distributed.proto import worker_pb2 as pb
+from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.process
+
+
+@pytest.mark.timeout(60)
+def test_worker_with_wrong_token_is_refused_with_a_clear_message(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", max_trials=1)
+    port = free_port()
+    procs.master(manifest, port)
+    bad = tmp_path / "bad-token"
+    bad.write_text("not-the-token")
+    worker = procs.worker(port, "intruder", token_file=bad)
+    assert worker.wait(timeout=30) == 2
+    log = worker.log_path.read_text()
+    assert "UNAUTHENTICATED" in log and "invalid token" in log and "--token-file" in log
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.MasterStub(ch).GetStatus(pb.StatusRequest(), timeout=5)  # no token at all
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "missing token" in err.value.details()
+    assert status(port).workers == []  # the intruder never registered
+
+
+@pytest.mark.timeout(60)
+def test_worker_without_any_token_fails_naming_the_flag_and_variable(procs, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MORPHML_TOKEN"}
+    procs.env = env
+    proc = procs.spawn(["worker", "--master", "127.0.0.1:1"], "notoken.log")
+    assert proc.wait(timeout=30) == 2
+    assert "pass --token-file FILE or set MORPHML_TOKEN" in proc.log_path.read_text()
+
+
+@pytest.mark.timeout(90)
+def test_garbage_and_oversized_messages_are_rejected_and_the_master_carries_on(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", max_trials=3)
+    port = free_port()
+    procs.master(manifest, port)
+    md = token_metadata(TOKEN)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        raw = ch.unary_unary("/morphml.Master/ReportResult", request_serializer=lambda b: b,
+                             response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:  # not a protobuf at all
+            raw(b"\xff\xfe garbage \x00\x01\x02" * 10, metadata=md, timeout=5)
+        assert err.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+        with pytest.raises(grpc.RpcError) as err:  # 20 MiB, over the 16 MiB limit
+            raw(b"\x0a" + b"\x00" * (20 * 1024 * 1024), metadata=md, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        stub = pb_grpc.MasterStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ReportResult(pb.TrialResult(lease=pb.LeaseRef(task_id="t000001", attempt=1), ok=False,
+                                             failure_kind="cosmic-rays"), metadata=md, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "allowed exception" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ReportResult(pb.TrialResult(lease=pb.LeaseRef(task_id="t000001", attempt=1), ok=True,
+                                             metrics_json="{not json"), metadata=md, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "metrics_json" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Register(pb.RegisterRequest(worker_name="", slots=1), metadata=md, timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "worker_name" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # a stream that does not start with hello
+            list(stub.Connect(iter([pb.WorkerMessage(heartbeat=pb.Heartbeat(sequence=1))]), metadata=md, timeout=5))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "hello" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Connect(iter([pb.WorkerMessage(hello=pb.Hello(worker_id="nobody/99"))]), metadata=md, timeout=5))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        ack = stub.ReportResult(pb.TrialResult(lease=pb.LeaseRef(task_id="t999999", attempt=1), ok=True,
+                                               metrics_json='{"val_accuracy": 1.0}'), metadata=md, timeout=5)
+        assert ack.disposition == "unknown"  # recorded, never counted
+    assert health_ok(f"127.0.0.1:{port}") and health_ok(f"127.0.0.1:{port}", "morphml.Master")
+    procs.worker(port, "honest")
+    st = wait_for(lambda: finished(s := status(port)) and s, 60, "the experiment to finish")
+    assert st.phase == "Succeeded" and st.succeeded == 3 and st.best.metric < 1.0

@@ -1,0 +1,81 @@
+"""Process test: the master is SIGKILLed mid-run and restarted on the same journal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
+                      write_manifest)
+
+pytestmark = pytest.mark.process
+
+
+@pytest.mark.timeout(120)
+def test_master_killed_and_restarted_on_its_journal_finishes_the_budget_with_no_trial_rerun(procs, tmp_path):
+    budget = 12
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=budget,
+                              algorithm="genetic", population=4, generations=6)  # proposes more than the budget
+    port = free_port()
+    journal = tmp_path / "journal.db"
+    hb = ["--heartbeat-interval", "0.5", "--missed-heartbeats", "3"]
+    master = procs.master(manifest, port, journal, extra=hb)
+    for name in ("wa", "wb", "wc"):
+        procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "0.4"})
+    wait_for(lambda: (s := status(port)) and s.succeeded >= 4, 60, "4 finished trials")
+    os.killpg(master.pid, signal.SIGKILL)
+    master.wait()
+    killed_at = time.time()
+    done_before = dict(journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks"
+                                             " WHERE state IN ('succeeded','failed')"))
+    leased_before = journal_rows(journal, "SELECT task_id, attempt FROM tasks WHERE state = 'leased'")
+    assert len(done_before) >= 4
+    time.sleep(1.0)  # the workers notice and start retrying with backoff
+    procs.master(manifest, port, journal, extra=hb, log_name="master2.log")
+    st = wait_for(lambda: finished(s := status(port)) and s, 90, "the restarted master to finish")
+    assert st.phase == "Succeeded", st.message
+    assert_each_trial_once(journal, budget)
+    # No trial finished before the kill was leased or counted again after it.
+    after = [e for e in journal_events(journal, "leased") + journal_events(journal, "succeeded")
+             if e["ts"] > killed_at and e["task_id"] in done_before]
+    assert after == []
+    for task_id, attempt in journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks"):
+        if task_id in done_before:
+            assert attempt == done_before[task_id]
+    # Leases that were out when the master died: their result, delivered after the workers
+    # reconnected, was accepted for the journaled attempt, or they were re-adopted or re-run.
+    outcomes = {e["task_id"] for e in journal_events(journal, "adopted")} | \
+        {e["task_id"] for e in journal_events(journal, "leased") if e["ts"] > killed_at} | \
+        {e["task_id"] for e in journal_events(journal, "succeeded") if (e["task_id"], e["attempt"]) in leased_before}
+    assert {t for t, _ in leased_before} <= outcomes
+    restarted = journal_events(journal, "master_started")
+    assert len(restarted) == 2 and restarted[1]["detail"]["restored_tasks"] >= len(done_before)
+    print(f"\nfinished before kill {len(done_before)}, out at kill {len(leased_before)}, "
+          f"adopted {len(journal_events(journal, 'adopted'))}, stale results {st.stale_results}")
+
+
+@pytest.mark.timeout(90)
+def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
+    port = free_port()
+    journal = tmp_path / "journal.db"
+    hb = ["--heartbeat-interval", "1", "--missed-heartbeats", "5"]  # restart hold: 5 s
+    master = procs.master(manifest, port, journal, extra=hb)
+    for name in ("wa", "wb"):
+        procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "4"})
+    wait_for(lambda: (s := status(port)) and s.running == 2, 30, "two running trials")
+    os.killpg(master.pid, signal.SIGKILL)
+    master.wait()
+    procs.master(manifest, port, journal, extra=hb, log_name="master2.log")
+    st = wait_for(lambda: finished(s := status(port)) and s, 60, "the restarted master to finish")
+    assert st.phase == "Succeeded" and st.succeeded == 2 and st.stale_results == 0
+    assert_each_trial_once(journal, 2)
+    adopted = journal_events(journal, "adopted")
+    assert sorted(e["task_id"] for e in adopted) == ["t000001", "t000002"]
+    # each trial ran once: attempt 1, by the worker that started it
+    assert journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks ORDER BY task_id") == \
+        [("t000001", 1), ("t000002", 1)]
+    assert journal_rows(journal, "SELECT COUNT(*) FROM attempts")[0][0] == 2
