@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -59,8 +60,13 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(procs, tmp_path):
     env = {"MORPHML_TEST_SLEEP": "0.5"}
     proc = run_cli(procs, [str(manifest), "--workers", "2", "--output", str(out)], "run.log", env)
     journal = out / "journal.db"
-    wait_for(lambda: journal.exists() and journal_rows(
-        journal, "SELECT COUNT(*) FROM tasks WHERE state = 'succeeded'")[0][0] >= 3, 60, "3 finished trials")
+    def succeeded():
+        try:
+            return journal_rows(journal, "SELECT COUNT(*) FROM tasks WHERE state = 'succeeded'")[0][0]
+        except sqlite3.OperationalError:  # not created yet
+            return 0
+
+    wait_for(lambda: succeeded() >= 3, 60, "3 finished trials")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     assert "rerun the same command to resume" in proc.log_path.read_text()
