@@ -956,7 +956,8 @@ class PodRunner(threading.Thread):
         services = self.agent.service_resolver(self.ns)
 
         def rewrite(text: str) -> str:
-            return services.rewrite(rewrite_mount_paths(text, mounts))
+            # Service names first: their replacements (IP:port) contain no paths.
+            return rewrite_mount_paths(services.rewrite(text), mounts)
 
         argv = [rewrite(a) for a in argv]
         pod_env = {k: rewrite(v) for k, v in pod_env.items()}
@@ -1009,16 +1010,21 @@ def expand(text: str, env: dict[str, str]) -> str:
 def rewrite_mount_paths(text: str, mounts: list[tuple[str, str]]) -> str:
     """Replace each container mountPath in ``text`` by its local directory.
 
-    ``mounts`` is (mountPath, local dir), longest mountPath first. A mountPath matches only as a
+    ``mounts`` is (mountPath, local dir) pairs. A mountPath matches only as a
     whole path prefix: at the start of the string or after a character that cannot be part of a
     path (space, '=', ':', quote...), and followed by the end, '/', or such a character. So
     ``/etc/morphml/token/token`` and ``--journal=/var/lib/morphml/j.db`` are rewritten, while
     ``/data`` inside ``/srv/data`` or ``/etc/morphml-other`` are not.
     """
-    for mount_path, local in mounts:
-        text = re.sub(r"(?<![\w./-])" + re.escape(mount_path) + r"(?=$|[/\s:;,'\"=)])",
-                      lambda _m, local=local: local, text)
-    return text
+    if not mounts:
+        return text
+    # One pass over the text with every mount path in one alternation (longest first), so a
+    # replacement is never rewritten again (a mount at /tmp must not touch the local dirs, which
+    # may live under /tmp themselves).
+    ordered = sorted(mounts, key=lambda m: -len(m[0]))
+    local_of = dict(ordered)
+    pattern = r"(?<![\w./-])(" + "|".join(re.escape(path) for path, _ in ordered) + r")(?=$|[/\s:;,'\"=)])"
+    return re.sub(pattern, lambda m: local_of[m.group(1)], text)
 
 
 def service_host_patterns(name: str, namespace: str, same_namespace: bool) -> list[re.Pattern]:

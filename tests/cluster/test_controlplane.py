@@ -274,6 +274,9 @@ def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
                     {"name": "config", "mountPath": "/etc/demo/config"},
                     {"name": "data", "mountPath": "/var/lib/demo"},
                     {"name": "scratch", "mountPath": "/scratch"},
+                    # The agent's own directories live under /tmp: a pod's /tmp mount must not
+                    # redirect the other, already rewritten, paths.
+                    {"name": "tmp", "mountPath": "/tmp"},
                 ],
             }],
             "volumes": [
@@ -281,6 +284,7 @@ def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
                 {"name": "config", "configMap": {"name": "settings"}},
                 {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
                 {"name": "scratch", "emptyDir": {}},
+                {"name": "tmp", "emptyDir": {}},
             ],
         }}
 

@@ -39,6 +39,15 @@ def test_mount_paths_are_rewritten_only_as_whole_path_prefixes(text, expected):
     assert rewrite_mount_paths(text, MOUNTS) == expected
 
 
+def test_rewritten_paths_are_not_rewritten_again():
+    # A mount at /tmp while the local directories themselves live under /tmp.
+    mounts = [("/tmp", "/tmp/agent/pod/volumes/tmp"), ("/etc/morphml/token", "/tmp/agent/pod/volumes/token")]
+    assert rewrite_mount_paths("--token-file /etc/morphml/token/token", mounts) == \
+        "--token-file /tmp/agent/pod/volumes/token/token"
+    assert rewrite_mount_paths("/tmp/x /etc/morphml/token", mounts) == \
+        "/tmp/agent/pod/volumes/tmp/x /tmp/agent/pod/volumes/token"
+
+
 def _rewrite(text: str, same_namespace: bool = True) -> str:
     for pattern in service_host_patterns("master", "exp", same_namespace):
         text = pattern.sub(lambda m: "IP" + (":" + next(g for g in m.groups() if g) if any(m.groups()) else ""),
