@@ -78,6 +78,16 @@ def cached_bin_dir() -> Path | None:
     return None
 
 
+def _find_go() -> str:
+    """The go command: on PATH, or where the official tarball installs it (a non-login shell,
+    such as CI's, may not have sourced the profile that puts it on PATH)."""
+    for candidate in (shutil.which("go"), "/usr/local/go/bin/go", str(Path.home() / "go" / "bin" / "go")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise BuildError("the Go toolchain ('go', 1.26 or newer) is not on PATH nor in /usr/local/go/bin; "
+                     "it is needed to build the test control plane")
+
+
 def ensure_built(log=None) -> Path:
     """Return the directory with all binaries, building them first if the cache lacks them.
 
@@ -88,8 +98,7 @@ def ensure_built(log=None) -> Path:
     found = cached_bin_dir()
     if found:
         return found
-    if shutil.which("go") is None:
-        raise BuildError("the Go toolchain ('go') is not on PATH; it is needed to build the test control plane")
+    go = _find_go()
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = bin_dir()
@@ -110,7 +119,8 @@ def ensure_built(log=None) -> Path:
             f"(first run only; tens of minutes on 2 cores; log: {target / 'build.log'})")
         started = time.monotonic()
         with open(build_log, "wb") as out:
-            proc = subprocess.run(["bash", str(KUBEBIN_DIR / "build.sh"), str(tmp)],
+            env = dict(os.environ, PATH=f"{Path(go).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+            proc = subprocess.run(["bash", str(KUBEBIN_DIR / "build.sh"), str(tmp)], env=env,
                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             tail = build_log.read_text(errors="replace")[-4000:]
@@ -151,7 +161,8 @@ def pin_go_mod() -> Path:
     versions = read_versions()
     kube = versions["KUBERNETES_VERSION"]
     staging_version = "v0." + kube.lstrip("v").split(".", 1)[1]
-    info = json.loads(subprocess.run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{kube}"],
+    go = _find_go()
+    info = json.loads(subprocess.run([go, "mod", "download", "-json", f"k8s.io/kubernetes@{kube}"],
                                      check=True, capture_output=True, text=True, cwd=KUBEBIN_DIR).stdout)
     upstream = Path(info["GoMod"]).read_text()
     staging = re.findall(r"^\s*(k8s\.io/[\w.-]+) => \./staging/", upstream, re.M)
@@ -164,5 +175,5 @@ def pin_go_mod() -> Path:
     lines += [")", ""]
     go_mod = KUBEBIN_DIR / "go.mod"
     go_mod.write_text("\n".join(lines))
-    subprocess.run(["go", "mod", "tidy"], check=True, cwd=KUBEBIN_DIR)
+    subprocess.run([go, "mod", "tidy"], check=True, cwd=KUBEBIN_DIR)
     return go_mod
