@@ -199,7 +199,11 @@ def cmd_run(args) -> int:
         coordinator.wait_done(0.5)
         line = progress_line(coordinator.status(), started, done_at_start)
         now = time.monotonic()
-        if line != last_line and (now - last_print >= 1.0 or coordinator.done):
+        # On a terminal the line redraws every second; in a log, a new line when the counts
+        # change (the text before ETA) or every 10 s.
+        changed = line.rsplit(" | ETA", 1)[0] != last_line.rsplit(" | ETA", 1)[0]
+        due = now - last_print >= (1.0 if tty else 10.0)
+        if line != last_line and (changed or due or coordinator.done) and (tty or changed or due):
             print(("\r" + line.ljust(len(last_line))) if tty else line, end="" if tty else "\n", flush=True)
             last_line, last_print = line, now
     if tty:

@@ -1,0 +1,70 @@
+"""Chaos: 8 workers, 200 quick trials, a worker SIGKILLed and replaced every ~2 s; every trial
+finishes exactly once. Also: the operator's WorkerGone call is death at once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import grpc
+import pytest
+
+from conftest import (TOKEN, assert_each_trial_once, finished, free_port, journal_rows, status, wait_for,
+                      write_manifest)
+from morphml.distributed.auth import token_metadata
+from morphml.distributed.proto import worker_pb2 as pb
+from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.process
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_chaos_workers_killed_and_replaced_every_two_seconds_all_trials_finish_exactly_once(procs, tmp_path):
+    budget = 200
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=budget,
+                              population=20, generations=20)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "1", "--missed-heartbeats", "3"])
+    env = {"MORPHML_TEST_SLEEP": "0.3"}
+    counter = iter(range(10_000))
+    live = [procs.worker(port, f"w{next(counter)}", env=env) for _ in range(8)]
+    rng = random.Random(5)
+    kills = 0
+    deadline = time.monotonic() + 360
+    while not finished(status(port)) and time.monotonic() < deadline:
+        time.sleep(2.0)
+        victim = live.pop(rng.randrange(len(live)))
+        os.killpg(victim.pid, signal.SIGKILL)
+        kills += 1
+        live.append(procs.worker(port, f"w{next(counter)}", env=env))
+    st = wait_for(lambda: finished(s := status(port)) and s, 60, "the experiment to finish")
+    journal = tmp_path / "journal.db"
+    assert st.phase == "Succeeded" and st.succeeded == budget, st.message
+    assert_each_trial_once(journal, budget)
+    rerun = journal_rows(journal, "SELECT COUNT(*) FROM tasks WHERE finished_attempt > 1")[0][0]
+    losses = [l.detected_by for l in st.losses]
+    print(f"\nchaos: {kills} workers killed, {len(losses)} losses seen ({set(losses)}), {rerun} trials re-run, "
+          f"{st.stale_results} stale results")
+    assert kills >= 5 and len(losses) >= kills - 1 and set(losses) <= {"stream", "heartbeat"}
+    assert rerun >= 1
+
+
+@pytest.mark.timeout(60)
+def test_operator_worker_gone_call_requeues_the_pods_trials_at_once(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "5", "--missed-heartbeats", "3"])
+    procs.worker(port, "pod-a", env={"MORPHML_TEST_SLEEP": "2"})
+    wait_for(lambda: (s := status(port)) and s.running == 1, 30, "a running trial")
+    called_at = time.time()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        reply = pb_grpc.MasterStub(ch).WorkerGone(pb.WorkerGoneRequest(worker="pod-a", reason="pod deleted"),
+                                                  metadata=token_metadata(TOKEN), timeout=5)
+    assert [r.task_id for r in reply.requeued] == ["t000001"] and len(reply.worker_ids) == 1
+    st = status(port)
+    loss = st.losses[0]
+    assert loss.detected_by == "pod_gone" and loss.detected_at - called_at < 1.0
+    assert st.pending >= 1 and st.running == 0

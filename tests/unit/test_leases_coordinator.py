@@ -1,0 +1,219 @@
+"""Unit tests: the experiment coordinator (leases, heartbeats, retries, budget, restart) with an
+injected clock and a real SQLite journal in a temp dir; no gRPC, no sleeping."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from morphml.distributed.clock import ManualClock
+from morphml.distributed.coordinator import ExperimentCoordinator, ExperimentSettings, LeaseMessage
+from morphml.distributed.journal import Journal
+from morphml.distributed.states import LossReason
+
+pytestmark = pytest.mark.unit
+
+
+class FakeGraph:
+    def __init__(self, i):
+        self.i = i
+        self.arch_hash = f"hash{i:04d}"
+
+    def to_json(self):
+        return {"input_shape": [4], "num_classes": 2, "nodes": [{"id": "n0", "op": "input", "params": {}}],
+                "edges": [], "i": self.i}
+
+    def summary(self):
+        return f"arch{self.i}"
+
+
+class FakeCandidate:
+    def __init__(self, i, generation=0):
+        self.id, self.graph, self.generation = f"c{i}", FakeGraph(i), generation
+
+
+class CountingOptimizer:
+    """Ask/tell contract: numbered candidates; `generation_size` makes it generational (ask
+    returns [] until the current generation is fully told)."""
+
+    def __init__(self, total=1000, generation_size=None):
+        self.total, self.generation_size = total, generation_size
+        self.next, self.outstanding, self.told = 0, [], []
+
+    def ask(self, n):
+        if self.generation_size and self.outstanding:
+            return []
+        if self.generation_size:
+            n = self.generation_size
+        out = []
+        while len(out) < n and self.next < self.total:
+            out.append(FakeCandidate(self.next, self.next // (self.generation_size or 10**9)))
+            self.outstanding.append(f"c{self.next}")
+            self.next += 1
+        return out
+
+    def tell(self, cid, metrics):
+        self.outstanding.remove(cid)
+        self.told.append((cid, metrics))
+
+    def is_finished(self):
+        return self.next >= self.total and not self.outstanding
+
+    def state_dict(self):
+        return {"next": self.next, "outstanding": list(self.outstanding), "told": [list(t) for t in self.told]}
+
+    def load_state_dict(self, state):
+        self.next, self.outstanding = state["next"], list(state["outstanding"])
+        self.told = [tuple(t) for t in state["told"]]
+
+
+def make(tmp_path, optimizer=None, **kw):
+    clock = ManualClock()
+    settings = ExperimentSettings(**{"max_trials": 5, "heartbeat_interval": 1.0, "missed_heartbeats": 3, **kw})
+    coord = ExperimentCoordinator(optimizer or CountingOptimizer(), settings, Journal(tmp_path / "j.db"), clock)
+    return coord, clock
+
+
+def join(coord, name, slots=1):
+    worker_id, _ = coord.register(name, 0, slots)
+    return worker_id, coord.connect(worker_id)
+
+
+def leases(outbox: queue.Queue) -> list[LeaseMessage]:
+    out = []
+    while not outbox.empty():
+        item = outbox.get_nowait()
+        if isinstance(item, LeaseMessage):
+            out.append(item)
+    return out
+
+
+def test_master_asks_only_for_free_slots_and_never_beyond_the_budget(tmp_path):
+    opt = CountingOptimizer()
+    coord, _ = make(tmp_path, opt, max_trials=3)
+    _, box = join(coord, "a", slots=2)
+    assert [m.task_id for m in leases(box)] == ["t000001", "t000002"] and opt.next == 2
+    _, box_b = join(coord, "b", slots=4)
+    assert len(leases(box_b)) == 1 and opt.next == 3  # budget 3: only one more
+    for task_id in ("t000001", "t000002", "t000003"):
+        attempt = coord.leases.tasks[task_id].attempt
+        assert coord.report_result(task_id, attempt, True, {"val_accuracy": 0.5}) == "accepted"
+    assert coord.phase == "Succeeded" and coord.succeeded == 3 and opt.next == 3
+
+
+def test_generational_optimizer_breeds_only_after_the_whole_generation_is_told(tmp_path):
+    opt = CountingOptimizer(total=6, generation_size=3)
+    coord, _ = make(tmp_path, opt, max_trials=6)
+    _, box = join(coord, "a", slots=5)
+    first = leases(box)
+    assert len(first) == 3  # 5 free slots, but the generation has 3
+    coord.report_result(first[0].task_id, 1, True, {"val_accuracy": 0.1})
+    coord.report_result(first[1].task_id, 1, True, {"val_accuracy": 0.2})
+    assert leases(box) == []
+    coord.report_result(first[2].task_id, 1, True, {"val_accuracy": 0.3})
+    assert len(leases(box)) == 3
+
+
+def test_heartbeat_timeout_requeues_without_retry_and_late_result_is_stale(tmp_path):
+    coord, clock = make(tmp_path, max_trials=1)
+    a, box_a = join(coord, "a")
+    (lease,) = leases(box_a)
+    b, box_b = join(coord, "b")
+    clock.advance(2.5)
+    coord.heartbeat(b)
+    assert coord.check_heartbeats() == []
+    clock.advance(0.6)  # a: 3.1 s silent > 1 s x 3
+    assert coord.check_heartbeats() == [a]
+    assert box_a.get_nowait() is None  # a's session stream is ended
+    (relet,) = leases(box_b)
+    assert (relet.task_id, relet.attempt) == (lease.task_id, 2)
+    assert coord.leases.tasks[lease.task_id].retries_used == 0
+    assert coord.report_result(lease.task_id, 1, True, {"val_accuracy": 0.9}) == "stale"
+    assert coord.succeeded == 0 and coord.stale_results == 1
+    assert coord.report_result(lease.task_id, 2, True, {"val_accuracy": 0.8}) == "accepted"
+    assert coord.report_result(lease.task_id, 2, True, {"val_accuracy": 0.8}) == "duplicate"
+    assert coord.succeeded == 1 and coord.best.metrics["val_accuracy"] == 0.8
+    events = coord.journal.events("requeued")
+    assert events[0]["detail"]["detected_by"] == "heartbeat"
+
+
+def test_failures_are_retried_then_counted_and_too_many_fail_the_experiment(tmp_path):
+    opt = CountingOptimizer()
+    coord, _ = make(tmp_path, opt, max_trials=4, max_task_retries=1, max_failed_trials=1)
+    _, box = join(coord, "a")
+    for expected in ("t000001", "t000001", "t000002", "t000002"):
+        (m,) = leases(box)
+        assert m.task_id == expected
+        coord.report_result(m.task_id, m.attempt, False, None, "exception", "boom")
+    assert coord.phase == "Failed" and coord.failed == 2 and coord.retries == 2
+    assert "maxFailedTrials=1" in coord.message
+    assert [t for t in opt.told] == [("c0", None), ("c1", None)]
+
+
+def test_metrics_without_the_objective_or_with_nan_are_failures(tmp_path):
+    coord, _ = make(tmp_path, max_trials=2, max_task_retries=0)
+    _, box = join(coord, "a", slots=2)
+    m1, m2 = leases(box)
+    coord.report_result(m1.task_id, 1, True, {"loss": 1.0})
+    coord.report_result(m2.task_id, 1, True, {"val_accuracy": float("nan")})
+    kinds = sorted(coord.leases.tasks[t].error_kind for t in (m1.task_id, m2.task_id))
+    assert kinds == ["invalid", "nan"]
+
+
+def test_restart_restores_finished_trials_optimizer_state_and_holds_orphaned_leases(tmp_path):
+    opt = CountingOptimizer()
+    coord, clock = make(tmp_path, opt, max_trials=4)
+    _, box = join(coord, "a", slots=2)
+    m1, m2 = leases(box)
+    coord.report_result(m1.task_id, 1, True, {"val_accuracy": 0.7})
+    (m3,) = leases(box)
+    coord.journal.close()
+    # a new master process on the same journal
+    opt2 = CountingOptimizer()
+    coord2, clock2 = make(tmp_path, opt2, max_trials=4)
+    assert coord2.succeeded == 1 and opt2.next == 3 and opt2.outstanding == ["c1", "c2"]
+    assert coord2.best.task_id == m1.task_id
+    # the worker that ran m2 comes back and re-adopts it; m3's worker is gone
+    wid, adopted = coord2.register("a", 0, 2, running=[(m2.task_id, 1)])
+    assert adopted == [(m2.task_id, 1)]
+    box2 = coord2.connect(wid)
+    # m3 is held for its worker (hold = heartbeat timeout); the free slot gets a new proposal
+    assert [m.task_id for m in leases(box2)] == ["t000004"]
+    assert coord2.leases.choose_for("b", ["a", "b"], clock2.monotonic()) is None
+    clock2.advance(3.1)
+    coord2.heartbeat(wid)
+    assert coord2.check_heartbeats() == []
+    assert coord2.leases.choose_for("b", ["a", "b"], clock2.monotonic()).task_id == m3.task_id
+    # the adopted lease's result is counted for its original attempt
+    assert coord2.report_result(m2.task_id, 1, True, {"val_accuracy": 0.6}) == "accepted"
+    assert coord2.leases.tasks[m2.task_id].finished_attempt == 1
+    assert coord2.leases.tasks[m1.task_id].finished_attempt == 1 and coord2.succeeded == 2
+
+
+def test_orphaned_result_delivered_after_restart_is_counted_for_the_journaled_attempt(tmp_path):
+    coord, _ = make(tmp_path, max_trials=1)
+    _, box = join(coord, "a")
+    (m,) = leases(box)
+    coord.journal.close()
+    coord2, _ = make(tmp_path, max_trials=1)
+    assert coord2.report_result(m.task_id, 1, True, {"val_accuracy": 0.75}) == "accepted"
+    assert coord2.phase == "Succeeded" and coord2.succeeded == 1
+    assert coord2.leases.tasks[m.task_id].finished_attempt == 1
+
+
+def test_worker_gone_is_death_at_once_by_name(tmp_path):
+    coord, _ = make(tmp_path, max_trials=2)
+    _, box = join(coord, "pod-x", slots=2)
+    assert len(leases(box)) == 2
+    ids, released = coord.worker_gone("pod-x", "pod deleted")
+    assert len(ids) == 1 and len(released) == 2
+    assert coord.losses[0]["detected_by"] == LossReason.POD_GONE.value
+    assert coord.worker_gone("pod-x", "again") == ([], [])
+
+
+def test_settings_errors_name_the_manifest_field():
+    with pytest.raises(ValueError, match=r"spec.budget.maxTrials=0"):
+        ExperimentSettings(max_trials=0)
+    with pytest.raises(ValueError, match=r"spec.objective.goal='up'"):
+        ExperimentSettings(goal="up")
