@@ -97,6 +97,7 @@ def ensure_built(log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     found = cached_bin_dir()
     if found:
+        (found / ".last-used").touch()
         return found
     go = _find_go()
     root = cache_root()
@@ -140,10 +141,20 @@ def ensure_built(log=None) -> Path:
         return target
 
 
+PRUNE_AFTER_SECONDS = 24 * 3600
+
+
 def _prune(root: Path, keep: Path) -> None:
-    """Drop builds for other versions (each is about 450 MB); the newest build is the one in use."""
+    """Drop builds of other versions unused for a day (each is about 450 MB).
+
+    Not at once: another test session may still be running from an older build.
+    """
     for old in root.glob("k8s-*"):
-        if old != keep and old.is_dir() and not old.name.endswith(".partial"):
+        if old == keep or not old.is_dir() or old.name.endswith(".partial"):
+            continue
+        marker = old / ".last-used"
+        last = (marker if marker.exists() else old).stat().st_mtime
+        if time.time() - last > PRUNE_AFTER_SECONDS:
             shutil.rmtree(old, ignore_errors=True)
 
 

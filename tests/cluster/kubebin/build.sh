@@ -20,5 +20,6 @@ done
 ldflags+=" -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION"
 mkdir -p "$out"
 cd "$here"
-# One `go build` for all six so the shared packages compile once.
-CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$out/" ./cmd/...
+# One `go build` for all six so the shared packages compile once. -buildvcs=false: the
+# binaries do not depend on the state of the MorphML checkout (and git may not be usable there).
+CGO_ENABLED=0 go build -buildvcs=false -trimpath -ldflags "$ldflags" -o "$out/" ./cmd/...
