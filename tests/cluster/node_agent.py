@@ -363,7 +363,8 @@ class PodRunner(threading.Thread):
         self.key = _pod_key(pod)
         self.wake = threading.Event()
         self.gone = False  # the API object was removed outright (force delete)
-        self.pod_ip = agent.allocate_ip(self.ns, self.name)
+        # hostNetwork pods share the node's address, as on a real node.
+        self.pod_ip = "127.0.0.1" if pod["spec"].get("hostNetwork") else agent.allocate_ip(self.ns, self.name)
         self.dir = agent.state_dir / "pods" / f"{self.ns}_{self.name}_{self.uid[:8]}"
         self.log_dir = agent.state_dir / "logs" / f"{self.ns}_{self.name}_{self.uid[:8]}"
         spec = pod["spec"]
