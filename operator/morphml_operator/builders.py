@@ -339,8 +339,9 @@ def build_worker_deployment(
     resources = _resources(workers, {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}})
     tolerations = [dict(t) for t in workers.get("tolerations") or []]
     if gpus > 0:
-        resources.setdefault("requests", {})[GPU_RESOURCE] = gpus
-        resources.setdefault("limits", {})[GPU_RESOURCE] = gpus
+        # Quantities are strings in the API (the client refuses a bare int).
+        resources.setdefault("requests", {})[GPU_RESOURCE] = str(gpus)
+        resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
         gpu_toleration = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
         if gpu_toleration not in tolerations:
             tolerations.append(gpu_toleration)

@@ -132,6 +132,8 @@ def compute_status(
     # Message.
     if master is not None and master.get("message"):
         status["message"] = master["message"]
+    elif master is not None:
+        status["message"] = f"{done} of {budget} trials finished, {running} running, {registered} workers registered"
     elif master is None and phase not in TERMINAL_PHASES:
         status["message"] = f"master not reachable yet: {master_error}" if master_error else "waiting for the master"
     elif previous.get("message"):

@@ -158,8 +158,8 @@ def test_worker_deployment_requests_and_limits_gpus(spec):
     pod_spec = deployment["spec"]["template"]["spec"]
     container = pod_spec["containers"][0]
     assert container["resources"] == {
-        "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": 1},
-        "limits": {"memory": "4Gi", "nvidia.com/gpu": 1},
+        "requests": {"cpu": "1", "memory": "1Gi", "nvidia.com/gpu": "1"},
+        "limits": {"memory": "4Gi", "nvidia.com/gpu": "1"},
     }
     assert container["args"][-4:] == ["--gpus", "1", "--health-port", "50052"]
     assert pod_spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -179,7 +179,7 @@ def test_worker_deployment_takes_image_resources_selector_tolerations_from_spec(
     pod_spec = builders.build_worker_deployment("digits", "ml", spec, 1)["spec"]["template"]["spec"]
     container = pod_spec["containers"][0]
     assert container["image"] == "registry.example/morphml-worker:cuda"
-    assert container["resources"] == {"requests": {"cpu": "4", "nvidia.com/gpu": 2}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 2}}
+    assert container["resources"] == {"requests": {"cpu": "4", "nvidia.com/gpu": "2"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": "2"}}
     assert pod_spec["nodeSelector"] == {"gpu": "a100"}
     assert pod_spec["tolerations"] == [
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},

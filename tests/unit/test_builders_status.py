@@ -52,6 +52,7 @@ def test_running_master_starts_the_experiment_once():
     assert status["trialsSummary"] == "4/24"
     assert status["workers"]["registered"] == 1
     assert status["startTime"] == "2026-11-29T09:01:00Z"
+    assert status["message"] == "4 of 24 trials finished, 2 running, 1 workers registered"
     assert reasons(events) == ["Started"]
     again, events = step(status, master(succeeded=4, failed=1), now="2026-11-29T09:02:00Z")
     assert again["startTime"] == "2026-11-29T09:01:00Z" and events == []
