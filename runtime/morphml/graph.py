@@ -452,17 +452,18 @@ class ArchitectureGraph:
 
     # -- costs and description ------------------------------------------------------------------
 
-    def _costs(self) -> tuple[int, int]:
+    def node_costs(self) -> dict[str, tuple[int, int]]:
+        """node id -> (trainable parameters, FLOPs) of that node in the built model."""
         shapes = self.infer_shapes()
         preds = self.predecessors()
-        params = macs = 0
-        for node in self.nodes:
-            if node.op == "input":
-                continue
-            p, m = _node_cost(node, [shapes[x] for x in preds[node.id]], shapes[node.id])
-            params += p
-            macs += m
-        return params, macs
+        return {
+            node.id: (0, 0) if node.op == "input" else _node_cost(node, [shapes[x] for x in preds[node.id]], shapes[node.id])
+            for node in self.nodes
+        }
+
+    def _costs(self) -> tuple[int, int]:
+        costs = self.node_costs().values()
+        return sum(p for p, _ in costs), sum(f for _, f in costs)
 
     def param_count(self) -> int:
         """Trainable parameters of the built model (weights and biases, batchnorm scale and shift)."""

@@ -24,7 +24,7 @@ from typing import Any
 from morphml.evaluation.datasets import load_dataset
 from morphml.evaluation.errors import EvaluationSpecError, TrialFailure
 from morphml.evaluation.settings import training_settings
-from morphml.evaluation.shapes import GraphPlan, as_arch_dict, plan_graph
+from morphml.evaluation.shapes import as_arch_dict, plan_graph
 
 EVALUATOR_FIELD = "spec.evaluation.evaluator"
 UserEvaluator = Callable[[dict, dict, "str | None"], dict]
@@ -108,18 +108,6 @@ def _call_user_evaluator(path: str, arch: dict, spec: dict, device: str | None) 
     return dict(result)
 
 
-def _graph_flops(arch: dict, plan: GraphPlan) -> int:
-    """FLOPs from morphml.graph (the number the rest of the system shows) when it is available."""
-    try:
-        from morphml.graph import ArchitectureGraph
-    except ImportError:
-        return plan.flops
-    try:
-        return int(ArchitectureGraph.from_json(arch).flops())
-    except Exception:
-        return plan.flops
-
-
 def evaluate_architecture(
     arch_json: Any, evaluation_spec: Mapping[str, Any] | None, device: str | None = None, seed: int = 0
 ) -> dict[str, Any]:
@@ -175,5 +163,5 @@ def _train_builtin(arch: dict, spec: dict, device: str | None, seed: int, starte
     except Exception as exc:
         raise TrialFailure("exception", f"building the model failed: {_describe(exc)}") from None
     metrics = trainer.train_and_validate(model, dataset, settings, chosen, seed=seed, started=started)
-    metrics["flops"] = _graph_flops(arch, plan)
+    metrics["flops"] = plan.flops
     return metrics
