@@ -40,7 +40,7 @@ def load_experiment(manifest: str):
 
 
 def build_search(experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
-                 restart_hold_seconds: float | None = None):
+                 restart_hold_seconds: float | None = None, min_workers: int = 0):
     """(optimizer, ExperimentSettings) for a loaded Experiment; the overrides win over the manifest
     (sub-second heartbeats are for tests and benchmarks: the CRD takes whole seconds)."""
     from morphml.distributed.coordinator import ExperimentSettings
@@ -61,19 +61,21 @@ def build_search(experiment, heartbeat_interval: float | None = None, missed_hea
         heartbeat_interval=float(heartbeat_interval or ft.heartbeat_interval_seconds),
         missed_heartbeats=int(missed_heartbeats or ft.missed_heartbeats), evaluation=evaluation,
         metric=experiment.objective.metric, goal=experiment.objective.goal,
-        seed=int(experiment.optimizer_spec.get("seed") or 0), restart_hold_seconds=restart_hold_seconds)
+        seed=int(experiment.optimizer_spec.get("seed") or 0), restart_hold_seconds=restart_hold_seconds,
+        min_workers=min_workers)
     return optimizer, settings
 
 
 def start_master(manifest: str, journal_path: str, port: int, host: str, token: str | None, journal_sync: str,
                  heartbeat_interval: float | None, missed_heartbeats: int | None,
-                 restart_hold_seconds: float | None = None):
+                 restart_hold_seconds: float | None = None, min_workers: int = 0):
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
     from morphml.distributed.master import MasterServer
 
     experiment = load_experiment(manifest)
-    optimizer, settings = build_search(experiment, heartbeat_interval, missed_heartbeats, restart_hold_seconds)
+    optimizer, settings = build_search(experiment, heartbeat_interval, missed_heartbeats, restart_hold_seconds,
+                                       min_workers)
     journal = Journal(journal_path, journal_sync)
     coordinator = ExperimentCoordinator(optimizer, settings, journal)
     server = MasterServer(coordinator, port, host, token)
@@ -87,7 +89,8 @@ def cmd_master(args) -> int:
 
     token = read_token(args.token_file)
     _, coordinator, server = start_master(args.manifest, args.journal, args.port, args.host, token, args.journal_sync,
-                                          args.heartbeat_interval, args.missed_heartbeats, args.restart_hold)
+                                          args.heartbeat_interval, args.missed_heartbeats, args.restart_hold,
+                                          args.min_workers)
     print(f"morphml master: serving on port {server.port} (journal {args.journal})", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -261,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", required=True, help="SQLite journal file (resumes if it exists)")
     p.add_argument("--token-file", default=None, help="file holding the token (else $MORPHML_TOKEN)")
     p.add_argument("--exit-when-done", action="store_true", help="exit once the experiment is over")
+    p.add_argument("--min-workers", type=int, default=0,
+                   help="hand out no trial until this many workers are connected (at most 60 s)")
     p.add_argument("--restart-hold", type=float, default=None,
                    help="seconds a restarted master keeps leases for their workers (default: heartbeat timeout)")
     heartbeat_overrides(p)

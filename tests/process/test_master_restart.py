@@ -62,10 +62,10 @@ def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun
     manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
     port = free_port()
     journal = tmp_path / "journal.db"
-    hb = ["--heartbeat-interval", "1", "--missed-heartbeats", "5"]  # restart hold: 5 s
+    hb = ["--heartbeat-interval", "1", "--missed-heartbeats", "8"]  # restart hold: 8 s
     master = procs.master(manifest, port, journal, extra=hb)
     for name in ("wa", "wb"):
-        procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "4"})
+        procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "6"})
     wait_for(lambda: (s := status(port)) and s.running == 2, 30, "two running trials")
     os.killpg(master.pid, signal.SIGKILL)
     master.wait()
@@ -73,8 +73,10 @@ def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun
     st = wait_for(lambda: finished(s := status(port)) and s, 60, "the restarted master to finish")
     assert st.phase == "Succeeded" and st.succeeded == 2 and st.stale_results == 0
     assert_each_trial_once(journal, 2)
+    # Normally both are re-adopted on re-registration; a worker whose trial ended before it got
+    # through delivers the result instead, accepted for the journaled attempt. Never a re-run.
     adopted = journal_events(journal, "adopted")
-    assert sorted(e["task_id"] for e in adopted) == ["t000001", "t000002"]
+    assert 1 <= len(adopted) <= 2 and {e["task_id"] for e in adopted} <= {"t000001", "t000002"}
     # each trial ran once: attempt 1, by the worker that started it
     assert journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks ORDER BY task_id") == \
         [("t000001", 1), ("t000002", 1)]

@@ -217,3 +217,32 @@ def test_settings_errors_name_the_manifest_field():
         ExperimentSettings(max_trials=0)
     with pytest.raises(ValueError, match=r"spec.objective.goal='up'"):
         ExperimentSettings(goal="up")
+
+
+def test_optimizer_state_is_snapshot_plus_replayed_asks_and_tells(tmp_path, monkeypatch):
+    import morphml.distributed.coordinator as coordinator_module
+
+    monkeypatch.setattr(coordinator_module, "SNAPSHOT_EVERY", 3)
+    opt = CountingOptimizer()
+    coord, _ = make(tmp_path, opt, max_trials=20)
+    _, box = join(coord, "a", slots=2)
+    for _ in range(8):  # 16 ops: snapshots at 3-op steps, the last op(s) only in the log
+        m = leases(box)[0]
+        coord.report_result(m.task_id, m.attempt, True, {"val_accuracy": 0.1})
+    state, op_seq = coord.journal.load_optimizer()
+    assert state is not None and op_seq < coord._last_op_seq  # some ops only in the log
+    expected = opt.state_dict()
+    coord.journal.close()
+    opt2 = CountingOptimizer()
+    make(tmp_path, opt2, max_trials=20)
+    assert opt2.state_dict() == expected
+
+
+def test_replay_that_does_not_reproduce_the_journal_is_refused(tmp_path):
+    coord, _ = make(tmp_path, CountingOptimizer(), max_trials=3)
+    join(coord, "a", slots=2)
+    coord.journal.close()
+    different = CountingOptimizer()
+    different.next = 50  # proposes other candidates than the journal recorded
+    with pytest.raises(RuntimeError, match="not deterministic or the manifest changed"):
+        make(tmp_path, different, max_trials=3)

@@ -32,6 +32,7 @@ log = logging.getLogger("morphml.master")
 FAILURE_KINDS = ("exception", "nan", "timeout", "oom", "invalid")
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 MAX_ERROR_TEXT = 4000
+SNAPSHOT_EVERY = 100  # optimizer ops between state_dict snapshots in the journal
 
 
 @dataclass
@@ -51,6 +52,10 @@ class ExperimentSettings:
     # After a restart, leases that were out stay reserved this long for their worker to
     # reconnect and re-adopt them (default: one heartbeat timeout).
     restart_hold_seconds: float | None = None
+    # Hand out no lease until this many workers are connected (or min_workers_wait_seconds
+    # passed since the master started): a fair start for benchmarks and gang-like runs.
+    min_workers: int = 0
+    min_workers_wait_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_trials < 1:
@@ -117,15 +122,19 @@ class ExperimentCoordinator:
         self._seq = 0
         self._exhausted = False
         self._evaluation_json = json.dumps(settings.evaluation, sort_keys=True)
+        self._started_mono = self.clock.monotonic()
+        self._ops_since_snapshot = 0
+        self._last_op_seq = 0
         self._restore()
 
     # --- restart -----------------------------------------------------------------------------
     def _restore(self) -> None:
         with self._lock, self.journal.transaction():
             now, mono = self.clock.wall(), self.clock.monotonic()
-            state = self.journal.load_optimizer()
+            state, op_seq = self.journal.load_optimizer()
             if state is not None:
                 self.optimizer.load_state_dict(state)
+            self._replay_optimizer(op_seq)
             tasks = self.journal.load_tasks()
             for att in self.journal.load_attempts():
                 self.leases.attempts[(att.task_id, att.attempt)] = att
@@ -161,6 +170,39 @@ class ExperimentCoordinator:
                 log.info("restored %d tasks from %s (%d succeeded, %d failed)", len(tasks), self.journal.path,
                          self.succeeded, self.failed)
 
+    def _replay_optimizer(self, after_seq: int) -> None:
+        """Re-applies the asks and tells logged after the last snapshot."""
+        ops = self.journal.optimizer_ops_after(after_seq)
+        for seq, op, arg in ops:
+            if op == "ask":
+                ids = [str(c.id) for c in self.optimizer.ask(arg["n"])]
+                if ids != arg["ids"]:
+                    raise RuntimeError(
+                        f"journal {self.journal.path}: replaying optimizer op {seq} (ask {arg['n']}) gave candidates "
+                        f"{ids}, the journal has {arg['ids']}; the optimizer is not deterministic or the manifest "
+                        f"changed since the journal was written")
+            elif op == "tell":
+                self.optimizer.tell(arg["id"], arg["metrics"])
+        self._ops_since_snapshot = len(ops)
+        if ops:
+            self._last_op_seq = ops[-1][0]
+
+    def _ask(self, n: int) -> list:
+        candidates = list(self.optimizer.ask(n))[:n]
+        self._last_op_seq = self.journal.log_optimizer_op("ask", {"n": n, "ids": [str(c.id) for c in candidates]})
+        self._ops_since_snapshot += 1
+        return candidates
+
+    def _tell(self, candidate_id: str, metrics: dict | None) -> None:
+        self.optimizer.tell(candidate_id, metrics)
+        self._last_op_seq = self.journal.log_optimizer_op("tell", {"id": candidate_id, "metrics": metrics})
+        self._ops_since_snapshot += 1
+
+    def _maybe_snapshot(self, force: bool = False) -> None:
+        if self._ops_since_snapshot and (force or self._ops_since_snapshot >= SNAPSHOT_EVERY):
+            self.journal.save_optimizer(self.optimizer.state_dict(), self.clock.wall(), self._last_op_seq)
+            self._ops_since_snapshot = 0
+
     # --- workers -----------------------------------------------------------------------------
     def register(self, name: str, gpus: int, slots: int, hostname: str = "", pid: int = 0,
                  running: list[tuple[str, int]] | None = None) -> tuple[str, list[tuple[str, int]]]:
@@ -193,13 +235,21 @@ class ExperimentCoordinator:
             if rec is None or not rec.alive:
                 return None
             self.registry.connected(worker_id)
-            if self.phase == PENDING:
-                self._set_phase(RUNNING, "")
+            self._maybe_start()
             outbox = self._outboxes[worker_id]
             if self.phase in (SUCCEEDED, FAILED):
                 outbox.put(ShutdownMessage(f"experiment {self.phase.lower()}"))
             self._dispatch()
             return outbox
+
+    def _maybe_start(self) -> None:
+        """Pending -> Running once enough workers are connected (or the wait is over)."""
+        if self.phase != PENDING:
+            return
+        connected = sum(1 for w in self.registry.live() if w.state is not WorkerState.REGISTERING)
+        waited = self.clock.monotonic() - self._started_mono
+        if connected and (connected >= self.settings.min_workers or waited >= self.settings.min_workers_wait_seconds):
+            self._set_phase(RUNNING, "")
 
     def heartbeat(self, worker_id: str) -> bool:
         """Records a heartbeat; False when the worker is unknown or already declared dead."""
@@ -267,6 +317,10 @@ class ExperimentCoordinator:
                 lost.append(rec.worker_id)
                 self.worker_lost(rec.worker_id, LossReason.HEARTBEAT,
                                  f"no heartbeat for {self.registry.seconds_since_heartbeat(rec):.2f}s")
+            if self.phase == PENDING:
+                with self.journal.transaction():
+                    self._maybe_start()
+                    self._dispatch()
             mono = self.clock.monotonic()
             if any(t.held_until is not None and t.held_until <= mono for t in self._pending_tasks()):
                 with self.journal.transaction():
@@ -301,8 +355,7 @@ class ExperimentCoordinator:
             if ok:
                 self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now)
                 self.succeeded += 1
-                self.optimizer.tell(task.candidate_id, metrics)
-                self._save_optimizer(now)
+                self._tell(task.candidate_id, metrics)
                 self.journal.event(now, "succeeded", task_id, attempt, att.worker_id, worker_name or att.worker_name,
                                    metric=metrics.get(self.settings.metric))
                 self._update_best(task, journal=True)
@@ -316,8 +369,7 @@ class ExperimentCoordinator:
                                        retries_used=task.retries_used)
                 else:
                     self.failed += 1
-                    self.optimizer.tell(task.candidate_id, None)
-                    self._save_optimizer(now)
+                    self._tell(task.candidate_id, None)
                     self.journal.event(now, "failed", task_id, attempt, att.worker_id, worker_name or att.worker_name,
                                        failure_kind=failure_kind, message=failure_message)
             self.journal.save_attempt(att)
@@ -327,6 +379,7 @@ class ExperimentCoordinator:
                 self.registry.refresh_load(holder)
             self._check_done()
             self._dispatch()
+            self._maybe_snapshot(force=self.done)
             self.changed.notify_all()
             return disposition
 
@@ -364,7 +417,7 @@ class ExperimentCoordinator:
         if self.optimizer.is_finished():
             candidates = []
         else:
-            candidates = list(self.optimizer.ask(n))[:n]
+            candidates = self._ask(n)
         now = self.clock.wall()
         for cand in candidates:
             cid, arch_text, arch_hash, summary, generation = describe_candidate(cand)
@@ -376,9 +429,7 @@ class ExperimentCoordinator:
             self.journal.save_task(task, self._seq)
             self.journal.event(now, "proposed", task.task_id, candidate_id=cid, arch_hash=arch_hash,
                                generation=generation)
-        if candidates:
-            self._save_optimizer(now)
-        elif outstanding == 0:
+        if not candidates and outstanding == 0:
             # Nothing in flight and the optimizer has nothing more: the search is over.
             self._exhausted = True
             self._check_done()
@@ -455,9 +506,6 @@ class ExperimentCoordinator:
     def _save_task(self, task: Task) -> None:
         seq = int(task.task_id[1:]) if task.task_id[1:].isdigit() else 0
         self.journal.save_task(task, seq)
-
-    def _save_optimizer(self, now: float) -> None:
-        self.journal.save_optimizer(self.optimizer.state_dict(), now)
 
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.settings.goal == "maximize" else a < b

@@ -3,8 +3,15 @@
 Tables: `tasks` (one row per trial, its state and outcome), `attempts` (one row per lease),
 `results` (every result received, counted or stale), `events` (append-only audit log:
 proposed, leased, adopted, succeeded, failed, retry, requeued with the detection path,
-worker_registered, worker_dead, stale_result, phase), `optimizer` (the optimizer's
-state_dict as JSON after every ask and tell), `meta` (experiment name, phase, best).
+worker_registered, worker_dead, stale_result, phase), `optimizer_ops` (every ask and tell
+given to the optimizer, in order, with its arguments), `optimizer` (a snapshot of the
+optimizer's state_dict and the last op it includes), `meta` (experiment name, phase, best).
+
+The optimizer state after any tell is the last snapshot plus a replay of the ops after it:
+the ask/tell contract makes optimizers deterministic (same state + same tells in the same order
+-> same asks), and the replay checks that every replayed ask returns the journaled candidate
+ids. Snapshots are taken every SNAPSHOT_EVERY ops instead of after each tell because a
+state_dict grows with the history: writing it per trial made the master O(n^2).
 
 Durability: WAL mode. `synchronous=FULL` (the default) fsyncs the WAL on every commit, so a
 committed trial survives a power loss as well as a process kill. `synchronous=NORMAL` skips
@@ -48,7 +55,9 @@ CREATE TABLE IF NOT EXISTS events(
   seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL, task_id TEXT,
   attempt INTEGER, worker_id TEXT, worker_name TEXT, detail TEXT);
 CREATE TABLE IF NOT EXISTS optimizer(id INTEGER PRIMARY KEY CHECK (id = 1), state_json TEXT NOT NULL,
-  saved_at REAL NOT NULL);
+  saved_at REAL NOT NULL, op_seq INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS optimizer_ops(seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
+  arg_json TEXT NOT NULL);
 """
 
 SYNC_MODES = ("FULL", "NORMAL")
@@ -132,10 +141,17 @@ class Journal:
                 "INSERT INTO events(ts, kind, task_id, attempt, worker_id, worker_name, detail) VALUES (?,?,?,?,?,?,?)",
                 (ts, kind, task_id, attempt, worker_id, worker_name, json.dumps(detail) if detail else None))
 
-    def save_optimizer(self, state: dict, saved_at: float) -> None:
+    def log_optimizer_op(self, op: str, arg: dict) -> int:
+        """Appends one ask or tell to the optimizer's operation log; returns its sequence number."""
         with self.transaction():
-            self._db.execute("INSERT OR REPLACE INTO optimizer(id, state_json, saved_at) VALUES (1, ?, ?)",
-                             (json.dumps(state), saved_at))
+            cur = self._db.execute("INSERT INTO optimizer_ops(op, arg_json) VALUES (?, ?)", (op, json.dumps(arg)))
+            return int(cur.lastrowid)
+
+    def save_optimizer(self, state: dict, saved_at: float, op_seq: int) -> None:
+        """Snapshot of the optimizer's state_dict including every logged op up to op_seq."""
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO optimizer(id, state_json, saved_at, op_seq) VALUES (1, ?, ?, ?)",
+                             (json.dumps(state), saved_at, op_seq))
 
     # --- reads ---------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -143,10 +159,17 @@ class Journal:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
-    def load_optimizer(self) -> dict | None:
+    def load_optimizer(self) -> tuple[dict | None, int]:
+        """(last snapshot or None, op_seq it includes)."""
         with self._lock:
-            row = self._db.execute("SELECT state_json FROM optimizer WHERE id = 1").fetchone()
-        return json.loads(row[0]) if row else None
+            row = self._db.execute("SELECT state_json, op_seq FROM optimizer WHERE id = 1").fetchone()
+        return (json.loads(row[0]), row[1]) if row else (None, 0)
+
+    def optimizer_ops_after(self, seq: int) -> list[tuple[int, str, dict]]:
+        with self._lock:
+            rows = self._db.execute("SELECT seq, op, arg_json FROM optimizer_ops WHERE seq > ? ORDER BY seq",
+                                    (seq,)).fetchall()
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]
 
     def load_tasks(self) -> list[Task]:
         with self._lock:

@@ -220,7 +220,8 @@ class MasterServer:
 class MasterNode:
     """The seed's API: `MasterNode(optimizer, {'port': 50051, 'num_workers': 4})`.
 
-    Config keys: port (50051), host ('[::]'), num_workers (informational), token (default
+    Config keys: port (50051), host ('[::]'), num_workers (no trial starts before this many
+    workers are connected, waiting at most 60 s), token (default
     $MORPHML_TOKEN; no token disables auth), journal (SQLite path; default in memory, i.e. no
     resume), max_trials (default population_size x num_generations when the optimizer has
     them, else 100), max_failed_trials (10), max_task_retries (2), heartbeat_interval (10),
@@ -245,7 +246,8 @@ class MasterNode:
             max_failed_trials=int(c.get("max_failed_trials", 10)), max_task_retries=int(c.get("max_task_retries", 2)),
             heartbeat_interval=float(c.get("heartbeat_interval", 10.0)),
             missed_heartbeats=int(c.get("missed_heartbeats", 3)), evaluation=dict(c.get("evaluation", {})),
-            metric=c.get("metric", "val_accuracy"), goal=c.get("goal", "maximize"), seed=int(c.get("seed", 0)))
+            metric=c.get("metric", "val_accuracy"), goal=c.get("goal", "maximize"), seed=int(c.get("seed", 0)),
+            min_workers=int(c.get("num_workers", 0)))
 
     def start(self, num_generations: int | None = None) -> int:
         """Starts serving; returns the port. Workers may connect from now on."""

@@ -1,4 +1,4 @@
-"""The explicit state machines of the distributed runtime, in one place.
+r"""The explicit state machines of the distributed runtime, in one place.
 
 Task (one trial of one candidate architecture):
 
