@@ -361,6 +361,60 @@ def validate_manifest(manifest: Mapping[str, Any], source: str | None = None) ->
     return document
 
 
+# --------------------------------------------------------------------------- reference text
+
+
+def manifest_reference() -> str:
+    """A Markdown table of every spec field: path, type, default, limits, description (from the CRD).
+
+    docs/kubernetes.md embeds this text; a unit test fails when the two differ.
+    """
+    rows = ["| field | type | default | allowed | description |", "|---|---|---|---|---|"]
+
+    def allowed(node: Mapping[str, Any]) -> str:
+        parts = []
+        if "enum" in node:
+            parts.append(", ".join(f"`{v}`" for v in node["enum"]))
+        if "minimum" in node:
+            parts.append(f"{'>' if node.get('exclusiveMinimum') else '>='} {node['minimum']}")
+        if "maximum" in node:
+            parts.append(f"{'<' if node.get('exclusiveMaximum') else '<='} {node['maximum']}")
+        if "minItems" in node:
+            parts.append(f"{node['minItems']}+ items")
+        if "pattern" in node and len(node["pattern"]) <= 40:
+            parts.append(f"matches `{node['pattern']}`")
+        return "; ".join(parts)
+
+    def type_of(node: Mapping[str, Any]) -> str:
+        if node.get("x-kubernetes-int-or-string"):
+            return "quantity"
+        if node.get("type") == "array":
+            items = node.get("items") or {}
+            return f"list of {type_of(items)}"
+        if node.get("type") == "object" and isinstance(node.get("additionalProperties"), dict):
+            return f"map of {type_of(node['additionalProperties'])}"
+        return str(node.get("type", ""))
+
+    def walk(node: Mapping[str, Any], path: str) -> None:
+        default = f"`{_show(node['default'])}`" if "default" in node and node["default"] != {} else ""
+        description = " ".join(str(node.get("description", "")).split()).replace("|", "\\|")
+        item = node.get("items") if node.get("type") == "array" else None
+        item_allowed = allowed(item) if isinstance(item, Mapping) else ""
+        limits = "; ".join(filter(None, [f"each {item_allowed}" if item_allowed else "", allowed(node)]))
+        rows.append(f"| `{path}` | {type_of(node)} | {default} | {limits} | {description} |")
+        for name, sub in (node.get("properties") or {}).items():
+            walk(sub, f"{path}.{name}")
+        if isinstance(item, Mapping) and item.get("properties"):
+            if path.endswith("block.layers"):
+                rows.append(f"| `{path}[].*` | | | | The fields of `spec.searchSpace.layers[]`, except `block`. |")
+                return
+            for name, sub in item["properties"].items():
+                walk(sub, f"{path}[].{name}")
+
+    walk(crd_schema()["properties"]["spec"], "spec")
+    return "\n".join(rows) + "\n"
+
+
 # --------------------------------------------------------------------------- the Experiment
 
 

@@ -138,3 +138,12 @@ def test_printer_columns_show_phase_workers_trials_best_age():
         for part in column["jsonPath"].strip(".").split("."):
             node = node["properties"][part]
         assert node["type"] == column["type"] or (column["type"] == "string" and node["type"] == "string")
+
+
+def test_docs_manifest_reference_matches_the_crd():
+    from morphml.experiment import manifest_reference
+
+    text = (ROOT / "docs" / "kubernetes.md").read_text(encoding="utf-8")
+    begin, end = "<!-- reference:begin -->\n", "<!-- reference:end -->"
+    embedded = text[text.index(begin) + len(begin): text.index(end)]
+    assert embedded == manifest_reference(), "docs/kubernetes.md's manifest reference is stale; regenerate it"
