@@ -131,3 +131,23 @@ def test_helm_lint_and_server_dry_run_of_the_chart(kube, crd, kube_namespace):
         kinds = [doc["kind"] for doc in yaml.safe_load_all(rendered) if doc]
         assert "CustomResourceDefinition" in kinds and "Deployment" in kinds
         kube.kubectl("apply", "--dry-run=server", "-n", kube_namespace, "-f", "-", input=rendered)
+
+
+@pytest.mark.timeout(60)
+def test_search_definition_is_immutable_but_budget_and_workers_change(kube, crd, kube_namespace):
+    ns = kube_namespace
+    kube.kubectl("create", "-n", ns, "-f", str(DIGITS))
+    for field, patch in [
+        ("spec.optimizer", {"optimizer": {"populationSize": 10}}),
+        ("spec.searchSpace", {"searchSpace": {"layers": [{"type": "flatten"}, {"type": "dense", "units": [8]}]}}),
+        ("spec.evaluation", {"evaluation": {"epochs": 2}}),
+        ("spec.objective", {"objective": {"metric": "val_loss", "goal": "minimize"}}),
+    ]:
+        refused = kube.kubectl("patch", "nasexperiment", "digits", "-n", ns, "--type=merge",
+                               "-p", json.dumps({"spec": patch}), check=False)
+        assert refused.returncode != 0 and field in refused.stderr, (field, refused.stderr)
+        assert "cannot change once the experiment exists" in refused.stderr
+    kube.kubectl("patch", "nasexperiment", "digits", "-n", ns, "--type=merge",
+                 "-p", json.dumps({"spec": {"budget": {"maxTrials": 40}, "workers": {"replicas": 4}, "suspend": True}}))
+    spec = kube.kubectl_json("get", "nasexperiment", "digits", "-n", ns)["spec"]
+    assert (spec["budget"]["maxTrials"], spec["workers"]["replicas"], spec["suspend"]) == (40, 4, True)
