@@ -57,6 +57,10 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any)
     settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
     settings.networking.request_timeout = SETTINGS.request_timeout_seconds
     settings.posting.level = getattr(logging, SETTINGS.posting_level)
+    # No runtime observation of CRDs and namespaces: the CRD exists before the operator starts (the
+    # chart installs crds/ first) and the namespaces are fixed, so the operator needs no
+    # cluster-wide list/watch of customresourcedefinitions and namespaces (least privilege).
+    settings.scanning.disabled = True
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:

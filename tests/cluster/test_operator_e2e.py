@@ -181,3 +181,72 @@ def test_gpu_experiment_worker_requests_a_gpu_and_is_scheduled(kube, operator, k
         assert pod["spec"]["nodeName"] == kube.node_name
     assert pod["spec"]["containers"][0]["args"][-4:-2] == ["--gpus", "1"]
     kube.kubectl("delete", "nasexperiment", "gpu", "-n", ns, "--wait=true", timeout=120)
+
+
+def count_owned(kube, namespace: str, name: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for entry in owned_objects(kube, namespace, name):
+        kind = entry.split("/")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers(kube, operator, kube_namespace):
+    ns = kube_namespace
+    manifest = digits(name="longrun", budget={"maxTrials": 500, "maxFailedTrials": 50},
+                      optimizer={"populationSize": 20, "generations": 100, "elitism": 1, "tournamentSize": 2},
+                      evaluation={"epochs": 1}, workers={"replicas": 2})
+    kube.apply(manifest, ns)
+    wait_status(kube, operator, ns, "longrun", lambda s: (s.get("trials") or {}).get("done", 0) >= 1, 240,
+                "a first finished trial")
+
+    # The operator pod is replaced (kopf resumes every experiment): still one of everything.
+    operator_ns, operator_pod = operator
+    kube.kubectl("delete", "pod", operator_pod, "-n", operator_ns, "--wait=true", timeout=90)
+    pods = kube.wait_pods_ready(operator_ns, "app.kubernetes.io/component=operator", 1, timeout=90)
+    operator = (operator_ns, pods[0]["metadata"]["name"])
+    before = experiment(kube, ns, "longrun")["status"]["trials"]["done"]
+    wait_status(kube, operator, ns, "longrun", lambda s: s["trials"]["done"] > before, 120,
+                "progress seen by the new operator")
+    counts = count_owned(kube, ns, "longrun")
+    assert {k: counts.get(k, 0) for k in ("Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "Deployment",
+                                          "ServiceAccount")} == {
+        "Secret": 1, "ConfigMap": 1, "PersistentVolumeClaim": 1, "Service": 1, "Deployment": 1, "ServiceAccount": 1}
+    masters = [p for p in kube.pods(ns, "morphml.io/experiment=longrun,app.kubernetes.io/component=master")
+               if not p["metadata"].get("deletionTimestamp")]
+    assert len(masters) == 1
+
+    # Suspend: workers to 0, phase Suspended; resume: back to 2 and Running.
+    kube.kubectl("patch", "nasexperiment", "longrun", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    wait_status(kube, operator, ns, "longrun",
+                lambda s: s.get("phase") == "Suspended" and s["workers"]["desired"] == 0, 60, "Suspended")
+    assert kube.kubectl_json("get", "deployment", "longrun-worker", "-n", ns)["spec"]["replicas"] == 0
+    kube.kubectl("patch", "nasexperiment", "longrun", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_status(kube, operator, ns, "longrun",
+                lambda s: s.get("phase") == "Running" and s["workers"]["ready"] == 2, 120, "Running with 2 workers")
+    reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns,
+                                                      "--field-selector", "involvedObject.name=longrun")["items"]}
+    assert {"Started", "Suspended", "Resumed"} <= reasons, reasons
+    kube.kubectl("delete", "nasexperiment", "longrun", "-n", ns, "--wait=true", timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_raising_the_budget_of_a_running_search_extends_it(kube, operator, kube_namespace):
+    ns = kube_namespace
+    manifest = digits(name="extended", budget={"maxTrials": 8, "maxFailedTrials": 4},
+                      optimizer={"populationSize": 4, "generations": 10, "elitism": 1, "tournamentSize": 2},
+                      evaluation={"epochs": 3})
+    kube.apply(manifest, ns)
+    wait_status(kube, operator, ns, "extended", lambda s: s.get("phase") == "Running", 240, "Running")
+    kube.kubectl("patch", "nasexperiment", "extended", "-n", ns, "--type=merge",
+                 "-p", '{"spec":{"budget":{"maxTrials":12}}}')
+    status = wait_status(kube, operator, ns, "extended",
+                         lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None, 420, "the end")
+    assert status["phase"] == "Succeeded", status
+    assert status["trials"]["done"] == 12 and status["trialsSummary"] == "12/12", status["trials"]
+    reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns,
+                                                      "--field-selector", "involvedObject.name=extended")["items"]}
+    assert "BudgetChanged" in reasons, reasons
