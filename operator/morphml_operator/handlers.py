@@ -229,8 +229,9 @@ def spec_changed(body: kopf.Body, status: kopf.Status, old: Any, new: Any, logge
     budget_changed = (old or {}).get("budget") != (new or {}).get("budget")
     if owned["config_changed"] and budget_changed and phase not in TERMINAL_PHASES:
         delete_master_pod(body, "spec.budget changed; the new master resumes from the journal with it", logger)
-        kopf.info(body, reason="BudgetChanged",
-                  message=f"budget now {body['spec']['budget']}; master restarting to apply it")
+        # kopf.event, not kopf.info: a milestone is posted whatever the log posting level.
+        kopf.event(body, type="Normal", reason="BudgetChanged",
+                   message=f"budget now {body['spec']['budget']}; master restarting to apply it")
 
 
 def _master_address(pod: Any) -> str | None:
