@@ -88,9 +88,18 @@ def _digest(value: Any) -> str:
 
 
 def _create(body: Mapping[str, Any], manifest: dict, create, read) -> Any:
-    """Create `manifest` owned by the experiment; if it exists already, return what is there."""
-    kopf.adopt(manifest, owner=body)
+    """What exists under `manifest`'s name, created (owned by the experiment) when missing.
+
+    Read first: the timer calls this for every object every few seconds, and a read is cheaper for
+    the API server than a create refused with 409. A create that loses a race reads the winner.
+    """
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    try:
+        return read(name, namespace)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+    kopf.adopt(manifest, owner=body)
     try:
         return create(namespace, manifest)
     except ApiException as error:
@@ -247,6 +256,8 @@ def _master_address(pod: Any) -> str | None:
 def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
          logger: logging.Logger, **_: Any) -> None:
     """Reconcile, read the master's status, write the CR status, post milestone Events."""
+    if meta.get("deletionTimestamp"):
+        return  # being deleted (e.g. foreground cascade): recreating children would fight the GC
     old_phase = status.get("phase")
     owned = reconcile(body, old_phase)
     master_status, master_error = None, ""

@@ -229,6 +229,26 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
     reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns,
                                                       "--field-selector", "involvedObject.name=longrun")["items"]}
     assert {"Started", "Suspended", "Resumed"} <= reasons, reasons
+
+    # The master pod deleted: a new one resumes from the journal; the Trials column never goes back.
+    selector = "morphml.io/experiment=longrun,app.kubernetes.io/component=master"
+    old_uid = kube.pods(ns, selector)[0]["metadata"]["uid"]
+    done_before = experiment(kube, ns, "longrun")["status"]["trials"]["done"]
+    kube.kubectl("delete", "pod", "longrun-master", "-n", ns, "--wait=false")
+    shown: list[int] = []
+
+    def resumed():
+        shown.append(experiment(kube, ns, "longrun")["status"]["trials"]["done"])
+        fresh = [p for p in kube.pods(ns, selector) if p["metadata"]["uid"] != old_uid and kube.pod_ready(p)]
+        return fresh and shown[-1] > done_before
+
+    try:
+        kube.wait_for(resumed, 180, 1.0, "a new master pod that resumes the search")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n--- operator log ---\n{operator_log(kube, operator)}") from None
+    assert shown == sorted(shown), f"done trials went backwards: {shown}"
+    master_log = kube.pod_log(ns, "longrun-master")
+    assert "restored" in master_log, master_log[-2000:]
     kube.kubectl("delete", "nasexperiment", "longrun", "-n", ns, "--wait=true", timeout=120)
 
 
