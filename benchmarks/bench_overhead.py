@@ -8,7 +8,7 @@ Same machine, same run, same process count, same no-op function (tests.evaluator
   from the first submit to the last gathered result (workers already up).
 Per-trial overhead = N x wall / trials (slot-seconds each trial costs beyond its ~0 s of work).
 
-Run: python benchmarks/bench_overhead.py [--workers 8 32] [--trials-per-worker 25] [--repeats 3]
+Run: python benchmarks/bench_overhead.py [--workers 8 32] [--trials-per-worker 25] [--repeats 3] [--prefetch 1]
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.evaluators
 from harness import Cluster, median, table  # noqa: E402
 
 
-def morphml_run(workers: int, trials: int) -> float:
-    with Cluster("tests.evaluators:noop", trials, workers) as cluster:
+def morphml_run(workers: int, trials: int, prefetch: int) -> float:
+    with Cluster("tests.evaluators:noop", trials, workers, master_args=["--prefetch", str(prefetch)]) as cluster:
         st = cluster.wait_done(600)
         assert st.phase == "Succeeded" and st.succeeded == trials, st
         start, end = cluster.phase_times()
@@ -54,18 +54,20 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--trials-per-worker", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefetch", type=int, default=0, help="morphml master --prefetch (default 0)")
     args = parser.parse_args()
     rows = []
     for n in args.workers:
         trials = n * args.trials_per_worker
         ours, theirs = [], []
         for _ in range(args.repeats):
-            ours.append(morphml_run(n, trials))
+            ours.append(morphml_run(n, trials, args.prefetch))
             theirs.append(dask_run(n, trials))
             print(f"  workers={n} trials={trials}: morphml {ours[-1]:.3f} s, dask {theirs[-1]:.3f} s", flush=True)
         o, d = median(ours), median(theirs)
         rows.append([n, trials, o, trials / o, n * o / trials * 1000, d, trials / d, n * d / trials * 1000,
                      (n * o / trials) / (n * d / trials)])
+    print(f"prefetch {args.prefetch}")
     print(table(["workers", "trials", "morphml wall s", "morphml trials/s", "morphml overhead ms/trial",
                  "dask wall s", "dask trials/s", "dask overhead ms/trial", "ratio morphml/dask"], rows))
     return 0

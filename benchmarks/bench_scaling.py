@@ -8,6 +8,7 @@ result (Succeeded). Efficiency = sum of the trials' evaluator seconds / (N x wal
 every worker slot was running a trial the whole time.
 
 Run: python benchmarks/bench_scaling.py [--workers 1 2 4 8 16 32 64] [--trials-per-worker 6] [--repeats 3]
+     [--prefetch 1]  (leases queued per worker beyond its slot; default 0)
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import sys
 from harness import Cluster, median, table
 
 
-def one(workers: int, trials: int, sleep: float) -> tuple[float, float]:
-    with Cluster("tests.evaluators:sleepy", trials, workers, env={"MORPHML_TEST_SLEEP": str(sleep)}) as cluster:
+def one(workers: int, trials: int, sleep: float, prefetch: int) -> tuple[float, float]:
+    with Cluster("tests.evaluators:sleepy", trials, workers, env={"MORPHML_TEST_SLEEP": str(sleep)},
+                 master_args=["--prefetch", str(prefetch)]) as cluster:
         st = cluster.wait_done(900)
         assert st.phase == "Succeeded" and st.succeeded == trials, st
         start, end = cluster.phase_times()
@@ -34,19 +36,21 @@ def main() -> int:
     parser.add_argument("--trials-per-worker", type=int, default=6)
     parser.add_argument("--sleep", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefetch", type=int, default=0, help="morphml master --prefetch (default 0)")
     args = parser.parse_args()
     rows = []
     for n in args.workers:
         trials = n * args.trials_per_worker
         walls, effs = [], []
         for _ in range(args.repeats):
-            wall, eff = one(n, trials, args.sleep)
+            wall, eff = one(n, trials, args.sleep, args.prefetch)
             walls.append(wall)
             effs.append(eff)
             print(f"  workers={n}: wall {wall:.3f} s, efficiency {eff * 100:.1f} %", flush=True)
         ideal = args.trials_per_worker * args.sleep
         rows.append([n, trials, ideal, median(walls), f"{median(effs) * 100:.1f} %",
                      f"{min(effs) * 100:.1f} %"])
+    print(f"prefetch {args.prefetch}")
     print(table(["workers", "trials", "ideal wall s", "median wall s", "median efficiency", "worst efficiency"], rows))
     return 0
 

@@ -40,7 +40,7 @@ def load_experiment(manifest: str):
 
 
 def build_search(experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
-                 restart_hold_seconds: float | None = None, min_workers: int = 0):
+                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int = 0):
     """(optimizer, ExperimentSettings) for a loaded Experiment; the overrides win over the manifest
     (sub-second heartbeats are for tests and benchmarks: the CRD takes whole seconds)."""
     from morphml.distributed.coordinator import ExperimentSettings
@@ -62,20 +62,20 @@ def build_search(experiment, heartbeat_interval: float | None = None, missed_hea
         missed_heartbeats=int(missed_heartbeats or ft.missed_heartbeats), evaluation=evaluation,
         metric=experiment.objective.metric, goal=experiment.objective.goal,
         seed=int(experiment.optimizer_spec.get("seed") or 0), restart_hold_seconds=restart_hold_seconds,
-        min_workers=min_workers)
+        min_workers=min_workers, prefetch=prefetch)
     return optimizer, settings
 
 
 def start_master(manifest: str, journal_path: str, port: int, host: str, token: str | None, journal_sync: str,
                  heartbeat_interval: float | None, missed_heartbeats: int | None,
-                 restart_hold_seconds: float | None = None, min_workers: int = 0):
+                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int = 0):
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
     from morphml.distributed.master import MasterServer
 
     experiment = load_experiment(manifest)
     optimizer, settings = build_search(experiment, heartbeat_interval, missed_heartbeats, restart_hold_seconds,
-                                       min_workers)
+                                       min_workers, prefetch)
     journal = Journal(journal_path, journal_sync)
     coordinator = ExperimentCoordinator(optimizer, settings, journal)
     server = MasterServer(coordinator, port, host, token)
@@ -90,7 +90,7 @@ def cmd_master(args) -> int:
     token = read_token(args.token_file)
     _, coordinator, server = start_master(args.manifest, args.journal, args.port, args.host, token, args.journal_sync,
                                           args.heartbeat_interval, args.missed_heartbeats, args.restart_hold,
-                                          args.min_workers)
+                                          args.min_workers, args.prefetch)
     print(f"morphml master: serving on port {server.port} (journal {args.journal})", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -176,7 +176,8 @@ def cmd_run(args) -> int:
     token = secrets.token_hex(16)
     # Local workers are all new processes: a restarted run need not hold old leases for them.
     _, coordinator, server = start_master(args.manifest, str(journal_path), 0, "127.0.0.1", token, args.journal_sync,
-                                          args.heartbeat_interval, args.missed_heartbeats, restart_hold_seconds=0)
+                                          args.heartbeat_interval, args.missed_heartbeats, restart_hold_seconds=0,
+                                          prefetch=args.prefetch)
     st = coordinator.status()
     print(f"morphml run: {experiment.name}: budget {st['budget']} trials, {args.workers} workers, output {output}"
           + (f" (resuming: {st['succeeded'] + st['failed']} trials already finished)" if resumed else ""), flush=True)
@@ -190,7 +191,8 @@ def cmd_run(args) -> int:
         for i in range(args.workers):
             log_file = open(output / "logs" / f"worker-{i}.log", "ab")
             cmd = [sys.executable, "-m", "morphml.cli", "worker", "--master", f"127.0.0.1:{server.port}",
-                   "--slots", str(slots), "--name", f"local-{i}", "--exit-with-parent", "--give-up-after", "60"]
+                   "--slots", str(slots), "--name", f"local-{i}", "--exit-with-parent", "--give-up-after", "60",
+                   "--grace-seconds", "5"]
             # Own process group: a terminal Ctrl-C reaches only us; we stop the workers ourselves.
             workers.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=log_file, start_new_session=True))
             log_file.close()
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="heartbeats missed before a worker is dead (overrides spec.faultTolerance)")
         p.add_argument("--journal-sync", choices=["full", "normal"], default="full",
                        help="SQLite synchronous mode of the journal (see docs/architecture.md)")
+        p.add_argument("--prefetch", type=int, default=0,
+                       help="leases queued per worker beyond its slots (helps sub-second trials; default 0)")
 
     p = sub.add_parser("run", help="run a search locally: master + N worker processes")
     p.add_argument("manifest")

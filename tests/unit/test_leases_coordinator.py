@@ -246,3 +246,12 @@ def test_replay_that_does_not_reproduce_the_journal_is_refused(tmp_path):
     different.next = 50  # proposes other candidates than the journal recorded
     with pytest.raises(RuntimeError, match="not deterministic or the manifest changed"):
         make(tmp_path, different, max_trials=3)
+
+
+def test_prefetch_queues_one_extra_lease_per_worker_and_zero_keeps_free_slots_only(tmp_path):
+    coord, _ = make(tmp_path, max_trials=10)
+    _, box = join(coord, "a", slots=2)
+    assert len(leases(box)) == 2
+    coord2, _ = make(tmp_path / "p", max_trials=10, prefetch=1)
+    _, box2 = join(coord2, "a", slots=2)
+    assert len(leases(box2)) == 3

@@ -56,12 +56,18 @@ class ExperimentSettings:
     # passed since the master started): a fair start for benchmarks and gang-like runs.
     min_workers: int = 0
     min_workers_wait_seconds: float = 60.0
+    # Leases queued on each worker beyond its slots, so it starts the next trial the moment one
+    # ends instead of waiting a master round trip. 0 (the default) keeps "ask only for free
+    # slots"; 1 pays off only for trials of around a second or less (docs/benchmarks.md).
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
         if self.max_trials < 1:
             raise ValueError(f"spec.budget.maxTrials={self.max_trials!r}: must be >= 1")
         if self.max_failed_trials < 0:
             raise ValueError(f"spec.budget.maxFailedTrials={self.max_failed_trials!r}: must be >= 0")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch={self.prefetch!r}: must be >= 0")
         if self.max_task_retries < 0:
             raise ValueError(f"spec.faultTolerance.maxTaskRetries={self.max_task_retries!r}: must be >= 0")
         if self.goal not in ("maximize", "minimize"):
@@ -213,6 +219,7 @@ class ExperimentCoordinator:
         with self._lock, self.journal.transaction():
             now = self.clock.wall()
             rec = self.registry.register(name, gpus, slots, hostname, pid)
+            rec.prefetch = self.settings.prefetch
             self._outboxes[rec.worker_id] = queue.Queue()
             self.journal.event(now, "worker_registered", worker_id=rec.worker_id, worker_name=name, gpus=gpus,
                                slots=slots, hostname=hostname, pid=pid)

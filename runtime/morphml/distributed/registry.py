@@ -26,6 +26,8 @@ class WorkerRecord:
     leases: set[tuple[str, int]] = field(default_factory=set)
     died_at: float | None = None  # wall
     death_reason: str = ""
+    prefetch: int = 0  # extra leases queued on the worker beyond its slots
+
 
     def set_state(self, new: WorkerState) -> None:
         check_transition(self.state, new)
@@ -41,7 +43,7 @@ class WorkerRecord:
 
     @property
     def free_slots(self) -> int:
-        return max(0, self.slots - len(self.leases)) if self.accepts_work else 0
+        return max(0, self.slots + self.prefetch - len(self.leases)) if self.accepts_work else 0
 
 
 class WorkerRegistry:

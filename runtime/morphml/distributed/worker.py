@@ -242,6 +242,12 @@ class WorkerNode:
         return self.exit_code
 
     def _register(self) -> None:
+        # Leases queued but not started belong to the old session: the master re-leases them.
+        while not self._leases.empty():
+            try:
+                self._leases.get_nowait()
+            except queue.Empty:
+                break
         with self._lock:
             running = list(self._running)
         try:
@@ -328,6 +334,8 @@ class WorkerNode:
                 lease = self._leases.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if self._draining.is_set():
+                continue  # not started: Deregister hands it back to the master
             ref = (lease.task_id, lease.attempt)
             with self._lock:
                 self._running[ref] = slot
