@@ -100,7 +100,9 @@ def compute_status(
         phase = master_phase
     elif spec.get("suspend"):
         phase = "Suspended"
-    elif master_phase == "Running" or (master is None and old_phase == "Running"):
+    elif master_phase == "Running" or old_phase == "Running":
+        # A restarted master says Pending until its workers reconnect; the search itself did not
+        # go back to waiting, so neither does the phase.
         phase = "Running"
     else:
         phase = "Pending"

@@ -162,3 +162,8 @@ def test_settings_read_from_environment():
 def test_bad_setting_names_the_variable(variable, value):
     with pytest.raises(SettingsError, match=variable):
         OperatorSettings.from_env({variable: value})
+
+
+def test_restarted_master_saying_pending_does_not_send_running_back():
+    status, events = step({"phase": "Running", "trials": {"succeeded": 5, "failed": 0}}, master(phase="Pending", succeeded=5))
+    assert status["phase"] == "Running" and events == []
