@@ -9,7 +9,7 @@ Names for an experiment called NAME:
     NAME-journal    PersistentVolumeClaim holding the master's SQLite journal
     NAME-experiment ConfigMap with the manifest, mounted at /etc/morphml/experiment.yaml
     NAME-pods       ServiceAccount of master and workers: no API rights, no token mounted
-    NAME-master     master Pod and its Service (gRPC on 50051)
+    NAME-master     master Pod, its Service (gRPC on 50051) and the NetworkPolicy guarding it
     NAME-worker     worker Deployment
 
 Imports: the standard library and PyYAML only (no kopf, no kubernetes client), so the builders can
@@ -182,6 +182,31 @@ def build_master_service(name: str, namespace: str) -> dict:
             "type": "ClusterIP",
             "selector": selector(name, "master"),
             "ports": [{"name": "grpc", "port": MASTER_PORT, "targetPort": "grpc", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_master_network_policy(name: str, namespace: str) -> dict:
+    """Only the experiment's workers and the MorphML operator may reach the master's port.
+
+    (The token is the first lock; this keeps every other pod in the cluster from even trying.
+    It takes effect where the cluster's network plugin enforces NetworkPolicy.)
+    """
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(name, namespace, master_name(name), "master"),
+        "spec": {
+            "podSelector": {"matchLabels": selector(name, "master")},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [
+                    {"podSelector": {"matchLabels": selector(name, "worker")}},
+                    {"namespaceSelector": {},
+                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "morphml", COMPONENT_LABEL: "operator"}}},
+                ],
+                "ports": [{"protocol": "TCP", "port": MASTER_PORT}],
+            }],
         },
     }
 
@@ -400,6 +425,7 @@ def build_all(name: str, namespace: str, spec: Mapping[str, Any], token: str, ph
         build_experiment_configmap(name, namespace, spec),
         build_journal_pvc(name, namespace, spec),
         build_master_service(name, namespace),
+        build_master_network_policy(name, namespace),
         build_master_pod(name, namespace, spec, defaults),
         build_worker_deployment(name, namespace, spec, desired_worker_replicas(spec, phase), defaults),
     ]

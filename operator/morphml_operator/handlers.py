@@ -154,6 +154,13 @@ def ensure_master_service(body: Mapping[str, Any]) -> None:
             core.create_namespaced_service, core.read_namespaced_service)
 
 
+def ensure_master_network_policy(body: Mapping[str, Any]) -> None:
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    networking = kubernetes.client.NetworkingV1Api()
+    _create(body, builders.build_master_network_policy(name, namespace),
+            networking.create_namespaced_network_policy, networking.read_namespaced_network_policy)
+
+
 def ensure_master_pod(body: Mapping[str, Any]) -> Any:
     """The master pod, created when missing (a new one resumes from the journal)."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
@@ -205,6 +212,7 @@ def reconcile(body: Mapping[str, Any], phase: str | None) -> dict:
     config_changed = ensure_experiment_configmap(body)
     ensure_journal_pvc(body)
     ensure_master_service(body)
+    ensure_master_network_policy(body)
     master_pod = None if phase in TERMINAL_PHASES else ensure_master_pod(body)
     deployment = ensure_worker_deployment(body, builders.desired_worker_replicas(body["spec"], phase))
     return {"token": token, "master_pod": master_pod, "deployment": deployment, "config_changed": config_changed}

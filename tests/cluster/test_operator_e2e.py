@@ -21,7 +21,8 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "morphml"
 DIGITS = ROOT / "examples" / "digits.yaml"
-OWNED_KINDS = "pods,deployments,replicasets,services,secrets,configmaps,persistentvolumeclaims,serviceaccounts"
+OWNED_KINDS = ("pods,deployments,replicasets,services,secrets,configmaps,persistentvolumeclaims,serviceaccounts,"
+               "networkpolicies")
 
 
 def digits(name: str = "digits", **changes) -> dict:
@@ -212,8 +213,9 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
                 "progress seen by the new operator")
     counts = count_owned(kube, ns, "longrun")
     assert {k: counts.get(k, 0) for k in ("Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "Deployment",
-                                          "ServiceAccount")} == {
-        "Secret": 1, "ConfigMap": 1, "PersistentVolumeClaim": 1, "Service": 1, "Deployment": 1, "ServiceAccount": 1}
+                                          "ServiceAccount", "NetworkPolicy")} == {
+        "Secret": 1, "ConfigMap": 1, "PersistentVolumeClaim": 1, "Service": 1, "Deployment": 1, "ServiceAccount": 1,
+        "NetworkPolicy": 1}
     masters = [p for p in kube.pods(ns, "morphml.io/experiment=longrun,app.kubernetes.io/component=master")
                if not p["metadata"].get("deletionTimestamp")]
     assert len(masters) == 1

@@ -25,7 +25,7 @@ OPERATOR_ALLOWED = [
     ("create", "persistentvolumeclaims"), ("create", "serviceaccounts"),
     ("create", "configmaps"), ("patch", "configmaps"),
     ("create", "deployments.apps"), ("patch", "deployments.apps"), ("update", "deployments.apps"),
-    ("create", "events"),
+    ("create", "events"), ("create", "networkpolicies.networking.k8s.io"), ("get", "networkpolicies.networking.k8s.io"),
 ]
 OPERATOR_DENIED = [
     ("list", "secrets"), ("watch", "secrets"), ("delete", "secrets"), ("update", "secrets"),
@@ -33,7 +33,7 @@ OPERATOR_DENIED = [
     ("delete", "deployments.apps"), ("delete", "services"), ("delete", "persistentvolumeclaims"),
     ("create", "pods/exec"), ("update", "pods"), ("patch", "pods"),
     ("create", "roles.rbac.authorization.k8s.io"), ("create", "rolebindings.rbac.authorization.k8s.io"),
-    ("get", "nodes"), ("list", "namespaces"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("get", "nodes"), ("list", "namespaces"), ("delete", "networkpolicies.networking.k8s.io"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
 ]
 POD_ACCOUNT_DENIED = [
     ("get", "pods"), ("list", "pods"), ("get", "secrets"), ("get", "configmaps"),

@@ -213,6 +213,7 @@ def test_build_all_names_every_owned_object(spec):
         ("ConfigMap", "digits-experiment"),
         ("PersistentVolumeClaim", "digits-journal"),
         ("Service", "digits-master"),
+        ("NetworkPolicy", "digits-master"),
         ("Pod", "digits-master"),
         ("Deployment", "digits-worker"),
     ]
@@ -230,3 +231,21 @@ def test_cpu_worker_with_several_trials_gets_slots(spec):
     assert container["args"][-6:] == ["--gpus", "0", "--slots", "3", "--health-port", "50052"]
     gpu = builders.build_worker_deployment("digits", "ml", gpu_spec(spec, 2), 1)["spec"]["template"]["spec"]["containers"][0]
     assert "--slots" not in gpu["args"]  # a GPU worker runs one trial per GPU
+
+
+def test_master_network_policy_admits_only_workers_and_the_operator():
+    policy = builders.build_master_network_policy("digits", "ml")
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": {"morphml.io/experiment": "digits", "app.kubernetes.io/component": "master"}},
+        "policyTypes": ["Ingress"],
+        "ingress": [{
+            "from": [
+                {"podSelector": {"matchLabels": {"morphml.io/experiment": "digits", "app.kubernetes.io/component": "worker"}}},
+                {"namespaceSelector": {},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "morphml", "app.kubernetes.io/component": "operator"}}},
+            ],
+            "ports": [{"protocol": "TCP", "port": 50051}],
+        }],
+    }
+    worker_labels = builders.build_worker_deployment("digits", "ml", {}, 1)["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"].items() <= worker_labels.items()
