@@ -296,12 +296,23 @@ def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
 
 
 @kopf.on.event("", "v1", "pods", labels={builders.COMPONENT_LABEL: "worker"})
-def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
-    """A worker pod deleted or failed: tell its master at once (WorkerGone) so its trials are re-leased."""
+def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    """A worker pod going away: tell its master at once (WorkerGone) so its trials are re-leased.
+
+    "Going away" is the first sign of it: a deletionTimestamp (deleted, evicted, scaled down), the
+    pod failing or ending, or the DELETED event itself. Waiting for missed heartbeats would leave
+    the pod's trials stuck for heartbeatInterval x missedHeartbeats. Reported once per pod.
+    """
+    if memo.get("reported_gone"):
+        return
     pod_status = body.get("status") or {}
-    gone = event.get("type") == "DELETED" or pod_status.get("phase") in ("Failed", "Succeeded")
-    reason = "pod deleted" if event.get("type") == "DELETED" else f"pod {pod_status.get('phase', '').lower()}"
-    if not gone:
+    if event.get("type") == "DELETED":
+        reason = "pod deleted"
+    elif body["metadata"].get("deletionTimestamp"):
+        reason = "pod terminating"
+    elif pod_status.get("phase") in ("Failed", "Succeeded"):
+        reason = f"pod {pod_status['phase'].lower()}"
+    else:
         return
     labels = body["metadata"].get("labels") or {}
     experiment, namespace = labels.get(builders.EXPERIMENT_LABEL), body["metadata"]["namespace"]
@@ -313,7 +324,7 @@ def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, logger: logging.Logg
         secret = core.read_namespaced_secret(builders.token_secret_name(experiment), namespace)
     except ApiException as error:
         if error.status == 404:
-            return  # the experiment itself is going away
+            return  # the experiment is over or going away: nobody to tell
         raise
     import base64
 
@@ -321,9 +332,11 @@ def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, logger: logging.Logg
     if not address:
         return
     token = base64.b64decode(secret.data["token"]).decode()
+    memo["reported_gone"] = True
+    pod_name = body["metadata"]["name"]
     try:
-        reply = report_worker_gone(address, token, body["metadata"]["name"], reason, SETTINGS.master_rpc_timeout_seconds)
+        reply = report_worker_gone(address, token, pod_name, reason, SETTINGS.master_rpc_timeout_seconds)
     except MasterUnreachable as error:
-        logger.warning("could not tell the master that %s is gone: %s", body["metadata"]["name"], error)
+        logger.warning("could not tell the master that %s is gone: %s", pod_name, error)
         return
-    logger.info("worker pod %s gone (%s): master requeued %s", body["metadata"]["name"], reason, reply.get("requeued"))
+    logger.info("worker pod %s gone (%s): master requeued %s", pod_name, reason, reply.get("requeued"))

@@ -272,3 +272,40 @@ def test_raising_the_budget_of_a_running_search_extends_it(kube, operator, kube_
     reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns,
                                                       "--field-selector", "involvedObject.name=extended")["items"]}
     assert "BudgetChanged" in reasons, reasons
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_deleted_worker_pod_is_reported_gone_to_the_master_within_two_seconds(kube, operator, kube_namespace):
+    import base64
+
+    from morphml_operator.master_client import get_master_status
+
+    ns = kube_namespace
+    manifest = digits(name="podloss", budget={"maxTrials": 500, "maxFailedTrials": 50},
+                      optimizer={"populationSize": 20, "generations": 100, "elitism": 1, "tournamentSize": 2},
+                      evaluation={"epochs": 20}, workers={"replicas": 2})
+    kube.apply(manifest, ns)
+    wait_status(kube, operator, ns, "podloss", lambda s: (s.get("trials") or {}).get("running", 0) >= 2, 240,
+                "both workers running a trial")
+    token = base64.b64decode(kube.kubectl_json("get", "secret", "podloss-token", "-n", ns)["data"]["token"]).decode()
+
+    def master_status():
+        pod = kube.kubectl_json("get", "pod", "podloss-master", "-n", ns)
+        return get_master_status(f"{pod['status']['podIP']}:50051", token)
+
+    busy = [w for w in master_status()["workers"] if w["state"] == "busy" and w["running"]]
+    assert busy, master_status()["workers"]
+    victim = busy[0]["worker_name"]
+    # (metadata.deletionTimestamp is when the grace period ends, not when deletion was asked for.)
+    deleted_at = time.time()
+    kube.kubectl("delete", "pod", victim, "-n", ns, "--wait=false")
+
+    def loss():
+        return next((l for l in master_status()["losses"] if l["worker_name"] == victim), None)
+
+    recorded = kube.wait_for(loss, 60, 0.2, f"the master to record {victim}'s loss")
+    assert recorded["detected_by"] == "pod_gone", recorded
+    assert recorded["requeued"], recorded
+    assert 0 <= recorded["detected_at"] - deleted_at <= 2.0, recorded["detected_at"] - deleted_at
+    kube.kubectl("delete", "nasexperiment", "podloss", "-n", ns, "--wait=false")
