@@ -175,16 +175,20 @@ def compute_status(
     # Worker losses the master saw since the last look.
     losses = list((master or {}).get("losses", []))
     seen = int(previous.get("workersLost", 0))
+    # Pods the operator itself stopped (suspend, scale down, the end) are not losses worth a Warning.
+    previously_registered = int((previous.get("workers") or {}).get("registered", 0))
+    stopping_on_purpose = bool(spec.get("suspend")) or phase in TERMINAL_PHASES or workers_desired < previously_registered
     if master is not None and len(losses) > seen:
         for loss in losses[seen:]:
             if loss.get("detected_by") == "deregister":
-                continue  # a clean exit (scale down, SIGTERM) is not a loss worth a Warning
+                continue  # a clean exit (SIGTERM, nothing held) is not a loss at all
             requeued = len(loss.get("requeued", []))
-            events.append(Event(
-                "Warning", "WorkerLost",
-                f"worker {loss.get('worker_name') or loss.get('worker_id')} lost (detected by {loss.get('detected_by')}); "
-                f"{requeued} trial{'s' if requeued != 1 else ''} back in the queue",
-            ))
+            who = loss.get("worker_name") or loss.get("worker_id")
+            back = f"{requeued} trial{'s' if requeued != 1 else ''} back in the queue"
+            if stopping_on_purpose:
+                events.append(Event("Normal", "WorkerStopped", f"worker {who} stopped ({loss.get('detected_by')}); {back}"))
+            else:
+                events.append(Event("Warning", "WorkerLost", f"worker {who} lost (detected by {loss.get('detected_by')}); {back}"))
     status["workersLost"] = max(seen, len(losses)) if master is not None else seen
 
     # Terminal milestones.

@@ -231,6 +231,7 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
     reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns,
                                                       "--field-selector", "involvedObject.name=longrun")["items"]}
     assert {"Started", "Suspended", "Resumed"} <= reasons, reasons
+    assert "WorkerLost" not in reasons, reasons  # suspending stops workers on purpose
 
     # The master pod deleted: a new one resumes from the journal; the Trials column never goes back.
     selector = "morphml.io/experiment=longrun,app.kubernetes.io/component=master"

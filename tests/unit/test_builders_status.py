@@ -167,3 +167,14 @@ def test_bad_setting_names_the_variable(variable, value):
 def test_restarted_master_saying_pending_does_not_send_running_back():
     status, events = step({"phase": "Running", "trials": {"succeeded": 5, "failed": 0}}, master(phase="Pending", succeeded=5))
     assert status["phase"] == "Running" and events == []
+
+
+def test_workers_stopped_by_suspend_or_scale_down_are_not_warnings():
+    loss = {"worker_name": "digits-worker-a", "detected_by": "pod_gone", "requeued": [{"task_id": "t1", "attempt": 1}]}
+    previous = {"phase": "Running", "workers": {"registered": 2}}
+    _, events = step(previous, master(losses=[loss]), ready=1, desired=1)  # scaled 2 -> 1
+    assert [(e.type, e.reason) for e in events] == [("Normal", "WorkerStopped")]
+    _, events = step(previous, master(losses=[loss]), ready=0, desired=0, spec={**SPEC, "suspend": True})
+    assert ("Normal", "WorkerStopped") in [(e.type, e.reason) for e in events]
+    _, events = step(previous, master(losses=[loss]), ready=1, desired=2)  # a pod died under a steady count
+    assert [(e.type, e.reason) for e in events] == [("Warning", "WorkerLost")]
