@@ -309,4 +309,4 @@ def test_deleted_worker_pod_is_reported_gone_to_the_master_within_two_seconds(ku
     assert recorded["detected_by"] == "pod_gone", recorded
     assert recorded["requeued"], recorded
     assert 0 <= recorded["detected_at"] - deleted_at <= 2.0, recorded["detected_at"] - deleted_at
-    kube.kubectl("delete", "nasexperiment", "podloss", "-n", ns, "--wait=false")
+    kube.kubectl("delete", "nasexperiment", "podloss", "-n", ns, "--wait=true", timeout=120)
