@@ -7,8 +7,6 @@ experiments in its own namespace. Imports: pytest, PyYAML, the standard library.
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import time
 from pathlib import Path
