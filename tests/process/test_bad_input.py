@@ -8,7 +8,7 @@ import os
 import grpc
 import pytest
 
-from conftest import TOKEN, finished, free_port, health_ok, status, wait_for, write_manifest
+from proc_helpers import TOKEN, finished, free_port, health_ok, status, wait_for, write_manifest
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from conftest import (TOKEN, assert_each_trial_once, finished, free_port, journal_rows, status, wait_for,
+from proc_helpers import (TOKEN, assert_each_trial_once, finished, free_port, journal_rows, status, wait_for,
                       write_manifest)
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.proto import worker_pb2 as pb

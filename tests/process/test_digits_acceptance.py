@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import REPO, journal_rows
+from proc_helpers import REPO, journal_rows
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
 

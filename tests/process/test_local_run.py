@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import (REPO, finished, free_port, health_ok, journal_rows, pids_with_torch, status, wait_for,
+from proc_helpers import (REPO, finished, free_port, health_ok, journal_rows, pids_with_torch, status, wait_for,
                       write_manifest)
 
 pytestmark = pytest.mark.process

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
+from proc_helpers import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
                       write_manifest)
 
 pytestmark = pytest.mark.process

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
+from proc_helpers import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
                       write_manifest)
 
 pytestmark = pytest.mark.process
@@ -132,6 +132,7 @@ def test_sigterm_worker_finishes_its_trial_then_deregisters(procs, tmp_path):
     procs.master(manifest, port)
     worker = procs.worker(port, "wa", extra=["--grace-seconds", "20"], env={"MORPHML_TEST_SLEEP": "1.5"})
     _, task_id, _ = wait_for(lambda: running_worker(port), 30, "a running trial")
+    time.sleep(0.5)  # the trial has started on the worker (a lease not yet started is handed back)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     journal = tmp_path / "journal.db"
