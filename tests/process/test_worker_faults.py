@@ -161,3 +161,23 @@ def test_evaluator_timeout_kills_the_trial_and_the_worker_keeps_heartbeating(pro
     assert st.failed == 1 and not st.losses  # the worker itself never looked dead
     kind, message = journal_rows(tmp_path / "journal.db", "SELECT error_kind, error_message FROM tasks")[0]
     assert kind == "timeout" and "timeoutSeconds=2" in message
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_worker_hands_back_a_trial_that_outlasts_the_grace_period(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=1)
+    port = free_port()
+    procs.master(manifest, port)
+    worker = procs.worker(port, "wa", extra=["--grace-seconds", "1"], env={"MORPHML_TEST_SLEEP": "30"})
+    _, task_id, _ = wait_for(lambda: running_worker(port), 30, "a running trial")
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    assert time.monotonic() - signalled < 10  # grace 1 s, not the trial's 30 s
+    st = status(port)
+    assert [(l.detected_by, [(r.task_id, r.attempt) for r in l.requeued]) for l in st.losses] == \
+        [("deregister", [(task_id, 1)])]
+    assert st.pending == 1 and st.running == 0
+    task = journal_rows(tmp_path / "journal.db", "SELECT state, retries_used FROM tasks WHERE task_id = ?", (task_id,))
+    assert task == [("pending", 0)]  # handed back, no retry used
