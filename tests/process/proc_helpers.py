@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 import yaml
 
 from morphml.distributed.auth import token_metadata

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from .auth import TokenInterceptor, read_token, TOKEN_ENV
+from .auth import TOKEN_ENV, TokenInterceptor
 from .clock import SystemClock
 from .coordinator import (END_OF_STREAM, FAILURE_KINDS, ExperimentCoordinator, ExperimentSettings, LeaseMessage,
                           ShutdownMessage)
