@@ -242,6 +242,7 @@ class ExperimentCoordinator:
             if rec is None or not rec.alive:
                 return None
             self.registry.connected(worker_id)
+            self._dispatch()  # while Pending: only proposes
             self._maybe_start()
             outbox = self._outboxes[worker_id]
             if self.phase in (SUCCEEDED, FAILED):
@@ -442,6 +443,11 @@ class ExperimentCoordinator:
             self._check_done()
 
     def _dispatch(self) -> None:
+        if self.phase == PENDING:
+            # Waiting for --min-workers: propose the first candidates for the workers already
+            # connected now, so the start hands out leases without waiting for the optimizer.
+            self._refill()
+            return
         if self.phase != RUNNING:
             return
         self._refill()
