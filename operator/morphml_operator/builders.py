@@ -237,6 +237,9 @@ def _pod_env(name: str) -> list[dict]:
     return [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        # The address the pod's servers bind (master gRPC, worker health): the pod's own IP, not
+        # every interface, so pods that share a host network namespace never collide on a port.
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "MORPHML_EXPERIMENT", "value": name},
         # The root filesystem is read-only; caches (torch, matplotlib) go to the /tmp emptyDir.
         {"name": "HOME", "value": "/tmp"},
@@ -381,7 +384,9 @@ def build_worker_deployment(
         "args": command[1:],
         "ports": [{"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"}],
         "env": env,
-        "readinessProbe": _grpc_probe(WORKER_HEALTH_PORT, "morphml.Worker", period=10, failures=3),
+        # Unready after ~2 x 5 s of a wedged process; the operator then reports the pod gone after
+        # its worker_unready_seconds, well before 3 missed 10 s heartbeats would.
+        "readinessProbe": _grpc_probe(WORKER_HEALTH_PORT, "morphml.Worker", period=5, failures=2),
         "livenessProbe": _grpc_probe(WORKER_HEALTH_PORT, "", period=15, failures=4, initial_delay=10),
         "resources": resources,
         "securityContext": _container_security_context(),

@@ -11,11 +11,12 @@ The shape, in full:
 - `poll` (timer, every status_interval_seconds): reconcile again (a deleted master pod comes
   back; replicas follow spec and phase), ask the master for GetStatus, write the status and post
   the Events `status.compute_status` chose. Once terminal: workers at 0, master pod deleted.
-- `worker_pod_event` (worker pods): a worker pod deleted, failed or evicted is reported to the
-  master with WorkerGone at once, so its trials are re-leased without waiting for heartbeats.
+- `worker_pod_event` (worker pods): a worker pod deleted, failed, evicted or unready past
+  worker_unready_seconds (`pod_loss.decide`) is reported to the master with WorkerGone at once,
+  so its trials are re-leased without waiting for heartbeats.
 Deletion needs no handler: everything carries an ownerReference and the garbage collector removes it.
 
-Imports: kopf, the kubernetes client, morphml_operator.{builders, settings, status, master_client}.
+Imports: kopf, the kubernetes client, morphml_operator.{builders, pod_loss, settings, status, master_client}.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
+import time
 from typing import Any, Mapping
 
 import kopf
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from . import builders
+from . import builders, pod_loss
 from .master_client import MasterUnreachable, get_master_status, report_worker_gone
 from .settings import OperatorSettings
 from .status import TERMINAL_PHASES, compute_status
@@ -295,27 +298,44 @@ def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
+# Pods whose unready state is waiting for a re-check (uid -> timer): no watch event comes when
+# an unready pod merely stays unready, so the handler looks again once the threshold has passed.
+_RECHECKS: dict[str, threading.Timer] = {}
+_RECHECKS_LOCK = threading.Lock()
+
+
 @kopf.on.event("", "v1", "pods", labels={builders.COMPONENT_LABEL: "worker"})
 def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    """A worker pod going away: tell its master at once (WorkerGone) so its trials are re-leased.
+    """A worker pod lost: tell its master at once (WorkerGone) so its trials are re-leased.
 
-    "Going away" is the first sign of it: a deletionTimestamp (deleted, evicted, scaled down), the
-    pod failing or ending, or the DELETED event itself. Waiting for missed heartbeats would leave
-    the pod's trials stuck for heartbeatInterval x missedHeartbeats. Reported once per pod.
+    "Lost" is `pod_loss.decide`: deleted or terminating (deleted, evicted, scaled down), Failed
+    or Succeeded, or Ready before and unready for longer than worker_unready_seconds. Waiting for
+    missed heartbeats would leave the pod's trials stuck for heartbeatInterval x missedHeartbeats.
+    A pod going away is reported once; an unready episode once per episode (the master may see
+    the same worker register again after it recovers).
     """
+    handle_worker_pod(event.get("type"), dict(body), memo, logger)
+
+
+def handle_worker_pod(event_type: str | None, pod: dict, memo: Any, logger: logging.Logger) -> None:
     if memo.get("reported_gone"):
         return
-    pod_status = body.get("status") or {}
-    if event.get("type") == "DELETED":
-        reason = "pod deleted"
-    elif body["metadata"].get("deletionTimestamp"):
-        reason = "pod terminating"
-    elif pod_status.get("phase") in ("Failed", "Succeeded"):
-        reason = f"pod {pod_status['phase'].lower()}"
-    else:
+    decision = pod_loss.decide(event_type, pod, time.time(), SETTINGS.worker_unready_seconds,
+                               bool(memo.get("was_ready")))
+    if decision.ready:
+        memo["was_ready"] = True
+        memo["reported_unready"] = False
+    uid = pod["metadata"].get("uid", "")
+    if decision.recheck_in is not None:
+        _schedule_recheck(uid, pod["metadata"]["namespace"], pod["metadata"]["name"], decision.recheck_in, memo, logger)
         return
-    labels = body["metadata"].get("labels") or {}
-    experiment, namespace = labels.get(builders.EXPERIMENT_LABEL), body["metadata"]["namespace"]
+    if decision.reason is None:
+        return
+    unready = decision.reason.startswith("pod unready")
+    if unready and memo.get("reported_unready"):
+        return
+    labels = pod["metadata"].get("labels") or {}
+    experiment, namespace = labels.get(builders.EXPERIMENT_LABEL), pod["metadata"]["namespace"]
     if not experiment:
         return
     core = _core()
@@ -332,11 +352,39 @@ def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
     if not address:
         return
     token = base64.b64decode(secret.data["token"]).decode()
-    memo["reported_gone"] = True
-    pod_name = body["metadata"]["name"]
+    memo["reported_unready" if unready else "reported_gone"] = True
+    pod_name = pod["metadata"]["name"]
     try:
-        reply = report_worker_gone(address, token, pod_name, reason, SETTINGS.master_rpc_timeout_seconds)
+        reply = report_worker_gone(address, token, pod_name, decision.reason, SETTINGS.master_rpc_timeout_seconds)
     except MasterUnreachable as error:
         logger.warning("could not tell the master that %s is gone: %s", pod_name, error)
         return
-    logger.info("worker pod %s gone (%s): master requeued %s", pod_name, reason, reply.get("requeued"))
+    logger.info("worker pod %s lost (%s): master requeued %s", pod_name, decision.reason, reply.get("requeued"))
+
+
+def _schedule_recheck(uid: str, namespace: str, name: str, delay: float, memo: Any, logger: logging.Logger) -> None:
+    def recheck() -> None:
+        with _RECHECKS_LOCK:
+            _RECHECKS.pop(uid, None)
+        try:
+            pod = _core().read_namespaced_pod(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return  # gone: its DELETED event reports it
+            logger.warning("re-reading unready worker pod %s: %s", name, error)
+            return
+        body = kubernetes.client.ApiClient().sanitize_for_serialization(pod)
+        if body["metadata"].get("uid") != uid:
+            return  # a new pod of the same name
+        try:
+            handle_worker_pod(None, body, memo, logger)
+        except Exception:  # a timer thread has no caller to raise to
+            logger.exception("checking unready worker pod %s", name)
+
+    with _RECHECKS_LOCK:
+        if uid in _RECHECKS:
+            return
+        timer = threading.Timer(max(0.1, delay) + 0.2, recheck)
+        timer.daemon = True
+        _RECHECKS[uid] = timer
+        timer.start()

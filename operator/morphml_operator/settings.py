@@ -36,6 +36,9 @@ class OperatorSettings:
     # How the operator reaches a master: {pod_ip}, {service}, {namespace}, {port} are filled in.
     # The pod IP needs no cluster DNS; "{service}.{namespace}.svc:{port}" works too.
     master_address_template: str = "{pod_ip}:{port}"
+    # Seconds a worker pod that was Ready may stay unready before the operator tells the master
+    # it is gone (pod_loss.decide); deleted, failed and evicted pods are reported at once.
+    worker_unready_seconds: float = 5.0
     # Seconds a worker pod gets between SIGTERM and SIGKILL to hand its trial back.
     worker_grace_seconds: int = 60
     # kopf: the finalizer it puts on experiments (only while a handler needs one).
@@ -73,7 +76,7 @@ class OperatorSettings:
         if self.posting_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(f"{PREFIX}POSTING_LEVEL={self.posting_level!r}: expected DEBUG, INFO, WARNING or ERROR")
         for name in ("status_interval_seconds", "master_rpc_timeout_seconds", "watch_timeout_seconds",
-                     "request_timeout_seconds", "worker_grace_seconds"):
+                     "request_timeout_seconds", "worker_grace_seconds", "worker_unready_seconds"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be greater than 0")
         try:

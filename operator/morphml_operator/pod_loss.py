@@ -1,0 +1,85 @@
+"""When is a worker pod lost? The pure decision behind the operator's pod-liveness path.
+
+The operator's pod handler (handlers.worker_pod_event) feeds every watch event of a worker pod
+through `decide`, and tells the experiment's master `WorkerGone` when it returns a loss, so the
+pod's trials are re-leased at once instead of after heartbeatInterval x missedHeartbeats.
+
+A worker pod is lost when:
+- its DELETED event arrives, or it carries a deletionTimestamp (deleted, evicted through the
+  Eviction API, scaled down, node drained): reason "pod deleted" / "pod terminating";
+- its phase is Failed or Succeeded (evicted by the kubelet, OOM-killed with restartPolicy Never,
+  ...): reason "pod failed" / "pod evicted" / "pod succeeded";
+- it was Ready before and has been unready for longer than `unready_after` seconds (a wedged or
+  partitioned worker the kubelet's readiness probe gave up on): reason "pod unready for N s".
+  A pod that has never been Ready is starting, not lost. An unready pod not yet past the
+  threshold gets `recheck_in`: the handler looks again then (no watch event would come).
+
+Imports: the standard library only (no kopf, no kubernetes client), so it is unit tested alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class PodLossDecision:
+    """`reason` set: report the pod gone now. `recheck_in` set: look again after that many seconds."""
+
+    reason: str | None = None
+    recheck_in: float | None = None
+    # The pod's Ready condition as this event shows it (True, False, or None when absent).
+    ready: bool | None = None
+
+
+def _parse_time(value: Any) -> float | None:
+    if not value:
+        return None
+    if isinstance(value, datetime.datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def ready_condition(pod: Mapping[str, Any]) -> tuple[bool | None, float | None]:
+    """(status of the Ready condition, when it last changed as a UNIX time); (None, None) if absent."""
+    for condition in ((pod.get("status") or {}).get("conditions") or []):
+        if condition.get("type") == "Ready":
+            return condition.get("status") == "True", _parse_time(condition.get("lastTransitionTime"))
+    return None, None
+
+
+def decide(event_type: str | None, pod: Mapping[str, Any], now: float, unready_after: float,
+           was_ready: bool) -> PodLossDecision:
+    """Is this worker pod lost, judged from one watch event (or a re-read) at UNIX time `now`?
+
+    `was_ready`: the pod has been seen Ready before (by an earlier event); `unready_after`: seconds
+    a Ready pod may stay unready before it counts as lost.
+    """
+    metadata = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    ready, since = ready_condition(pod)
+    if event_type == "DELETED":
+        return PodLossDecision(reason="pod deleted", ready=ready)
+    if metadata.get("deletionTimestamp"):
+        return PodLossDecision(reason="pod terminating", ready=ready)
+    phase = status.get("phase")
+    if phase == "Failed":
+        why = status.get("reason") or ""
+        return PodLossDecision(reason="pod evicted" if why == "Evicted" else "pod failed", ready=ready)
+    if phase == "Succeeded":
+        return PodLossDecision(reason="pod succeeded", ready=ready)
+    if ready is False and was_ready:
+        unready_for = 0.0 if since is None else max(0.0, now - since)
+        if unready_for >= unready_after:
+            return PodLossDecision(reason=f"pod unready for {unready_for:.1f} s", ready=ready)
+        return PodLossDecision(recheck_in=unready_after - unready_for, ready=ready)
+    return PodLossDecision(ready=ready)

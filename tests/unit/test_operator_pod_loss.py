@@ -1,0 +1,85 @@
+"""pod_loss.decide: when the operator reports a worker pod gone to its master (issue 6).
+
+Pure function, no cluster: every path (deleted, terminating, failed, evicted, unready past the
+threshold, starting, healthy) spelled out. Imports: pytest, morphml_operator.pod_loss.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+
+from morphml_operator.pod_loss import PodLossDecision, decide, ready_condition
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime.datetime(2026, 11, 29, 10, 0, 0, tzinfo=datetime.timezone.utc)
+
+
+def pod(ready: str | None = "True", since: datetime.datetime = T0, phase: str = "Running", **extra) -> dict:
+    conditions = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-11-29T09:00:00Z"}]
+    if ready is not None:
+        conditions.append({"type": "Ready", "status": ready,
+                           "lastTransitionTime": since.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    body = {"metadata": {"name": "w-1", "namespace": "ml", "uid": "u1"},
+            "status": {"phase": phase, "conditions": conditions}}
+    body["metadata"].update(extra.pop("metadata", {}))
+    body["status"].update(extra.pop("status", {}))
+    return body
+
+
+def at(seconds: float) -> float:
+    return T0.timestamp() + seconds
+
+
+def test_deleted_event_is_a_loss_at_once():
+    assert decide("DELETED", pod(), at(0), 5.0, True).reason == "pod deleted"
+
+
+def test_deletion_timestamp_is_a_loss_before_the_pod_is_gone():
+    terminating = pod(metadata={"deletionTimestamp": "2026-11-29T10:01:00Z"})
+    assert decide("MODIFIED", terminating, at(0), 5.0, True).reason == "pod terminating"
+
+
+@pytest.mark.parametrize("status, reason", [
+    ({"phase": "Failed", "reason": "Evicted"}, "pod evicted"),
+    ({"phase": "Failed"}, "pod failed"),
+    ({"phase": "Succeeded"}, "pod succeeded"),
+])
+def test_ended_pods_are_lost(status, reason):
+    assert decide("MODIFIED", pod(status=status), at(0), 5.0, True).reason == reason
+
+
+def test_unready_past_the_threshold_is_a_loss():
+    decision = decide("MODIFIED", pod(ready="False"), at(7.5), 5.0, was_ready=True)
+    assert decision.reason == "pod unready for 7.5 s" and decision.recheck_in is None
+
+
+def test_unready_below_the_threshold_asks_for_a_recheck_when_it_would_pass():
+    decision = decide("MODIFIED", pod(ready="False"), at(2.0), 5.0, was_ready=True)
+    assert decision == PodLossDecision(reason=None, recheck_in=pytest.approx(3.0), ready=False)
+
+
+def test_exactly_at_the_threshold_counts():
+    assert decide(None, pod(ready="False"), at(5.0), 5.0, was_ready=True).reason is not None
+
+
+def test_a_pod_never_ready_is_starting_not_lost():
+    assert decide("ADDED", pod(ready="False"), at(600), 5.0, was_ready=False) == PodLossDecision(ready=False)
+    assert decide("ADDED", pod(ready=None, phase="Pending"), at(600), 5.0, was_ready=False) == PodLossDecision()
+
+
+def test_a_ready_pod_is_fine_and_says_so():
+    assert decide("MODIFIED", pod(), at(100), 5.0, was_ready=True) == PodLossDecision(ready=True)
+
+
+def test_unready_without_a_transition_time_waits_the_whole_threshold():
+    body = pod(ready="False")
+    del body["status"]["conditions"][1]["lastTransitionTime"]
+    assert decide(None, body, at(0), 4.0, was_ready=True).recheck_in == pytest.approx(4.0)
+
+
+def test_ready_condition_reads_status_and_time():
+    assert ready_condition(pod()) == (True, T0.timestamp())
+    assert ready_condition({"status": {}}) == (None, None)
