@@ -231,6 +231,8 @@ def cmd_run(args) -> int:
         print(f"interrupted: {summary['trials']}/{final['budget']} trials finished; rerun the same command to resume",
               flush=True)
         return 130
+    if summary.get("plot_skipped"):
+        print(summary["plot_skipped"], flush=True)
     best = summary["best"]
     print(f"{final['phase']}: {final['message']}. {summary['succeeded']} succeeded, {summary['failed']} failed; "
           + (f"best {final['metric']} {best['value']:.4f} ({best['trial_id']}: {best['summary']})" if best else "no best")

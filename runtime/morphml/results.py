@@ -72,7 +72,10 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
                "architecture": json.loads(t["arch_json"])}
         (out / "best.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         summary["best"] = {k: doc[k] for k in ("trial_id", "value", "summary", "arch_hash")}
-    plot_convergence(trials, metric, goal, out / "convergence.png")
+    try:
+        plot_convergence(trials, metric, goal, out / "convergence.png")
+    except ImportError:  # matplotlib comes with the `worker` extra
+        summary["plot_skipped"] = "convergence.png not written: matplotlib is not installed (pip install 'morphml[worker]')"
     return summary
 
 
