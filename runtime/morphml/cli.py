@@ -66,7 +66,7 @@ def build_search(experiment, heartbeat_interval: float | None = None, missed_hea
     return optimizer, settings
 
 
-def start_master(manifest: str, journal_path: str, port: int, host: str, token: str | None, journal_sync: str,
+def start_master(manifest: str, journal_path: str, port: int, host: str | None, token: str | None, journal_sync: str,
                  heartbeat_interval: float | None, missed_heartbeats: int | None,
                  restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int = 0):
     from morphml.distributed.coordinator import ExperimentCoordinator
@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("master", help="serve one experiment to workers (the master pod's entrypoint)")
     p.add_argument("manifest")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--host", default="[::]")
+    p.add_argument("--host", default=None, help="address to listen on (default $POD_IP if set, else all)")
     p.add_argument("--journal", required=True, help="SQLite journal file (resumes if it exists)")
     p.add_argument("--token-file", default=None, help="file holding the token (else $MORPHML_TOKEN)")
     p.add_argument("--exit-when-done", action="store_true", help="exit once the experiment is over")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from concurrent import futures
@@ -176,14 +177,26 @@ def status_to_proto(st: dict) -> pb.ExperimentStatus:
     return msg
 
 
+def default_bind_host() -> str:
+    """Where servers listen by default: the pod's own IP when $POD_IP is set, else every address.
+
+    On a real cluster both work; binding the pod IP also keeps pods that share one host (the
+    test suite's process node, host networking) from fighting over the same port.
+    """
+    pod_ip = os.environ.get("POD_IP", "").strip()
+    if not pod_ip:
+        return "[::]"
+    return f"[{pod_ip}]" if ":" in pod_ip and not pod_ip.startswith("[") else pod_ip
+
+
 class MasterServer:
     """The master process's gRPC server: the Master service, health, the heartbeat monitor."""
 
-    def __init__(self, coordinator: ExperimentCoordinator, port: int = 50051, host: str = "[::]",
+    def __init__(self, coordinator: ExperimentCoordinator, port: int = 50051, host: str | None = None,
                  token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_threads: int = 1024):
         self.coord = coordinator
-        self.host, self.requested_port = host, port
+        self.host, self.requested_port = host or default_bind_host(), port
         self.port: int | None = None
         interceptors = [TokenInterceptor(token)] if token else []
         if not token:
@@ -232,7 +245,7 @@ class MasterServer:
 class MasterNode:
     """The seed's API: `MasterNode(optimizer, {'port': 50051, 'num_workers': 4})`.
 
-    Config keys: port (50051), host ('[::]'), num_workers (no trial starts before this many
+    Config keys: port (50051), host ($POD_IP if set, else '[::]'), num_workers (no trial starts before this many
     workers are connected, waiting at most 60 s), token (default
     $MORPHML_TOKEN; no token disables auth), journal (SQLite path; default in memory, i.e. no
     resume), max_trials (default population_size x num_generations when the optimizer has
@@ -265,8 +278,6 @@ class MasterNode:
         """Starts serving; returns the port. Workers may connect from now on."""
         if self.server is not None:
             return self.server.port
-        import os
-
         if num_generations is not None and hasattr(self.optimizer, "num_generations"):
             self.optimizer.num_generations = num_generations
         journal = Journal(self.config.get("journal", ":memory:"), self.config.get("journal_sync", "FULL"))
@@ -274,7 +285,7 @@ class MasterNode:
                                                  self.config.get("clock") or SystemClock())
         token = self.config.get("token") or os.environ.get(TOKEN_ENV) or None
         self.server = MasterServer(self.coordinator, int(self.config.get("port", 50051)),
-                                   self.config.get("host", "[::]"), token)
+                                   self.config.get("host"), token)
         return self.server.start()
 
     def run_experiment(self, num_generations: int | None = None, timeout: float | None = None):

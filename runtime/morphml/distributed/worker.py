@@ -34,7 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .auth import token_metadata
-from .master import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from .master import DEFAULT_MAX_MESSAGE_BYTES, default_bind_host, grpc_options
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
 
@@ -60,6 +60,7 @@ class WorkerConfig:
     gpus: int = 0
     slots: int = 1
     health_port: int | None = None
+    health_host: str | None = None  # default: $POD_IP if set, else every address
     grace_seconds: float = 25.0
     reconnect_initial_seconds: float = 0.1
     reconnect_max_seconds: float = 2.0
@@ -438,7 +439,8 @@ class WorkerNode:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        if not server.add_insecure_port(f"[::]:{self.config.health_port}"):
+        host = self.config.health_host or default_bind_host()
+        if not server.add_insecure_port(f"{host}:{self.config.health_port}"):
             raise OSError(f"--health-port {self.config.health_port}: cannot listen")
         server.start()
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
