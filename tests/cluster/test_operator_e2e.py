@@ -2,7 +2,8 @@
 the process node, real master and worker processes training on digits (issue 5, acceptance 1-4, 7).
 
 One operator serves the whole module (installed once, uninstalled at the end); each test runs its
-experiments in its own namespace. Imports: pytest, PyYAML, the standard library.
+experiments in its own namespace. Imports: pytest, PyYAML, the standard library, morphml_operator,
+tests.cluster.operator_trials.
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ from pathlib import Path
 import pytest
 import yaml
 
+from .operator_trials import (EVALUATOR, finished_once, journal_file, next_lease, read_journal, repo_on_pythonpath,
+                             trial_runner_survives_sigterm)
+
 pytestmark = pytest.mark.cluster
+# Before the node agent starts (after collection): its pods' processes import tests.cluster.operator_trials.
+repo_on_pythonpath()
+# Known gap in the runtime (issue-6 report): a trial runner that dies of the pod's SIGTERM turns a
+# deleted pod into a failed trial (retry used) instead of a pod_gone re-lease. Checked, not assumed.
+RUNNER_DIES_ON_SIGTERM = pytest.mark.xfail(
+    not trial_runner_survives_sigterm(), strict=True,
+    reason="morphml.distributed.trial_runner dies of a SIGTERM sent to the pod's process group; it must ignore "
+           "SIGTERM/SIGINT and leave them to its worker")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "morphml"
@@ -273,38 +285,250 @@ def test_raising_the_budget_of_a_running_search_extends_it(kube, operator, kube_
     assert "BudgetChanged" in reasons, reasons
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(420)
-def test_deleted_worker_pod_is_reported_gone_to_the_master_within_two_seconds(kube, operator, kube_namespace):
+def master_status_reader(kube, ns: str, name: str):
+    """A function returning the master's GetStatus (as a dict), called with the experiment's token."""
     import base64
 
     from morphml_operator.master_client import get_master_status
 
-    ns = kube_namespace
-    manifest = digits(name="podloss", budget={"maxTrials": 500, "maxFailedTrials": 50},
-                      optimizer={"populationSize": 20, "generations": 100, "elitism": 1, "tournamentSize": 2},
-                      evaluation={"epochs": 20}, workers={"replicas": 2})
-    kube.apply(manifest, ns)
-    wait_status(kube, operator, ns, "podloss", lambda s: (s.get("trials") or {}).get("running", 0) >= 2, 240,
-                "both workers running a trial")
-    token = base64.b64decode(kube.kubectl_json("get", "secret", "podloss-token", "-n", ns)["data"]["token"]).decode()
+    token = base64.b64decode(kube.kubectl_json("get", "secret", f"{name}-token", "-n", ns)["data"]["token"]).decode()
 
-    def master_status():
-        pod = kube.kubectl_json("get", "pod", "podloss-master", "-n", ns)
+    def read() -> dict:
+        pod = kube.kubectl_json("get", "pod", f"{name}-master", "-n", ns)
         return get_master_status(f"{pod['status']['podIP']}:50051", token)
 
-    busy = [w for w in master_status()["workers"] if w["state"] == "busy" and w["running"]]
-    assert busy, master_status()["workers"]
-    victim = busy[0]["worker_name"]
-    # (metadata.deletionTimestamp is when the grace period ends, not when deletion was asked for.)
+    return read
+
+
+def quick_trials(name: str, seconds: int, **changes) -> dict:
+    """digits.yaml with the `sleep_epochs` evaluator: each trial takes `seconds` s, no torch."""
+    manifest = digits(name, **changes)
+    manifest["spec"]["evaluation"].update({"epochs": seconds, "evaluator": EVALUATOR})
+    return manifest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@RUNNER_DIES_ON_SIGTERM
+def test_worker_pod_deleted_mid_trial_is_re_leased_via_pod_gone_within_two_seconds(kube, operator, kube_namespace):
+    """Acceptance 1 (issue 6): measured from the master's journal, not from the test's view."""
+    ns = kube_namespace
+    # Generational GA, 3 per generation, 4 workers: one worker is always free to take the re-lease
+    # at once (with every worker busy a re-leased trial waits for a free slot, by design).
+    trial_seconds = 6
+    manifest = quick_trials("podloss", trial_seconds, workers={"replicas": 4},
+                            optimizer={"populationSize": 3, "generations": 10, "elitism": 0, "tournamentSize": 2},
+                            budget={"maxTrials": 9, "maxFailedTrials": 2})
+    kube.apply(manifest, ns)
+    wait_status(kube, operator, ns, "podloss", lambda s: s.get("phase") == "Running", 180, "Running")
+    master_status = master_status_reader(kube, ns, "podloss")
+
+    path = journal_file(kube, ns, "podloss")
+
+    def young_lease_and_a_free_worker():
+        status = master_status()
+        alive = [w for w in status["workers"] if w["state"] not in ("dead", "registering")]
+        busy = [w for w in alive if w["running"]]
+        if len(alive) != 4 or len(busy) != 3:
+            return None
+        leased_at = {(a["task_id"], a["attempt"]): a["leased_at"] for a in read_journal(path)["attempts"]}
+        for worker in busy:
+            lease = worker["running"][0]
+            age = time.time() - leased_at.get((lease["task_id"], lease["attempt"]), 0)
+            if age < 2.0:
+                return worker, lease
+        return None
+
+    chosen, lease = kube.wait_for(young_lease_and_a_free_worker, 120, 0.2,
+                                  "3 workers busy with a trial leased < 2 s ago, 1 worker free")
+    victim = chosen["worker_name"]
+    time.sleep(1.0)  # well into the trial (6 s), well before its end
     deleted_at = time.time()
     kube.kubectl("delete", "pod", victim, "-n", ns, "--wait=false")
 
-    def loss():
-        return next((l for l in master_status()["losses"] if l["worker_name"] == victim), None)
+    status = wait_status(kube, operator, ns, "podloss", lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None,
+                         180, "the search to end")
+    assert status["phase"] == "Succeeded", status
+    assert status["trials"]["done"] == 9 and status["trialsSummary"] == "9/9", status["trials"]
 
-    recorded = kube.wait_for(loss, 60, 0.2, f"the master to record {victim}'s loss")
-    assert recorded["detected_by"] == "pod_gone", recorded
-    assert recorded["requeued"], recorded
-    assert 0 <= recorded["detected_at"] - deleted_at <= 2.0, recorded["detected_at"] - deleted_at
+    journal = read_journal(journal_file(kube, ns, "podloss"))
+    victim_attempt = next(a for a in journal["attempts"]
+                          if a["task_id"] == lease["task_id"] and a["attempt"] == lease["attempt"])
+    assert victim_attempt["worker_name"] == victim
+    assert victim_attempt["leased_at"] < deleted_at < victim_attempt["leased_at"] + trial_seconds, victim_attempt
+    requeue = next(r for r in journal["requeues"]
+                   if r["task_id"] == lease["task_id"] and r["attempt"] == lease["attempt"])
+    assert requeue["detected_by"] == "pod_gone", requeue
+    relet = next_lease(journal, lease["task_id"], lease["attempt"])
+    assert relet is not None and relet["worker_name"] != victim, journal["attempts"]
+    latency = relet["leased_at"] - deleted_at
+    print(f"\npod deleted mid-trial: detected via {requeue['detected_by']} after "
+          f"{requeue['detected_at'] - deleted_at:.3f} s, re-leased to {relet['worker_name']} after {latency:.3f} s")
+    assert 0 <= requeue["detected_at"] - deleted_at <= latency <= 2.0, (requeue, relet, deleted_at)
+
+    finished, twice = finished_once(journal)
+    assert twice == [], f"trials finished more than once: {twice}"
+    assert [r for r in journal["results"] if not r["ok"]] == []  # no retry used up by the pod's loss
+    assert len(finished) == 9 and lease["task_id"] in finished
+    assert {t["state"] for t in journal["tasks"]} == {"succeeded"}, journal["tasks"]
+    # The victim's own attempt never counted (its late result, if any, is recorded as stale).
+    assert not [r for r in journal["results"] if r["task_id"] == lease["task_id"]
+                and r["attempt"] == lease["attempt"] and r["disposition"] == "accepted"]
     kube.kubectl("delete", "nasexperiment", "podloss", "-n", ns, "--wait=true", timeout=120)
+
+
+def live_lease(master_status) -> tuple[dict, dict] | None:
+    """(a worker running a trial, that trial's lease) from the master's status."""
+    for worker in master_status()["workers"]:
+        if worker["state"] != "dead" and worker["running"]:
+            return worker, worker["running"][0]
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_rogue_worker_without_the_token_is_refused_on_the_cluster(kube, operator, kube_namespace, tmp_path):
+    """Acceptance 5 (issue 6): a process started by the test against the master pod's address."""
+    import subprocess
+    import sys
+
+    import grpc
+
+    from morphml.distributed.proto import worker_pb2 as pb
+    from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+
+    ns = kube_namespace
+    kube.apply(quick_trials("guarded", 8, workers={"replicas": 1}, optimizer={"algorithm": "random", "seed": 3},
+                            budget={"maxTrials": 3, "maxFailedTrials": 1}), ns)
+    wait_status(kube, operator, ns, "guarded", lambda s: s.get("phase") == "Running", 180, "Running")
+    master_status = master_status_reader(kube, ns, "guarded")
+    _, lease = kube.wait_for(lambda: live_lease(master_status), 60, 0.2, "a trial running")
+    address = f"{kube.kubectl_json('get', 'pod', 'guarded-master', '-n', ns)['status']['podIP']}:50051"
+
+    bad = tmp_path / "token"
+    bad.write_text("not-the-experiment-token\n")
+    env = {k: v for k, v in os.environ.items() if k != "MORPHML_TOKEN"}
+    wrong = subprocess.run([sys.executable, "-m", "morphml.cli", "worker", "--master", address, "--name", "rogue",
+                            "--token-file", str(bad)], env=env, capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "UNAUTHENTICATED" in wrong.stderr + wrong.stdout, wrong
+    missing = subprocess.run([sys.executable, "-m", "morphml.cli", "worker", "--master", address, "--name", "rogue"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "MORPHML_TOKEN" in missing.stderr + missing.stdout, missing
+
+    forged = pb.TrialResult(worker_id="rogue/1", worker_name="rogue", ok=True, metrics_json='{"val_accuracy": 1.0}',
+                            lease=pb.LeaseRef(task_id=lease["task_id"], attempt=lease["attempt"]))
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.MasterStub(channel)
+        for metadata in ((), (("authorization", "Bearer not-the-experiment-token"),)):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ReportResult(forged, metadata=metadata, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Register(pb.RegisterRequest(worker_name="rogue", slots=1), metadata=metadata, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    status = master_status()
+    assert "rogue" not in {w["worker_name"] for w in status["workers"]}
+    assert status["succeeded"] == 0 and status["running"] == 1, status  # the forged result counted nowhere
+    kube.kubectl("delete", "nasexperiment", "guarded", "-n", ns, "--wait=true", timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.xfail(strict=True, reason=(
+    "the master accepts a result for (task id, attempt) from any caller holding the experiment token: "
+    "MasterServicer.ReportResult must refuse a result whose worker_id is not the attempt's holder "
+    "(see the issue-6 report); remove this marker when it does"))
+def test_result_for_a_lease_held_by_another_worker_is_refused_even_with_the_token(kube, operator, kube_namespace):
+    """Acceptance 5, second half: the token admits a process, it does not let it finish others' trials."""
+    import base64
+
+    import grpc
+
+    from morphml.distributed.auth import token_metadata
+    from morphml.distributed.proto import worker_pb2 as pb
+    from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+
+    ns = kube_namespace
+    kube.apply(quick_trials("forged", 8, workers={"replicas": 1}, optimizer={"algorithm": "random", "seed": 3},
+                            budget={"maxTrials": 2, "maxFailedTrials": 1}), ns)
+    wait_status(kube, operator, ns, "forged", lambda s: s.get("phase") == "Running", 180, "Running")
+    master_status = master_status_reader(kube, ns, "forged")
+    _, lease = kube.wait_for(lambda: live_lease(master_status), 60, 0.2, "a trial running")
+    address = f"{kube.kubectl_json('get', 'pod', 'forged-master', '-n', ns)['status']['podIP']}:50051"
+    token = base64.b64decode(kube.kubectl_json("get", "secret", "forged-token", "-n", ns)["data"]["token"]).decode()
+    forged = pb.TrialResult(worker_id="rogue/1", worker_name="rogue", ok=True, metrics_json='{"val_accuracy": 1.0}',
+                            lease=pb.LeaseRef(task_id=lease["task_id"], attempt=lease["attempt"]))
+    with grpc.insecure_channel(address) as channel:
+        try:
+            ack = pb_grpc.MasterStub(channel).ReportResult(forged, metadata=token_metadata(token), timeout=5)
+            disposition = ack.disposition
+        except grpc.RpcError as error:
+            disposition = error.code().name
+    assert disposition != "accepted", "a result for another worker's lease was counted"
+    status = master_status()
+    assert status["succeeded"] == 0 and status["running"] == 1, status
+    kube.kubectl("delete", "nasexperiment", "forged", "-n", ns, "--wait=true", timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_worker_pod_unready_past_the_threshold_is_reported_gone(kube, operator, kube_namespace, tmp_path):
+    """The unready path (issue 6): a worker that is alive, heartbeating and connected, but whose pod
+    turned unready, loses its trials to the pod path after the operator's worker_unready_seconds (5).
+
+    The pod is a real `morphml worker` with an exec readiness probe on a file the test removes: the
+    process stays healthy, so neither the stream nor the heartbeats can be what fires.
+    """
+    if not kube.process_node:
+        pytest.skip("the readiness file lives on the process node's host")
+    ns = kube_namespace
+    kube.apply(quick_trials("flaky", 30, workers={"replicas": 1}, optimizer={"algorithm": "random", "seed": 5},
+                            budget={"maxTrials": 50, "maxFailedTrials": 5}), ns)
+    wait_status(kube, operator, ns, "flaky", lambda s: s.get("phase") == "Running", 180, "Running")
+    ready_file = tmp_path / "ready"
+    ready_file.write_text("yes\n")
+    worker = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "flaky-extra-worker",
+                     "labels": {"morphml.io/experiment": "flaky", "app.kubernetes.io/component": "worker"}},
+        "spec": {
+            "automountServiceAccountToken": False, "restartPolicy": "Always", "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "worker", "image": "morphml-worker:0.1.0",
+                "command": ["morphml"],
+                "args": ["worker", "--master", "flaky-master:50051", "--token-file", "/etc/morphml/token/token",
+                         "--gpus", "0"],
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "readinessProbe": {"exec": {"command": ["test", "-f", str(ready_file)]},
+                                   "periodSeconds": 1, "failureThreshold": 1},
+                "volumeMounts": [{"name": "token", "mountPath": "/etc/morphml/token", "readOnly": True}],
+            }],
+            "volumes": [{"name": "token", "secret": {"secretName": "flaky-token"}}],
+        },
+    }
+    kube.apply(worker, ns)
+    master_status = master_status_reader(kube, ns, "flaky")
+
+    def extra_worker_busy():
+        pod = kube.kubectl_json("get", "pod", "flaky-extra-worker", "-n", ns)
+        mine = [w for w in master_status()["workers"] if w["worker_name"] == "flaky-extra-worker" and w["running"]]
+        return mine[0]["running"][0] if mine and kube.pod_ready(pod) else None
+
+    lease = kube.wait_for(extra_worker_busy, 120, 0.3, "the extra worker Ready and running a trial")
+    ready_file.unlink()
+    unready_at = time.time()
+
+    def loss():
+        return next((l for l in master_status()["losses"] if l["worker_name"] == "flaky-extra-worker"), None)
+
+    recorded = kube.wait_for(loss, 60, 0.3, "the master to record the unready worker's loss")
+    delay = recorded["detected_at"] - unready_at
+    print(f"\nworker pod unready: reported gone via {recorded['detected_by']} {delay:.2f} s after its probe started failing")
+    assert recorded["detected_by"] == "pod_gone", recorded
+    assert {"task_id": lease["task_id"], "attempt": lease["attempt"]} in recorded["requeued"], recorded
+    # Probe (1 s) + the operator's 5 s threshold (+1 s: lastTransitionTime has whole seconds) + slack.
+    assert 4.0 <= delay <= 12.0, delay
+    pod = kube.kubectl_json("get", "pod", "flaky-extra-worker", "-n", ns)
+    assert not pod["metadata"].get("deletionTimestamp")  # nobody deleted it: the unready path fired
+    kube.kubectl("delete", "pod", "flaky-extra-worker", "-n", ns, "--wait=false")
+    kube.kubectl("delete", "nasexperiment", "flaky", "-n", ns, "--wait=true", timeout=120)

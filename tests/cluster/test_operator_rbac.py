@@ -2,7 +2,10 @@
 
 The chart's operator ServiceAccount can do exactly what morphml_operator.handlers (and kopf) use;
 an experiment's pods' ServiceAccount (`NAME-pods`, used by master and workers) can do nothing.
-Imports: pytest, the standard library.
+"Exactly" and "nothing" are checked twice: spot checks with `kubectl auth can-i VERB RESOURCE`, and
+the whole rule list (`kubectl auth can-i --list`) compared with OPERATOR_RULES / with what any
+authenticated identity gets (self reviews, discovery). docs/kubernetes.md shows the same matrix.
+Imports: pytest, the standard library, morphml_operator.builders.
 """
 
 from __future__ import annotations
@@ -36,9 +39,26 @@ OPERATOR_DENIED = [
     ("get", "nodes"), ("list", "namespaces"), ("delete", "networkpolicies.networking.k8s.io"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
 ]
 POD_ACCOUNT_DENIED = [
-    ("get", "pods"), ("list", "pods"), ("get", "secrets"), ("get", "configmaps"),
-    ("get", "nasexperiments.morphml.io"), ("patch", "nasexperiments.morphml.io/status"), ("create", "events"),
-]
+    (verb, resource)
+    for resource in ("pods", "pods/exec", "pods/log", "secrets", "configmaps", "services", "endpoints",
+                     "persistentvolumeclaims", "serviceaccounts/token", "events", "deployments.apps",
+                     "nasexperiments.morphml.io", "nasexperiments.morphml.io/status", "leases.coordination.k8s.io",
+                     "networkpolicies.networking.k8s.io", "nodes", "namespaces")
+    for verb in ("get", "list", "watch", "create", "update", "patch", "delete")
+] + [("*", "*")]
+# What the operator's rules grant, resource -> verbs (helm/morphml/templates/_helpers.tpl, morphml.rules).
+OPERATOR_RULES = {
+    "nasexperiments.morphml.io": {"get", "list", "watch", "patch"},
+    "nasexperiments.morphml.io/status": {"get", "patch"},
+    "nasexperiments.morphml.io/finalizers": {"update"},
+    "pods": {"get", "list", "watch", "create", "delete"},
+    "services": {"get", "create"}, "persistentvolumeclaims": {"get", "create"},
+    "serviceaccounts": {"get", "create"}, "secrets": {"get", "create"},
+    "configmaps": {"get", "create", "patch"},
+    "deployments.apps": {"get", "create", "patch", "update"},
+    "networkpolicies.networking.k8s.io": {"get", "create"},
+    "events": {"create"}, "events.events.k8s.io": {"create"},
+}
 
 
 def digits_suspended() -> dict:
@@ -48,6 +68,23 @@ def digits_suspended() -> dict:
     manifest = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
     manifest["spec"]["suspend"] = True
     return manifest
+
+
+def granted_rules(kube, account: str, namespace: str) -> dict[str, set[str]]:
+    """`kubectl auth can-i --list` for `account` in `namespace`: resource -> verbs (URL rules left out)."""
+    lines = kube.kubectl("auth", "can-i", "--list", "-n", namespace, f"--as={account}").stdout.splitlines()
+    rules: dict[str, set[str]] = {}
+    for line in lines[1:]:
+        if not line.strip() or line.startswith(" "):
+            continue  # a non-resource URL (discovery, healthz): no resource in the first column
+        resource, verbs = line.split()[0], line[line.rindex("[") + 1:line.rindex("]")].split()
+        rules.setdefault(resource, set()).update(verbs)
+    return rules
+
+
+def baseline_rules(kube, namespace: str) -> dict[str, set[str]]:
+    """What any authenticated ServiceAccount bound to nothing gets (self reviews, discovery)."""
+    return granted_rules(kube, f"system:serviceaccount:{namespace}:bound-to-nothing", namespace)
 
 
 def can_i(kube, verb: str, resource: str, account: str, namespace: str) -> bool:
@@ -69,6 +106,9 @@ def test_operator_can_do_exactly_what_its_handlers_use(kube, kube_namespace):
         assert allowed == [], f"operator lacks {allowed}"
         denied = [(verb, res) for verb, res in OPERATOR_DENIED if can_i(kube, verb, res, account, ns)]
         assert denied == [], f"operator has more than it needs: {denied}"
+        baseline = baseline_rules(kube, ns)
+        extra = {res: verbs - baseline.get(res, set()) for res, verbs in granted_rules(kube, account, ns).items()}
+        assert {res: verbs for res, verbs in extra.items() if verbs} == OPERATOR_RULES
         # watchNamespaces set: nothing outside those namespaces.
         assert not can_i(kube, "list", "nasexperiments.morphml.io", account, "default")
         assert not can_i(kube, "create", "pods", account, "default")
@@ -79,11 +119,19 @@ def test_operator_can_do_exactly_what_its_handlers_use(kube, kube_namespace):
                       60, 0.5, "the operator to create the worker Deployment")
         log = kube.pod_log(ns, pods[0]["metadata"]["name"])
         assert "Forbidden" not in log, log[-4000:]
+        # The pods the operator made run as NAME-pods with no API token: the matrix below is theirs.
+        kube.wait_for(lambda: kube.kubectl("get", "pod", "digits-master", "-n", ns, check=False).returncode == 0,
+                      60, 0.5, "the master pod")
+        master = kube.kubectl_json("get", "pod", "digits-master", "-n", ns)
+        template = kube.kubectl_json("get", "deployment", "digits-worker", "-n", ns)["spec"]["template"]["spec"]
+        for pod_spec in (master["spec"], template):
+            assert pod_spec["serviceAccountName"] == "digits-pods"
+            assert pod_spec["automountServiceAccountToken"] is False
     finally:
         kube.helm("uninstall", "rbac-check", "--namespace", ns, "--wait", "--timeout", "60s", check=False)
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(240)
 def test_experiment_pods_service_account_can_do_nothing(kube, kube_namespace):
     from morphml_operator import builders
 
@@ -92,3 +140,5 @@ def test_experiment_pods_service_account_can_do_nothing(kube, kube_namespace):
     account = f"system:serviceaccount:{ns}:digits-pods"
     granted = [(verb, res) for verb, res in POD_ACCOUNT_DENIED if can_i(kube, verb, res, account, ns)]
     assert granted == []
+    # Nothing at all beyond what every authenticated identity has.
+    assert granted_rules(kube, account, ns) == baseline_rules(kube, ns)

@@ -83,3 +83,13 @@ def test_unready_without_a_transition_time_waits_the_whole_threshold():
 def test_ready_condition_reads_status_and_time():
     assert ready_condition(pod()) == (True, T0.timestamp())
     assert ready_condition({"status": {}}) == (None, None)
+
+
+def test_the_threshold_is_a_typed_operator_setting():
+    from morphml_operator.settings import OperatorSettings, SettingsError
+
+    assert OperatorSettings().worker_unready_seconds == 5.0
+    assert OperatorSettings.from_env({"MORPHML_OPERATOR_WORKER_UNREADY_SECONDS": "2.5"}).worker_unready_seconds == 2.5
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SettingsError, match="MORPHML_OPERATOR_WORKER_UNREADY_SECONDS"):
+            OperatorSettings.from_env({"MORPHML_OPERATOR_WORKER_UNREADY_SECONDS": bad})
