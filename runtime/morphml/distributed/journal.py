@@ -18,7 +18,8 @@ committed trial survives a power loss as well as a process kill. `synchronous=NO
 that fsync (commits survive a killed master process, the SIGKILL/pod-deletion failure model,
 but the last commits may roll back on power loss: those trials then re-run, still counted
 once); choose it with `Journal(path, synchronous="NORMAL")` / `morphml master --journal-sync normal`.
-Each coordinator operation is one transaction, so the journal never holds half a change.
+Each coordinator operation (or group of results, see the coordinator) is one transaction, so
+the journal never holds half a change; its writes are buffered and written at commit.
 
 JSON only (no pickle). Imports: sqlite3, json, morphml.distributed.leases/states.
 """
@@ -64,7 +65,17 @@ SYNC_MODES = ("FULL", "NORMAL")
 
 
 class Journal:
-    """One SQLite file; all writes go through transaction() (one commit per operation)."""
+    """One SQLite file; all writes go through transaction() (one commit per operation).
+
+    Writes inside a transaction are buffered and written at its commit in one go: upserts of
+    the same task, attempt or meta row keep only their last version, appends (results, events,
+    optimizer ops) are written in order with one executemany per table. A master spends its
+    CPU on this path once per trial, and each SQLite call releases and re-takes the GIL, which
+    the master's many RPC threads make expensive. Reads made inside a transaction write the
+    buffer first, so they see the transaction's own changes. Callbacks registered with
+    after_commit() run once the commit is durable (dropped on rollback): the coordinator sends
+    leases that way, so a worker never runs a lease the journal could lose.
+    """
 
     def __init__(self, path: str | Path, synchronous: str = "FULL"):
         mode = synchronous.upper()
@@ -79,6 +90,22 @@ class Journal:
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
+        self._begun = False
+        self._reset_buffer()
+        self._next_op_seq = self._max_op_seq() + 1
+
+    def _max_op_seq(self) -> int:
+        return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM optimizer_ops").fetchone()[0])
+
+    def _reset_buffer(self) -> None:
+        self._tasks: dict[str, tuple] = {}
+        self._attempts: dict[tuple[str, int], tuple] = {}
+        self._meta: dict[str, tuple] = {}
+        self._results: list[tuple] = []
+        self._events: list[tuple] = []
+        self._ops: list[tuple] = []
+        self._snapshot: tuple | None = None
+        self._after_commit: list = []
 
     def close(self) -> None:
         with self._lock:
@@ -88,91 +115,151 @@ class Journal:
     def transaction(self) -> Iterator[None]:
         """Nested calls join the outer transaction; the outermost commits."""
         with self._lock:
-            if self._depth == 0:
-                self._db.execute("BEGIN IMMEDIATE")
             self._depth += 1
             try:
                 yield
             except BaseException:
                 self._depth -= 1
                 if self._depth == 0:
-                    self._db.execute("ROLLBACK")
+                    self._reset_buffer()  # its after_commit callbacks are dropped with it
+                    if self._begun:
+                        self._begun = False
+                        self._db.execute("ROLLBACK")
+                    self._next_op_seq = self._max_op_seq() + 1
                 raise
             self._depth -= 1
             if self._depth == 0:
-                self._db.execute("COMMIT")
+                callbacks = self._after_commit
+                try:
+                    self._write_buffer()
+                    if self._begun:
+                        self._db.execute("COMMIT")
+                except BaseException:
+                    if self._begun:
+                        self._db.execute("ROLLBACK")
+                    self._next_op_seq = self._max_op_seq() + 1
+                    raise
+                finally:
+                    self._begun = False
+                    self._reset_buffer()
+                for callback in callbacks:
+                    callback()
+
+    def after_commit(self, callback) -> None:
+        """Runs callback() after the current transaction commits (at once outside one)."""
+        with self._lock:
+            if self._depth == 0:
+                callback()
+            else:
+                self._after_commit.append(callback)
+
+    def _write_buffer(self) -> None:
+        """Writes the buffered changes into the open SQLite transaction (beginning it if needed)."""
+        if not (self._tasks or self._attempts or self._meta or self._results or self._events or self._ops
+                or self._snapshot):
+            return
+        db = self._db
+        if not self._begun:
+            db.execute("BEGIN IMMEDIATE")
+            self._begun = True
+        if self._tasks:
+            db.executemany("INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                           list(self._tasks.values()))
+        if self._attempts:
+            db.executemany("INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,?,?,?,?)", list(self._attempts.values()))
+        if self._meta:
+            db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", list(self._meta.values()))
+        if self._results:
+            db.executemany(
+                "INSERT INTO results(received_at, task_id, attempt, worker_name, disposition, ok, metrics_json,"
+                " failure_kind, failure_message, duration_seconds) VALUES (?,?,?,?,?,?,?,?,?,?)", self._results)
+        if self._events:
+            db.executemany(
+                "INSERT INTO events(ts, kind, task_id, attempt, worker_id, worker_name, detail) VALUES (?,?,?,?,?,?,?)",
+                self._events)
+        if self._ops:
+            db.executemany("INSERT INTO optimizer_ops(seq, op, arg_json) VALUES (?, ?, ?)", self._ops)
+        if self._snapshot:
+            db.execute("INSERT OR REPLACE INTO optimizer(id, state_json, saved_at, op_seq) VALUES (1, ?, ?, ?)",
+                       self._snapshot)
+        callbacks = self._after_commit
+        self._reset_buffer()
+        self._after_commit = callbacks
 
     # --- writes --------------------------------------------------------------------------------
     def set_meta(self, key: str, value: Any) -> None:
         with self.transaction():
-            self._db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+            self._meta[key] = (key, json.dumps(value))
 
     def save_task(self, task: Task, seq: int) -> None:
         with self.transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (task.task_id, seq, task.candidate_id, task.arch_json, task.arch_hash, task.summary,
-                 task.generation, task.seed, task.proposed_at, task.state.value, task.attempt,
-                 task.retries_used, json.dumps(sorted(task.avoid_workers)),
-                 json.dumps(task.metrics) if task.metrics is not None else None,
-                 task.error_kind, task.error_message, task.finished_by, task.finished_attempt,
-                 task.finished_at, task.duration_seconds))
+            self._tasks[task.task_id] = (
+                task.task_id, seq, task.candidate_id, task.arch_json, task.arch_hash, task.summary,
+                task.generation, task.seed, task.proposed_at, task.state.value, task.attempt,
+                task.retries_used, json.dumps(sorted(task.avoid_workers)),
+                json.dumps(task.metrics) if task.metrics is not None else None,
+                task.error_kind, task.error_message, task.finished_by, task.finished_attempt,
+                task.finished_at, task.duration_seconds)
 
     def save_attempt(self, att: Attempt) -> None:
         with self.transaction():
-            self._db.execute(
-                "INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,?,?,?,?)",
-                (att.task_id, att.attempt, att.worker_id, att.worker_name, att.leased_at, att.state.value,
-                 att.ended_at, att.outcome))
+            self._attempts[(att.task_id, att.attempt)] = (
+                att.task_id, att.attempt, att.worker_id, att.worker_name, att.leased_at, att.state.value,
+                att.ended_at, att.outcome)
 
     def add_result(self, received_at: float, task_id: str, attempt: int, worker_name: str, disposition: str,
                    ok: bool, metrics: dict | None, kind: str, message: str, duration: float) -> None:
         with self.transaction():
-            self._db.execute(
-                "INSERT INTO results(received_at, task_id, attempt, worker_name, disposition, ok, metrics_json,"
-                " failure_kind, failure_message, duration_seconds) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (received_at, task_id, attempt, worker_name, disposition, int(ok),
-                 json.dumps(metrics) if metrics is not None else None, kind, message, duration))
+            self._results.append((received_at, task_id, attempt, worker_name, disposition, int(ok),
+                                  json.dumps(metrics) if metrics is not None else None, kind, message, duration))
 
     def event(self, ts: float, kind: str, task_id: str | None = None, attempt: int | None = None,
               worker_id: str | None = None, worker_name: str | None = None, **detail: Any) -> None:
         with self.transaction():
-            self._db.execute(
-                "INSERT INTO events(ts, kind, task_id, attempt, worker_id, worker_name, detail) VALUES (?,?,?,?,?,?,?)",
-                (ts, kind, task_id, attempt, worker_id, worker_name, json.dumps(detail) if detail else None))
+            self._events.append((ts, kind, task_id, attempt, worker_id, worker_name,
+                                 json.dumps(detail) if detail else None))
 
     def log_optimizer_op(self, op: str, arg: dict) -> int:
         """Appends one ask or tell to the optimizer's operation log; returns its sequence number."""
         with self.transaction():
-            cur = self._db.execute("INSERT INTO optimizer_ops(op, arg_json) VALUES (?, ?)", (op, json.dumps(arg)))
-            return int(cur.lastrowid)
+            seq = self._next_op_seq
+            self._next_op_seq += 1
+            self._ops.append((seq, op, json.dumps(arg)))
+            return seq
 
     def save_optimizer(self, state: dict, saved_at: float, op_seq: int) -> None:
         """Snapshot of the optimizer's state_dict including every logged op up to op_seq."""
         with self.transaction():
-            self._db.execute("INSERT OR REPLACE INTO optimizer(id, state_json, saved_at, op_seq) VALUES (1, ?, ?, ?)",
-                             (json.dumps(state), saved_at, op_seq))
+            self._snapshot = (json.dumps(state), saved_at, op_seq)
+
+    def _flush_for_read(self) -> None:
+        if self._depth:
+            self._write_buffer()
 
     # --- reads ---------------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
         with self._lock:
+            self._flush_for_read()
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else default
 
     def load_optimizer(self) -> tuple[dict | None, int]:
         """(last snapshot or None, op_seq it includes)."""
         with self._lock:
+            self._flush_for_read()
             row = self._db.execute("SELECT state_json, op_seq FROM optimizer WHERE id = 1").fetchone()
         return (json.loads(row[0]), row[1]) if row else (None, 0)
 
     def optimizer_ops_after(self, seq: int) -> list[tuple[int, str, dict]]:
         with self._lock:
+            self._flush_for_read()
             rows = self._db.execute("SELECT seq, op, arg_json FROM optimizer_ops WHERE seq > ? ORDER BY seq",
                                     (seq,)).fetchall()
         return [(r[0], r[1], json.loads(r[2])) for r in rows]
 
     def load_tasks(self) -> list[Task]:
         with self._lock:
+            self._flush_for_read()
             rows = self._db.execute("SELECT * FROM tasks ORDER BY seq").fetchall()
         tasks = []
         for r in rows:
@@ -186,6 +273,7 @@ class Journal:
 
     def load_attempts(self) -> list[Attempt]:
         with self._lock:
+            self._flush_for_read()
             rows = self._db.execute("SELECT * FROM attempts ORDER BY leased_at").fetchall()
         return [Attempt(task_id=r[0], attempt=r[1], worker_id=r[2], worker_name=r[3], leased_at=r[4],
                         state=AttemptState(r[5]), ended_at=r[6], outcome=r[7] or "") for r in rows]
@@ -193,6 +281,7 @@ class Journal:
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Read-only SQL for reports and tests."""
         with self._lock:
+            self._flush_for_read()
             return self._db.execute(sql, params).fetchall()
 
     def events(self, kind: str | None = None) -> list[dict]:
