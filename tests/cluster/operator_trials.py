@@ -80,10 +80,14 @@ def next_lease(journal: dict, task_id: str, attempt: int) -> dict | None:
 
 
 def finished_once(journal: dict) -> tuple[list[str], list[str]]:
-    """(task ids with an accepted result, task ids with more than one accepted result)."""
+    """(task ids with an accepted success, task ids with more than one).
+
+    A failed attempt that was retried is also "accepted" (it counted as that attempt's outcome);
+    only successes can be double-counted trials.
+    """
     accepted: dict[str, int] = {}
     for result in journal["results"]:
-        if result["disposition"] == "accepted":
+        if result["disposition"] == "accepted" and result["ok"]:
             accepted[result["task_id"]] = accepted.get(result["task_id"], 0) + 1
     return sorted(accepted), sorted(t for t, n in accepted.items() if n > 1)
 

@@ -262,6 +262,10 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
     assert shown == sorted(shown), f"done trials went backwards: {shown}"
     master_log = kube.pod_log(ns, "longrun-master")
     assert "restored" in master_log, master_log[-2000:]
+    # None ran twice after its finish was journaled: one accepted result per trial, across both masters.
+    journal = read_journal(journal_file(kube, ns, "longrun"))
+    finished, twice = finished_once(journal)
+    assert twice == [] and len(finished) >= done_before, (twice, len(finished), done_before)
     kube.kubectl("delete", "nasexperiment", "longrun", "-n", ns, "--wait=true", timeout=120)
 
 
