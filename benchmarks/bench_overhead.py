@@ -8,7 +8,7 @@ Same machine, same run, same process count, same no-op function (tests.evaluator
   from the first submit to the last gathered result (workers already up).
 Per-trial overhead = N x wall / trials (slot-seconds each trial costs beyond its ~0 s of work).
 
-Run: python benchmarks/bench_overhead.py [--workers 8 32] [--trials-per-worker 25] [--repeats 3] [--prefetch 1]
+Run: python benchmarks/bench_overhead.py [--workers 8 32] [--trials-per-worker 25] [--repeats 3] [--prefetch auto|K]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.evaluators
 from harness import Cluster, median, table  # noqa: E402
 
 
-def morphml_run(workers: int, trials: int, prefetch: int) -> float:
+def morphml_run(workers: int, trials: int, prefetch: str) -> float:
     with Cluster("tests.evaluators:noop", trials, workers, master_args=["--prefetch", str(prefetch)]) as cluster:
         st = cluster.wait_done(600)
         assert st.phase == "Succeeded" and st.succeeded == trials, st
@@ -54,7 +54,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--trials-per-worker", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prefetch", type=int, default=0, help="morphml master --prefetch (default 0)")
+    parser.add_argument("--prefetch", default="auto", help="morphml master --prefetch (default auto)")
     args = parser.parse_args()
     rows = []
     for n in args.workers:

@@ -8,7 +8,7 @@ result (Succeeded). Efficiency = sum of the trials' evaluator seconds / (N x wal
 every worker slot was running a trial the whole time.
 
 Run: python benchmarks/bench_scaling.py [--workers 1 2 4 8 16 32 64] [--trials-per-worker 6] [--repeats 3]
-     [--prefetch 1]  (leases queued per worker beyond its slot; default 0)
+     [--prefetch auto|K]  (leases queued per worker beyond its slot; default auto, as the CLI)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from harness import Cluster, median, table
 
 
-def one(workers: int, trials: int, sleep: float, prefetch: int) -> tuple[float, float]:
+def one(workers: int, trials: int, sleep: float, prefetch: str) -> tuple[float, float]:
     with Cluster("tests.evaluators:sleepy", trials, workers, env={"MORPHML_TEST_SLEEP": str(sleep)},
                  master_args=["--prefetch", str(prefetch)]) as cluster:
         st = cluster.wait_done(900)
@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--trials-per-worker", type=int, default=6)
     parser.add_argument("--sleep", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prefetch", type=int, default=0, help="morphml master --prefetch (default 0)")
+    parser.add_argument("--prefetch", default="auto", help="morphml master --prefetch (default auto)")
     args = parser.parse_args()
     rows = []
     for n in args.workers:

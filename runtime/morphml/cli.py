@@ -40,7 +40,7 @@ def load_experiment(manifest: str):
 
 
 def build_search(experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
-                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int = 0):
+                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int | None = None):
     """(optimizer, ExperimentSettings) for a loaded Experiment; the overrides win over the manifest
     (sub-second heartbeats are for tests and benchmarks: the CRD takes whole seconds)."""
     from morphml.distributed.coordinator import ExperimentSettings
@@ -68,7 +68,7 @@ def build_search(experiment, heartbeat_interval: float | None = None, missed_hea
 
 def start_master(manifest: str, journal_path: str, port: int, host: str | None, token: str | None, journal_sync: str,
                  heartbeat_interval: float | None, missed_heartbeats: int | None,
-                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int = 0):
+                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int | None = None):
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
     from morphml.distributed.master import MasterServer
@@ -241,6 +241,19 @@ def cmd_run(args) -> int:
 
 
 # --- parser ------------------------------------------------------------------------------------
+def prefetch_arg(text: str) -> int | None:
+    """--prefetch: 'auto' (None) or a count >= 0."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--prefetch {text!r}: allowed 'auto' or an integer >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="morphml", description="Neural architecture search: local or on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="heartbeats missed before a worker is dead (overrides spec.faultTolerance)")
         p.add_argument("--journal-sync", choices=["full", "normal"], default="full",
                        help="SQLite synchronous mode of the journal (see docs/architecture.md)")
-        p.add_argument("--prefetch", type=int, default=0,
-                       help="leases queued per worker beyond its slots (helps sub-second trials; default 0)")
+        p.add_argument("--prefetch", type=prefetch_arg, default=None, metavar="{auto,K}",
+                       help="leases queued per worker beyond its slots; auto (default): 1 while the last trials "
+                            "took under 2 s, else 0")
 
     p = sub.add_parser("run", help="run a search locally: master + N worker processes")
     p.add_argument("manifest")

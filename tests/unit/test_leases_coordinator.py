@@ -255,3 +255,45 @@ def test_prefetch_queues_one_extra_lease_per_worker_and_zero_keeps_free_slots_on
     coord2, _ = make(tmp_path / "p", max_trials=10, prefetch=1)
     _, box2 = join(coord2, "a", slots=2)
     assert len(leases(box2)) == 3
+
+
+def test_auto_prefetch_queues_a_lease_only_while_trials_are_short(tmp_path):
+    coord, _ = make(tmp_path, max_trials=50, prefetch=None)
+    _, box = join(coord, "a", slots=1)
+    first = leases(box)
+    assert len(first) == 1  # nothing known about trial durations yet: no prefetch
+    coord.report_result(first[0].task_id, first[0].attempt, True, {"val_accuracy": 0.1}, duration=0.05)
+    short = leases(box)
+    assert len(short) == 2  # a short trial: the next lease plus one queued
+    for m in short:
+        coord.report_result(m.task_id, m.attempt, True, {"val_accuracy": 0.1}, duration=600.0)
+    after_long = leases(box)
+    # median of (0.05, 600, 600) is long: back to one lease at a time once the queue drains
+    assert 1 <= len(after_long) <= 2
+    for m in after_long:
+        coord.report_result(m.task_id, m.attempt, True, {"val_accuracy": 0.1}, duration=600.0)
+    assert len(leases(box)) == 1
+
+
+def test_grouped_results_are_each_acknowledged_after_their_commit(tmp_path):
+    import threading
+
+    coord, _ = make(tmp_path, max_trials=40)
+    ids = [join(coord, f"w{i}", slots=1) for i in range(8)]
+    got = {}
+    msgs = [(w, leases(box)[0]) for w, box in ids]
+
+    def report(m):
+        got[m.task_id] = coord.report_result(m.task_id, m.attempt, True, {"val_accuracy": 0.2}, duration=1.0)
+
+    threads = [threading.Thread(target=report, args=(m,)) for _, m in msgs]
+    with coord._lock:  # results queue up behind the lock, then go in one transaction
+        for t in threads:
+            t.start()
+        while len(coord._result_queue) < len(threads):
+            pass
+    for t in threads:
+        t.join(10)
+    assert set(got.values()) == {"accepted"} and len(got) == 8
+    rows = coord.journal.query("SELECT COUNT(*) FROM results WHERE disposition = 'accepted'")[0][0]
+    assert rows == 8 and coord.succeeded == 8

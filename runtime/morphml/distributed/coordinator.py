@@ -17,7 +17,9 @@ import json
 import logging
 import math
 import queue
+import statistics
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,8 @@ log = logging.getLogger("morphml.master")
 FAILURE_KINDS = ("exception", "nan", "timeout", "oom", "invalid")
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 MAX_ERROR_TEXT = 4000
+AUTO_PREFETCH_BELOW_SECONDS = 2.0  # prefetch=None: one queued lease per worker while trials are this short
+AUTO_PREFETCH_WINDOW = 16  # ...judged by the median duration of this many last finished trials
 SNAPSHOT_EVERY = 100  # optimizer ops between state_dict snapshots in the journal, at least...
 SNAPSHOT_GROWTH = 0.5  # ...and at least this fraction of all ops so far: a state_dict grows with the
 # history, so a fixed interval made each trial's share of the snapshots grow with the run
@@ -61,16 +65,17 @@ class ExperimentSettings:
     min_workers: int = 0
     min_workers_wait_seconds: float = 60.0
     # Leases queued on each worker beyond its slots, so it starts the next trial the moment one
-    # ends instead of waiting a master round trip. 0 (the default) keeps "ask only for free
-    # slots"; 1 pays off only for trials of around a second or less (docs/benchmarks.md).
-    prefetch: int = 0
+    # ends instead of waiting a master round trip. 0 keeps "ask only for free slots"; 1 pays
+    # off only for short trials (docs/benchmarks.md). None = auto: 1 while the median duration
+    # of the last trials is under AUTO_PREFETCH_BELOW_SECONDS, else 0 (the CLI's default).
+    prefetch: int | None = 0
 
     def __post_init__(self) -> None:
         if self.max_trials < 1:
             raise ValueError(f"spec.budget.maxTrials={self.max_trials!r}: must be >= 1")
         if self.max_failed_trials < 0:
             raise ValueError(f"spec.budget.maxFailedTrials={self.max_failed_trials!r}: must be >= 0")
-        if self.prefetch < 0:
+        if self.prefetch is not None and self.prefetch < 0:
             raise ValueError(f"prefetch={self.prefetch!r}: must be >= 0")
         if self.max_task_retries < 0:
             raise ValueError(f"spec.faultTolerance.maxTaskRetries={self.max_task_retries!r}: must be >= 0")
@@ -132,6 +137,7 @@ class ExperimentCoordinator:
         self.changed = threading.Condition(self._lock)
         self._outboxes: dict[str, queue.Queue] = {}
         self._queue_lock = threading.Lock()
+        self._recent_durations: deque[float] = deque(maxlen=AUTO_PREFETCH_WINDOW)
         self._result_queue: list[_QueuedResult] = []
         self.phase = PENDING
         self.message = ""
@@ -236,7 +242,7 @@ class ExperimentCoordinator:
         with self._lock, self.journal.transaction():
             now = self.clock.wall()
             rec = self.registry.register(name, gpus, slots, hostname, pid)
-            rec.prefetch = self.settings.prefetch
+            rec.prefetch = self._prefetch()
             self._outboxes[rec.worker_id] = queue.Queue()
             self.journal.event(now, "worker_registered", worker_id=rec.worker_id, worker_name=name, gpus=gpus,
                                slots=slots, hostname=hostname, pid=pid)
@@ -409,6 +415,7 @@ class ExperimentCoordinator:
         att = self.leases.attempts[(task_id, attempt)]
         holder = self.registry.get(att.worker_id)
         task = self.leases.tasks[task_id]
+        self._recent_durations.append(max(0.0, float(duration or 0.0)))
         if ok:
             self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now)
             self.succeeded += 1
@@ -449,6 +456,14 @@ class ExperimentCoordinator:
         return True, "", ""
 
     # --- dispatching -------------------------------------------------------------------------
+    def _prefetch(self) -> int:
+        """Leases to queue per worker beyond its slots (see ExperimentSettings.prefetch)."""
+        if self.settings.prefetch is not None:
+            return self.settings.prefetch
+        if not self._recent_durations:
+            return 0  # nothing known yet: trials may be long
+        return 1 if statistics.median(self._recent_durations) < AUTO_PREFETCH_BELOW_SECONDS else 0
+
     def _pending_tasks(self) -> list[Task]:
         return [self.leases.tasks[i] for i in self.leases.pending_ids()]
 
@@ -461,6 +476,10 @@ class ExperimentCoordinator:
         pending task, never beyond the budget."""
         if self._exhausted:
             return
+        if self.settings.prefetch is None:
+            prefetch = self._prefetch()
+            for w in self.registry.live():
+                w.prefetch = prefetch
         free = sum(w.free_slots for w in self.registry.live())
         want = free - self._ready_pending()
         outstanding = len(self.leases.tasks) - self.succeeded - self.failed

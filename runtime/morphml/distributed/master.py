@@ -250,7 +250,8 @@ class MasterNode:
     $MORPHML_TOKEN; no token disables auth), journal (SQLite path; default in memory, i.e. no
     resume), max_trials (default population_size x num_generations when the optimizer has
     them, else 100), max_failed_trials (10), max_task_retries (2), heartbeat_interval (10),
-    missed_heartbeats (3), evaluation (spec.evaluation dict), metric, goal, name, seed.
+    missed_heartbeats (3), evaluation (spec.evaluation dict), metric, goal, name, seed, prefetch
+    (None = auto, the default: one queued lease per worker while trials are short).
     """
 
     def __init__(self, optimizer: Any, config: dict | None = None):
@@ -272,7 +273,7 @@ class MasterNode:
             heartbeat_interval=float(c.get("heartbeat_interval", 10.0)),
             missed_heartbeats=int(c.get("missed_heartbeats", 3)), evaluation=dict(c.get("evaluation", {})),
             metric=c.get("metric", "val_accuracy"), goal=c.get("goal", "maximize"), seed=int(c.get("seed", 0)),
-            min_workers=int(c.get("num_workers", 0)))
+            min_workers=int(c.get("num_workers", 0)), prefetch=c.get("prefetch"))
 
     def start(self, num_generations: int | None = None) -> int:
         """Starts serving; returns the port. Workers may connect from now on."""

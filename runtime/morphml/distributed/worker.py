@@ -173,6 +173,11 @@ class WorkerNode:
         self._running: dict[tuple[str, int], int] = {}  # lease -> slot
         self._cancelled: set[tuple[str, int]] = set()
         self._undelivered: list[pb.TrialResult] = []
+        # Finished trials waiting for their ReportResult call: a reporter thread per slot
+        # delivers them, so a slot starts its next (prefetched) lease without waiting for the
+        # master's acknowledgement (which comes after the result is journaled).
+        self._results: queue.Queue = queue.Queue()
+        self._reporting = 0  # results queued or being reported (not yet acknowledged or parked)
         self._lock = threading.Lock()
         self._worker_id = ""
         self._draining = threading.Event()
@@ -189,6 +194,7 @@ class WorkerNode:
             runner.ensure_started()  # warm: the first trial does not pay the interpreter start
         for slot in range(self.config.slots):
             threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot}", daemon=True).start()
+            threading.Thread(target=self._report_loop, name=f"report-{slot}", daemon=True).start()
         threading.Thread(target=self._redeliver_loop, name="redeliver", daemon=True).start()
         if not block:
             threading.Thread(target=self._main_loop, name="worker-main", daemon=True).start()
@@ -362,7 +368,21 @@ class WorkerNode:
                 metrics_json=json.dumps(reply.get("metrics", {})) if reply.get("ok") else "",
                 failure_kind=reply.get("kind", ""), failure_message=reply.get("message", ""),
                 duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name)
-            self._deliver(result)
+            with self._lock:
+                self._reporting += 1
+            self._results.put(result)
+
+    def _report_loop(self) -> None:
+        while not self._done.is_set():
+            try:
+                result = self._results.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self._deliver(result)
+            finally:
+                with self._lock:
+                    self._reporting -= 1
 
     def _cancel(self, ref: tuple[str, int]) -> None:
         with self._lock:
@@ -404,7 +424,7 @@ class WorkerNode:
         deadline = time.monotonic() + self.config.grace_seconds
         while time.monotonic() < deadline:
             with self._lock:
-                busy = bool(self._running)
+                busy = bool(self._running) or self._reporting > 0
             if not busy and self._leases.empty():
                 break
             time.sleep(0.05)
