@@ -215,12 +215,15 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
 
     # The operator pod is replaced (kopf resumes every experiment): still one of everything.
     operator_ns, operator_pod = operator
+    operator_deleted_at = time.time()
     kube.kubectl("delete", "pod", operator_pod, "-n", operator_ns, "--wait=true", timeout=90)
     pods = kube.wait_pods_ready(operator_ns, "app.kubernetes.io/component=operator", 1, timeout=90)
     operator = (operator_ns, pods[0]["metadata"]["name"])
     before = experiment(kube, ns, "longrun")["status"]["trials"]["done"]
     wait_status(kube, operator, ns, "longrun", lambda s: s["trials"]["done"] > before, 120,
                 "progress seen by the new operator")
+    print(f"\noperator pod deleted: the new operator's status shows progress after "
+          f"{time.time() - operator_deleted_at:.1f} s")
     counts = count_owned(kube, ns, "longrun")
     assert {k: counts.get(k, 0) for k in ("Secret", "ConfigMap", "PersistentVolumeClaim", "Service", "Deployment",
                                           "ServiceAccount", "NetworkPolicy")} == {
@@ -247,6 +250,7 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
     selector = "morphml.io/experiment=longrun,app.kubernetes.io/component=master"
     old_uid = kube.pods(ns, selector)[0]["metadata"]["uid"]
     done_before = experiment(kube, ns, "longrun")["status"]["trials"]["done"]
+    master_deleted_at = time.time()
     kube.kubectl("delete", "pod", "longrun-master", "-n", ns, "--wait=false")
     shown: list[int] = []
 
@@ -259,6 +263,8 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
         kube.wait_for(resumed, 180, 1.0, "a new master pod that resumes the search")
     except AssertionError as error:
         raise AssertionError(f"{error}\n--- operator log ---\n{operator_log(kube, operator)}") from None
+    print(f"master pod deleted: a new master resumed and the status showed new progress after "
+          f"{time.time() - master_deleted_at:.1f} s (done {done_before} -> {shown[-1]})")
     assert shown == sorted(shown), f"done trials went backwards: {shown}"
     master_log = kube.pod_log(ns, "longrun-master")
     assert "restored" in master_log, master_log[-2000:]
