@@ -11,39 +11,25 @@ Reply on the original stdout (the user's prints go to stderr so they cannot corr
   {"ok": true, "metrics": {...}, "duration": s} or
   {"ok": false, "kind": "exception|nan|timeout|oom|invalid", "message": "...", "duration": s}
 
-Evaluator dispatch: `evaluation.evaluator = "module:function"` is imported and called as
-fn(arch_json, evaluation_spec, device) without touching torch; otherwise
-morphml.evaluation.evaluate_architecture (which imports torch) is imported on first use.
+Evaluation goes through morphml.evaluation.evaluate_architecture: a `module:function` evaluator
+runs without torch; the built-in trainer imports torch on first use.
 
-Imports: json, importlib; morphml.evaluation lazily. No pickle.
+Signals: SIGTERM/SIGINT are ignored (the worker decides when a trial ends) and the runner dies
+with its worker (PR_SET_PDEATHSIG on Linux).
+
+Imports: json, signal; morphml.evaluation lazily. No pickle.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import math
 import os
+import signal
 import sys
 import time
 import traceback
 
 MAX_MESSAGE = 4000
-
-
-def load_evaluator(ref: str):
-    """Imports "module:function"; raises ValueError naming spec.evaluation.evaluator."""
-    module_name, sep, func_name = ref.partition(":")
-    if not sep or not module_name or not func_name:
-        raise ValueError(f"spec.evaluation.evaluator={ref!r}: expected 'module:function'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"spec.evaluation.evaluator={ref!r}: cannot import module {module_name!r} ({exc})") from exc
-    fn = getattr(module, func_name, None)
-    if not callable(fn):
-        raise ValueError(f"spec.evaluation.evaluator={ref!r}: module {module_name!r} has no function {func_name!r}")
-    return fn
 
 
 def _jsonable(value):
@@ -54,41 +40,44 @@ def _jsonable(value):
         return str(value)
 
 
-def classify(exc: BaseException) -> str:
-    kind = getattr(exc, "kind", None)
-    if isinstance(kind, str) and kind in ("exception", "nan", "timeout", "oom", "invalid"):
-        return kind
-    text = f"{type(exc).__name__}: {exc}".lower()
-    if isinstance(exc, MemoryError) or "out of memory" in text:
-        return "oom"
-    return "exception"
+def run_one(request: dict) -> dict:
+    """Runs one trial through morphml.evaluation (which imports torch only for the built-in
+    trainer; a `module:function` evaluator runs without it) and returns the reply object."""
+    from morphml.evaluation import TrialFailure, evaluate_architecture
 
-
-def run_one(request: dict, evaluators: dict) -> dict:
     started = time.monotonic()
-    evaluation = request.get("evaluation") or {}
     try:
-        ref = evaluation.get("evaluator")
-        if ref:
-            fn = evaluators.get(ref) or evaluators.setdefault(ref, load_evaluator(ref))
-            metrics = fn(request["arch"], evaluation, request.get("device"))
-        else:
-            from morphml.evaluation import evaluate_architecture  # imports torch
-
-            metrics = evaluate_architecture(request["arch"], evaluation, device=request.get("device"),
-                                            seed=int(request.get("seed", 0)))
-        if not isinstance(metrics, dict):
-            return {"ok": False, "kind": "invalid", "duration": time.monotonic() - started,
-                    "message": f"evaluator returned {type(metrics).__name__}, expected a dict of metrics"}
-        if any(isinstance(v, float) and math.isnan(v) for v in metrics.values()):
-            return {"ok": False, "kind": "nan", "duration": time.monotonic() - started,
-                    "message": f"metrics contain NaN: {metrics}"}
+        metrics = evaluate_architecture(request["arch"], request.get("evaluation") or {},
+                                        device=request.get("device"), seed=int(request.get("seed", 0)))
         return {"ok": True, "metrics": metrics, "duration": time.monotonic() - started}
-    except Exception as exc:  # the trial failed, the runner lives on
-        tail = traceback.format_exc(limit=3)
-        message = f"{type(exc).__name__}: {exc}"
-        return {"ok": False, "kind": classify(exc), "duration": time.monotonic() - started,
-                "message": (message + "\n" + tail)[:MAX_MESSAGE]}
+    except TrialFailure as exc:
+        return {"ok": False, "kind": exc.kind, "duration": time.monotonic() - started,
+                "message": exc.message[:MAX_MESSAGE]}
+    except Exception as exc:  # a bug outside the trial's own code; the runner lives on
+        message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        return {"ok": False, "kind": "exception", "duration": time.monotonic() - started,
+                "message": message[:MAX_MESSAGE]}
+
+
+def _die_with_parent() -> None:
+    """Signals are the worker's business: it ends a trial by SIGKILL and the runner by closing
+    stdin. A SIGTERM to the whole process group (a pod being deleted) must not kill the trial
+    before the worker decides to hand it back or finish it, hence ignore SIGTERM/SIGINT. If
+    the worker itself is SIGKILLed, the runner must not train on as an orphan: ask Linux to
+    SIGKILL it when its parent dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        parent = os.getppid()
+        try:
+            import ctypes
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def main() -> int:
@@ -97,11 +86,11 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     replies = os.fdopen(reply_fd, "w", buffering=1)
-    evaluators: dict = {}
+    _die_with_parent()
     for line in sys.stdin:
         if not line.strip():
             continue
-        reply = run_one(json.loads(line), evaluators)
+        reply = run_one(json.loads(line))
         replies.write(json.dumps(reply, default=_jsonable) + "\n")
         replies.flush()
     return 0
