@@ -40,6 +40,8 @@ from .proto import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("morphml.worker")
 
+RUNNER_LOOKAHEAD = 1  # trials queued in a runner's stdin behind the running one
+
 PERMANENT_ERRORS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
                     grpc.StatusCode.PERMISSION_DENIED)
 
@@ -99,36 +101,36 @@ class RunnerProcess:
                     [sys.executable, "-m", "morphml.distributed.trial_runner"], stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE, stderr=None, start_new_session=False)
 
-    def run(self, request: dict, timeout: float | None) -> dict | None:
-        """Runs one trial; returns the reply, a synthesized failure, or None if killed by kill()."""
+    def send(self, request: dict) -> None:
+        """Queues one trial on the runner's stdin; it starts when the runner is free."""
         self.ensure_started()
-        proc = self.proc
-        started = time.monotonic()
         try:
-            proc.stdin.write((json.dumps(request) + "\n").encode())
-            proc.stdin.flush()
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
-            pass
-        deadline = None if timeout is None else started + timeout
+            pass  # the runner died: receive() reports it
+
+    def receive(self, deadline: float | None, wake_fd: int | None = None):
+        """Waits for the next reply. Returns ("reply", dict), ("timeout", None) at the deadline,
+        ("exited", exit code or None when killed by kill()), or ("wake", None) when wake_fd
+        became readable first."""
+        proc = self.proc
         fd = proc.stdout.fileno()
+        watch = [fd] if wake_fd is None else [fd, wake_fd]
         while b"\n" not in self._buffer:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([fd], [], [], wait)
+            ready, _, _ = select.select(watch, [], [], wait)
             if not ready:
-                self.kill()
-                return {"ok": False, "kind": "timeout", "duration": time.monotonic() - started,
-                        "message": f"trial exceeded timeoutSeconds={timeout:g}; its process was killed"}
+                return "timeout", None
+            if fd not in ready:
+                return "wake", None
             chunk = os.read(fd, 65536)
             if not chunk:
                 code = proc.wait()
-                if getattr(proc, "killed_on_purpose", False):
-                    return None
-                kind = "oom" if code == -signal.SIGKILL else "exception"
-                return {"ok": False, "kind": kind, "duration": time.monotonic() - started,
-                        "message": f"trial process exited with code {code} before reporting a result"}
+                return "exited", (None if getattr(proc, "killed_on_purpose", False) else code)
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        return json.loads(line)
+        return "reply", json.loads(line)
 
     def kill(self, on_purpose: bool = False) -> None:
         with self._lock:
@@ -169,6 +171,12 @@ class WorkerNode:
         self._channel = grpc.insecure_channel(config.master, options=grpc_options(config.max_message_bytes))
         self._stub = pb_grpc.MasterStub(self._channel)
         self._runners = [RunnerProcess(i) for i in range(config.slots)]
+        # Per slot, a pipe that wakes the slot thread out of its wait on the runner when a lease
+        # arrives, so it can queue the lease behind the running trial.
+        self._wake = [os.pipe() for _ in range(config.slots)]
+        for r, w in self._wake:
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
         self._leases: queue.Queue = queue.Queue()
         self._running: dict[tuple[str, int], int] = {}  # lease -> slot
         self._cancelled: set[tuple[str, int]] = set()
@@ -312,6 +320,11 @@ class WorkerNode:
                 kind = msg.WhichOneof("kind")
                 if kind == "lease":
                     self._leases.put(msg.lease)
+                    for _, wake_w in self._wake:
+                        try:
+                            os.write(wake_w, b"x")
+                        except BlockingIOError:
+                            pass  # already awake-pending
                 elif kind == "cancel":
                     self._cancel((msg.cancel.task_id, msg.cancel.attempt))
                 elif kind == "shutdown":
@@ -335,42 +348,119 @@ class WorkerNode:
 
     # --- trials --------------------------------------------------------------------------------
     def _slot_loop(self, slot: int) -> None:
+        """Feeds one runner. While a trial runs, the slot's next lease (prefetched by the master)
+        is already written to the runner's stdin, so the runner starts it the moment the current
+        one ends, without waiting for this process to be scheduled; a runner killed (timeout,
+        crash, cancel) takes the queued trial with it, which is re-sent to its replacement."""
         runner = self._runners[slot]
+        wake_r = self._wake[slot][0]
+        inflight: list[dict] = []  # head: the running trial; then the one queued behind it
+        head_started = 0.0
         while not self._done.is_set():
-            try:
-                lease = self._leases.get(timeout=0.5)
-            except queue.Empty:
+            while len(inflight) < 1 + RUNNER_LOOKAHEAD:
+                try:
+                    lease = self._leases.get(timeout=0.5) if not inflight else self._leases.get_nowait()
+                except queue.Empty:
+                    break
+                if self._draining.is_set():
+                    continue  # not started: Deregister hands it back to the master
+                item = self._prepare(lease, slot)
+                if "reply" in item:  # malformed lease
+                    self._finish_trial(item, item["reply"])
+                    continue
+                with self._lock:
+                    self._running[item["ref"]] = slot
+                runner.send(item["request"])
+                if not inflight:
+                    head_started = time.monotonic()
+                inflight.append(item)
+            if not inflight:
                 continue
-            if self._draining.is_set():
-                continue  # not started: Deregister hands it back to the master
-            ref = (lease.task_id, lease.attempt)
-            with self._lock:
-                self._running[ref] = slot
-            try:
-                evaluation = json.loads(lease.evaluation_json or "{}")
-                timeout = evaluation.get("timeoutSeconds")
-                if timeout and not evaluation.get("evaluator"):
-                    timeout = float(timeout) * 1.1 + 5  # the built-in trainer times out first, cleanly
-                request = {"task_id": lease.task_id, "attempt": lease.attempt,
-                           "arch": json.loads(lease.architecture_json), "evaluation": evaluation,
-                           "device": self.config.device(slot), "seed": lease.seed}
-                reply = runner.run(request, float(timeout) if timeout else None)
-            except Exception as exc:  # a malformed lease must not kill the slot
-                reply = {"ok": False, "kind": "invalid", "message": f"bad lease: {exc}", "duration": 0.0}
-            with self._lock:
-                self._running.pop(ref, None)
-                cancelled = ref in self._cancelled
-                self._cancelled.discard(ref)
-            if reply is None or cancelled:
+            head = inflight[0]
+            deadline = None if head["timeout"] is None else head_started + head["timeout"]
+            status, reply = runner.receive(deadline, wake_r)
+            if status == "wake":
+                try:
+                    os.read(wake_r, 4096)
+                except BlockingIOError:
+                    pass
                 continue
-            result = pb.TrialResult(
-                lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt), ok=bool(reply.get("ok")),
-                metrics_json=json.dumps(reply.get("metrics", {})) if reply.get("ok") else "",
-                failure_kind=reply.get("kind", ""), failure_message=reply.get("message", ""),
-                duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name)
-            with self._lock:
-                self._reporting += 1
-            self._results.put(result)
+            if self._done.is_set():
+                break  # shutting down: the runners were killed on purpose
+            now = time.monotonic()
+            if status == "exited" and reply is None:
+                with self._lock:
+                    head_cancelled = head["ref"] in self._cancelled
+                if not head_cancelled:
+                    # Killed to cancel a trial queued behind this one: this one runs again.
+                    with self._lock:
+                        keep = [i for i in inflight if i["ref"] not in self._cancelled or i is head]
+                    for dropped in inflight:
+                        if dropped not in keep:
+                            self._finish_trial(dropped, None)
+                    inflight = keep
+                    for item in inflight:
+                        runner.send(item["request"])
+                    head_started = now
+                    continue
+            inflight.pop(0)
+            if status == "timeout":
+                runner.kill()
+                reply = {"ok": False, "kind": "timeout", "duration": now - head_started,
+                         "message": f"trial exceeded timeoutSeconds={head['timeout']:g}; its process was killed"}
+            elif status == "exited":
+                if reply is None:  # killed on purpose (cancel)
+                    reply = None
+                else:
+                    kind = "oom" if reply == -signal.SIGKILL else "exception"
+                    reply = {"ok": False, "kind": kind, "duration": now - head_started,
+                             "message": f"trial process exited with code {reply} before reporting a result"}
+            head_started = now
+            if status != "reply":
+                # The queued trials died with the runner before starting: give them to a new one
+                # (cancelled ones are dropped).
+                with self._lock:
+                    keep = [i for i in inflight if i["ref"] not in self._cancelled]
+                for dropped in inflight:
+                    if dropped not in keep:
+                        self._finish_trial(dropped, None)
+                inflight = keep
+                for item in inflight:
+                    runner.send(item["request"])
+            self._finish_trial(head, reply)
+
+    def _prepare(self, lease, slot: int) -> dict:
+        """The runner request for a lease (or an "invalid" reply when the lease is malformed)."""
+        ref = (lease.task_id, lease.attempt)
+        try:
+            evaluation = json.loads(lease.evaluation_json or "{}")
+            timeout = evaluation.get("timeoutSeconds")
+            if timeout and not evaluation.get("evaluator"):
+                timeout = float(timeout) * 1.1 + 5  # the built-in trainer times out first, cleanly
+            request = {"task_id": lease.task_id, "attempt": lease.attempt,
+                       "arch": json.loads(lease.architecture_json), "evaluation": evaluation,
+                       "device": self.config.device(slot), "seed": lease.seed}
+        except Exception as exc:  # a malformed lease must not kill the slot
+            return {"lease": lease, "ref": ref,
+                    "reply": {"ok": False, "kind": "invalid", "message": f"bad lease: {exc}", "duration": 0.0}}
+        return {"lease": lease, "ref": ref, "request": request, "timeout": float(timeout) if timeout else None}
+
+    def _finish_trial(self, item: dict, reply: dict | None) -> None:
+        lease, ref = item["lease"], item["ref"]
+        with self._lock:
+            self._running.pop(ref, None)
+            cancelled = ref in self._cancelled
+            self._cancelled.discard(ref)
+        if reply is None or cancelled:
+            return
+        result = pb.TrialResult(
+            lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt), ok=bool(reply.get("ok")),
+            metrics_json=json.dumps(reply.get("metrics", {})) if reply.get("ok") else "",
+            failure_kind=reply.get("kind", ""), failure_message=reply.get("message", ""),
+            duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name)
+        with self._lock:
+            self._reporting += 1
+        self._results.put(result)
 
     def _report_loop(self) -> None:
         while not self._done.is_set():
