@@ -91,26 +91,3 @@ def finished_once(journal: dict) -> tuple[list[str], list[str]]:
             accepted[result["task_id"]] = accepted.get(result["task_id"], 0) + 1
     return sorted(accepted), sorted(t for t, n in accepted.items() if n > 1)
 
-
-def trial_runner_survives_sigterm() -> bool:
-    """Does morphml's trial runner outlive a SIGTERM sent to its process group?
-
-    The process node (like a terminal's Ctrl-C) signals a container's whole process group when a
-    pod is deleted; a runner that dies of it fails the running trial as an "exception" (a retry
-    used up) before the worker could drain and before the operator's WorkerGone arrives. The
-    pod-loss tests expect the runner to leave SIGTERM to its worker.
-    """
-    import signal
-    import subprocess
-    import sys
-
-    runner = subprocess.Popen([sys.executable, "-m", "morphml.distributed.trial_runner"], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1.5)  # past its imports and signal set-up
-        runner.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        return runner.poll() is None
-    finally:
-        runner.kill()
-        runner.wait()

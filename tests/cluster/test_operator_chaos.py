@@ -21,7 +21,7 @@ import time
 import pytest
 
 from .operator_trials import finished_once, journal_file, next_lease, read_journal, repo_on_pythonpath
-from .test_operator_e2e import RUNNER_DIES_ON_SIGTERM, operator, quick_trials, wait_status  # noqa: F401 (a fixture)
+from .test_operator_e2e import operator, quick_trials, wait_status  # noqa: F401 (operator: a fixture)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 repo_on_pythonpath()
@@ -66,7 +66,6 @@ def finish(kube, operator, ns: str, name: str) -> dict:
 
 
 @pytest.mark.timeout(1000)
-@RUNNER_DIES_ON_SIGTERM
 def test_deleting_random_worker_pods_every_few_seconds_loses_and_repeats_no_trial(kube, operator, kube_namespace):
     ns = kube_namespace
     rng = random.Random(SEED)

@@ -15,18 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .operator_trials import (EVALUATOR, finished_once, journal_file, next_lease, read_journal, repo_on_pythonpath,
-                             trial_runner_survives_sigterm)
+from .operator_trials import EVALUATOR, finished_once, journal_file, next_lease, read_journal, repo_on_pythonpath
 
 pytestmark = pytest.mark.cluster
 # Before the node agent starts (after collection): its pods' processes import tests.cluster.operator_trials.
 repo_on_pythonpath()
-# Known gap in the runtime (issue-6 report): a trial runner that dies of the pod's SIGTERM turns a
-# deleted pod into a failed trial (retry used) instead of a pod_gone re-lease. Checked, not assumed.
-RUNNER_DIES_ON_SIGTERM = pytest.mark.xfail(
-    not trial_runner_survives_sigterm(), strict=True,
-    reason="morphml.distributed.trial_runner dies of a SIGTERM sent to the pod's process group; it must ignore "
-           "SIGTERM/SIGINT and leave them to its worker")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "morphml"
@@ -319,7 +312,6 @@ def quick_trials(name: str, seconds: int, **changes) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@RUNNER_DIES_ON_SIGTERM
 def test_worker_pod_deleted_mid_trial_is_re_leased_via_pod_gone_within_two_seconds(kube, operator, kube_namespace):
     """Acceptance 1 (issue 6): measured from the master's journal, not from the test's view."""
     ns = kube_namespace
