@@ -127,6 +127,17 @@ def test_operator_can_do_exactly_what_its_handlers_use(kube, kube_namespace):
         for pod_spec in (master["spec"], template):
             assert pod_spec["serviceAccountName"] == "digits-pods"
             assert pod_spec["automountServiceAccountToken"] is False
+            # ... and locked down as the API server stored them (issue 6).
+            assert pod_spec["securityContext"]["runAsNonRoot"] is True
+            assert pod_spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            context = pod_spec["containers"][0]["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+        operator_pod = pods[0]
+        assert operator_pod["spec"]["securityContext"]["runAsNonRoot"] is True
+        context = operator_pod["spec"]["containers"][0]["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+        assert context["capabilities"] == {"drop": ["ALL"]}
     finally:
         kube.helm("uninstall", "rbac-check", "--namespace", ns, "--wait", "--timeout", "60s", check=False)
 
