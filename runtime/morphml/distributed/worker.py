@@ -41,6 +41,8 @@ from .proto import worker_pb2_grpc as pb_grpc
 log = logging.getLogger("morphml.worker")
 
 RUNNER_LOOKAHEAD = 1  # trials queued in a runner's stdin behind the running one
+# Not callable, so a runner answers it at once with an error (and imports nothing heavy).
+WARM_UP_EVALUATOR = "morphml.distributed.trial_runner:MAX_MESSAGE"
 
 PERMANENT_ERRORS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
                     grpc.StatusCode.PERMISSION_DENIED)
@@ -109,6 +111,17 @@ class RunnerProcess:
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the runner died: receive() reports it
+
+    def warm_up(self, timeout: float) -> None:
+        """Sends the runner a request that fails at once and waits for the reply, so the worker
+        registers only when its runner is up and has loaded the evaluation dispatch: on a
+        loaded host an interpreter start takes seconds, and a lease given to a worker whose
+        runner is still starting waits for it while the master counts it as running."""
+        self.send({"task_id": "", "attempt": 0, "arch": {}, "device": None, "seed": 0,
+                   "evaluation": {"evaluator": WARM_UP_EVALUATOR}})
+        status, _ = self.receive(time.monotonic() + timeout)
+        if status != "reply":
+            log.warning("trial runner %d: no reply to the warm-up request (%s)", self.slot, status)
 
     def receive(self, deadline: float | None, wake_fd: int | None = None):
         """Waits for the next reply. Returns ("reply", dict), ("timeout", None) at the deadline,
@@ -200,6 +213,8 @@ class WorkerNode:
         self._start_health()
         for runner in self._runners:
             runner.ensure_started()  # warm: the first trial does not pay the interpreter start
+        for runner in self._runners:
+            runner.warm_up(60)
         for slot in range(self.config.slots):
             threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot}", daemon=True).start()
             threading.Thread(target=self._report_loop, name=f"report-{slot}", daemon=True).start()
@@ -457,7 +472,8 @@ class WorkerNode:
             lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt), ok=bool(reply.get("ok")),
             metrics_json=json.dumps(reply.get("metrics", {})) if reply.get("ok") else "",
             failure_kind=reply.get("kind", ""), failure_message=reply.get("message", ""),
-            duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name)
+            duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name,
+            lease_key=lease.lease_key)
         with self._lock:
             self._reporting += 1
         self._results.put(result)
