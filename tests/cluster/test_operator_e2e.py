@@ -436,10 +436,6 @@ def test_rogue_worker_without_the_token_is_refused_on_the_cluster(kube, operator
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason=(
-    "the master accepts a result for (task id, attempt) from any caller holding the experiment token: "
-    "MasterServicer.ReportResult must refuse a result whose worker_id is not the attempt's holder "
-    "(see the issue-6 report); remove this marker when it does"))
 def test_result_for_a_lease_held_by_another_worker_is_refused_even_with_the_token(kube, operator, kube_namespace):
     """Acceptance 5, second half: the token admits a process, it does not let it finish others' trials."""
     import base64

@@ -8,7 +8,7 @@ import os
 import grpc
 import pytest
 
-from proc_helpers import TOKEN, finished, free_port, health_ok, status, wait_for, write_manifest
+from proc_helpers import TOKEN, finished, free_port, health_ok, journal_rows, status, wait_for, write_manifest
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
@@ -83,3 +83,31 @@ def test_garbage_and_oversized_messages_are_rejected_and_the_master_carries_on(p
     procs.worker(port, "honest")
     st = wait_for(lambda: finished(s := status(port)) and s, 60, "the experiment to finish")
     assert st.phase == "Succeeded" and st.succeeded == 3 and st.best.metric < 1.0
+
+
+@pytest.mark.timeout(90)
+def test_result_for_a_lease_the_caller_never_held_is_refused_even_with_the_token(procs, tmp_path):
+    """The token admits a process; only the lease's key lets it finish that trial."""
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
+    port = free_port()
+    journal = tmp_path / "journal.db"
+    procs.master(manifest, port, journal=journal)
+    procs.worker(port, "honest", env=dict(procs.env, MORPHML_TEST_SLEEP="3"))
+    running = wait_for(lambda: [r for w in status(port).workers for r in w.running], 30, "a trial running")
+    lease = running[0]
+    md = token_metadata(TOKEN)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.MasterStub(ch)
+        for key in ("", "f" * 32):
+            forged = pb.TrialResult(worker_id="rogue/1", worker_name="rogue", ok=True, metrics_json='{"val_accuracy": 1.0}',
+                                    lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt), lease_key=key)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ReportResult(forged, metadata=md, timeout=5)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert lease.task_id in err.value.details() and "lease_key" in err.value.details()
+    st = status(port)
+    assert st.succeeded == 0 and st.best.metric < 1.0
+    st = wait_for(lambda: finished(s := status(port)) and s, 60, "the experiment to finish")
+    assert st.phase == "Succeeded" and st.succeeded == 2 and st.best.metric < 1.0  # the honest results counted
+    refused = journal_rows(journal, "SELECT worker_name, disposition FROM results WHERE disposition = 'refused'")
+    assert refused == [("rogue", "refused")] * 2

@@ -297,3 +297,28 @@ def test_grouped_results_are_each_acknowledged_after_their_commit(tmp_path):
     assert set(got.values()) == {"accepted"} and len(got) == 8
     rows = coord.journal.query("SELECT COUNT(*) FROM results WHERE disposition = 'accepted'")[0][0]
     assert rows == 8 and coord.succeeded == 8
+
+
+def test_result_without_the_lease_key_is_refused_and_never_counted(tmp_path):
+    coord, _ = make(tmp_path, max_trials=1)
+    _, box = join(coord, "a")
+    (m,) = leases(box)
+    assert m.lease_key and m.lease_key == coord.lease_key(m.task_id, m.attempt)
+    assert coord.lease_key(m.task_id, m.attempt + 1) != m.lease_key  # keys are per attempt
+    for forged in ("", "0" * 32, coord.lease_key(m.task_id, m.attempt + 1)):
+        assert coord.report_result(m.task_id, m.attempt, True, {"val_accuracy": 1.0}, worker_name="rogue",
+                                   lease_key=forged) == "refused"
+    assert coord.succeeded == 0 and coord.phase != "Succeeded"
+    assert [e["task_id"] for e in coord.journal.events("refused_result")] == [m.task_id] * 3
+    assert coord.report_result(m.task_id, m.attempt, True, {"val_accuracy": 0.7}, lease_key=m.lease_key) == "accepted"
+    assert coord.succeeded == 1 and coord.best.metrics["val_accuracy"] == 0.7
+
+
+def test_lease_keys_survive_a_master_restart(tmp_path):
+    coord, _ = make(tmp_path, max_trials=1)
+    _, box = join(coord, "a")
+    (m,) = leases(box)
+    coord.journal.close()
+    coord2, _ = make(tmp_path, max_trials=1)
+    assert coord2.lease_key(m.task_id, m.attempt) == m.lease_key
+    assert coord2.report_result(m.task_id, 1, True, {"val_accuracy": 0.75}, lease_key=m.lease_key) == "accepted"

@@ -13,10 +13,13 @@ any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
 import queue
+import secrets
 import statistics
 import threading
 from collections import deque
@@ -90,6 +93,7 @@ class LeaseMessage:
     arch_json: str
     evaluation_json: str
     seed: int
+    lease_key: str = ""
 
 
 @dataclass
@@ -193,6 +197,10 @@ class ExperimentCoordinator:
                 self.phase = phase
                 self.message = self.journal.get_meta("message", "")
             self.journal.set_meta("name", self.settings.name)
+            self._lease_secret = self.journal.get_meta("lease_secret")
+            if self._lease_secret is None:
+                self._lease_secret = secrets.token_hex(32)
+                self.journal.set_meta("lease_secret", self._lease_secret)
             self.journal.event(now, "master_started", restored_tasks=len(tasks), phase=self.phase)
             if tasks:
                 log.info("restored %d tasks from %s (%d succeeded, %d failed)", len(tasks), self.journal.path,
@@ -359,9 +367,19 @@ class ExperimentCoordinator:
             return lost
 
     # --- results -----------------------------------------------------------------------------
+    def lease_key(self, task_id: str, attempt: int) -> str:
+        """The key a worker must quote to report (task id, attempt): only its lease carries it."""
+        message = f"{task_id}\x00{attempt}".encode()
+        return hmac.new(bytes.fromhex(self._lease_secret), message, hashlib.sha256).hexdigest()[:32]
+
     def report_result(self, task_id: str, attempt: int, ok: bool, metrics: dict | None, failure_kind: str = "",
-                      failure_message: str = "", worker_name: str = "", duration: float = 0.0) -> str:
-        """Returns the disposition: accepted, stale, duplicate or unknown, once it is journaled.
+                      failure_message: str = "", worker_name: str = "", duration: float = 0.0,
+                      lease_key: str | None = None) -> str:
+        """Returns the disposition: accepted, stale, duplicate, unknown or refused, once it is journaled.
+
+        `lease_key` is checked when given (the gRPC service always gives it): a result whose key
+        is not the lease's is "refused", journaled as such and never counted. In-process callers
+        that hold the coordinator itself may leave it None.
 
         Group commit: results that arrive while another is being journaled queue up, and the
         next caller to get the lock handles every queued one in one transaction (one fsync, one
@@ -372,7 +390,9 @@ class ExperimentCoordinator:
         failure_message = (failure_message or "")[:MAX_ERROR_TEXT]
         if ok:
             ok, failure_kind, failure_message = self._check_metrics(metrics)
-        item = _QueuedResult((task_id, attempt, ok, metrics, failure_kind, failure_message, worker_name, duration))
+        forged = lease_key is not None and not hmac.compare_digest(lease_key, self.lease_key(task_id, attempt))
+        item = _QueuedResult((task_id, attempt, ok, metrics, failure_kind, failure_message, worker_name, duration,
+                              forged))
         with self._queue_lock:
             self._result_queue.append(item)
         with self._lock:
@@ -398,12 +418,18 @@ class ExperimentCoordinator:
         return item.disposition
 
     def _apply_result(self, task_id: str, attempt: int, ok: bool, metrics: dict | None, failure_kind: str,
-                      failure_message: str, worker_name: str, duration: float) -> str:
+                      failure_message: str, worker_name: str, duration: float, forged: bool = False) -> str:
         """One result's effect, inside the caller's transaction; returns its disposition."""
         now = self.clock.wall()
         match = self.leases.match(task_id, attempt)
         disposition = {ResultMatch.LIVE: "accepted", ResultMatch.ORPHAN: "accepted",
                        ResultMatch.DUPLICATE: "duplicate", ResultMatch.UNKNOWN: "unknown"}.get(match, "stale")
+        if forged and disposition != "unknown":
+            disposition = "refused"
+            self.journal.add_result(now, task_id, attempt, worker_name, disposition, False, None, "", "", duration)
+            self.journal.event(now, "refused_result", task_id, attempt, worker_name=worker_name,
+                               reason="lease_key does not match")
+            return disposition
         self.journal.add_result(now, task_id, attempt, worker_name, disposition, ok, metrics if ok else None,
                                 failure_kind, failure_message, duration)
         if disposition == "stale":
@@ -544,7 +570,8 @@ class ExperimentCoordinator:
         self._save_task(task)
         self.journal.event(now, "leased", task.task_id, att.attempt, rec.worker_id, rec.name)
         # Sent once the lease is durable: a worker never runs a lease a master crash could forget.
-        message = LeaseMessage(task.task_id, att.attempt, task.arch_json, self._evaluation_json, task.seed)
+        message = LeaseMessage(task.task_id, att.attempt, task.arch_json, self._evaluation_json, task.seed,
+                               self.lease_key(task.task_id, att.attempt))
         self.journal.after_commit(lambda box=self._outboxes[rec.worker_id]: box.put(message))
 
     # --- completion --------------------------------------------------------------------------

@@ -103,7 +103,8 @@ class MasterServicer(pb_grpc.MasterServicer):
             if isinstance(item, LeaseMessage):
                 yield pb.MasterMessage(lease=pb.Lease(task_id=item.task_id, attempt=item.attempt,
                                                       architecture_json=item.arch_json,
-                                                      evaluation_json=item.evaluation_json, seed=item.seed))
+                                                      evaluation_json=item.evaluation_json, seed=item.seed,
+                                                      lease_key=item.lease_key))
             elif isinstance(item, ShutdownMessage):
                 yield pb.MasterMessage(shutdown=pb.Shutdown(reason=item.reason))
 
@@ -138,7 +139,11 @@ class MasterServicer(pb_grpc.MasterServicer):
                           f"ReportResult: failure_kind={request.failure_kind!r}; allowed {', '.join(FAILURE_KINDS)}")
         disposition = self.coord.report_result(
             request.lease.task_id, request.lease.attempt, request.ok, metrics, request.failure_kind,
-            request.failure_message, request.worker_name, request.duration_seconds)
+            request.failure_message, request.worker_name, request.duration_seconds, lease_key=request.lease_key)
+        if disposition == "refused":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"ReportResult: {request.lease.task_id} attempt {request.lease.attempt} was not leased to "
+                          "this caller (lease_key does not match); the result is recorded as refused, not counted")
         return pb.ResultAck(disposition=disposition)
 
     def Deregister(self, request, context):
