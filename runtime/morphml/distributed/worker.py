@@ -472,7 +472,8 @@ class WorkerNode:
             lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt), ok=bool(reply.get("ok")),
             metrics_json=json.dumps(reply.get("metrics", {})) if reply.get("ok") else "",
             failure_kind=reply.get("kind", ""), failure_message=reply.get("message", ""),
-            duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name)
+            duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name,
+            lease_key=lease.lease_key)
         with self._lock:
             self._reporting += 1
         self._results.put(result)
