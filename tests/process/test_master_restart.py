@@ -67,6 +67,10 @@ def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun
     for name in ("wa", "wb"):
         procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "6"})
     wait_for(lambda: (s := status(port)) and s.running == 2, 30, "two running trials")
+    # running == 2 is the master's view the moment the leases are journaled; they reach the
+    # workers' streams just after (leases are sent once durable). Give them time to arrive:
+    # the premise here is trials already running on the workers (they last 6 s).
+    time.sleep(1.0)
     os.killpg(master.pid, signal.SIGKILL)
     master.wait()
     procs.master(manifest, port, journal, extra=hb, log_name="master2.log")
