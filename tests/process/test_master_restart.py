@@ -58,7 +58,10 @@ def test_master_killed_and_restarted_on_its_journal_finishes_the_budget_with_no_
 
 
 @pytest.mark.timeout(90)
-def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun(procs, tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun(procs, tmp_path, stop_signal):
+    # SIGTERM is what a deleted master pod gets: a stopping master must not declare its own
+    # workers lost as their streams close, or the next master re-runs their trials.
     manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
     port = free_port()
     journal = tmp_path / "journal.db"
@@ -71,8 +74,8 @@ def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun
     # workers' streams just after (leases are sent once durable). Give them time to arrive:
     # the premise here is trials already running on the workers (they last 6 s).
     time.sleep(1.0)
-    os.killpg(master.pid, signal.SIGKILL)
-    master.wait()
+    os.killpg(master.pid, stop_signal)
+    master.wait(timeout=20)
     procs.master(manifest, port, journal, extra=hb, log_name="master2.log")
     st = wait_for(lambda: finished(s := status(port)) and s, 60, "the restarted master to finish")
     assert st.phase == "Succeeded" and st.succeeded == 2 and st.stale_results == 0

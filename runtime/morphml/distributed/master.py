@@ -60,6 +60,14 @@ class MasterServicer(pb_grpc.MasterServicer):
 
     def __init__(self, coordinator: ExperimentCoordinator):
         self.coord = coordinator
+        # Set while the master shuts down: the streams it closes itself are not worker deaths.
+        # Their leases stay journaled as leased, so the next master on this journal lets the
+        # reconnecting workers re-adopt them instead of re-running the trials.
+        self.stopping = threading.Event()
+
+    def _stream_lost(self, worker_id: str, detail: str) -> None:
+        if not self.stopping.is_set():
+            self.coord.worker_lost(worker_id, LossReason.STREAM, detail)
 
     def Register(self, request, context):
         try:
@@ -91,7 +99,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             # Fires the moment the RPC ends for any reason: the worker process died, the
             # connection reset, or we ended it. Death at once (a no-op if already dead).
             outbox.put(END_OF_STREAM)
-            self.coord.worker_lost(worker_id, LossReason.STREAM, "session stream closed")
+            self._stream_lost(worker_id, "session stream closed")
 
         context.add_callback(stream_closed)
         threading.Thread(target=self._read_worker_messages, args=(worker_id, request_iterator, outbox),
@@ -122,7 +130,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         except Exception:  # never let one worker's garbage take the master down
             log.exception("session of %s failed", worker_id)
         outbox.put(END_OF_STREAM)
-        self.coord.worker_lost(worker_id, LossReason.STREAM, "session stream closed by the worker")
+        self._stream_lost(worker_id, "session stream closed by the worker")
 
     def ReportResult(self, request, context):
         if not request.HasField("lease") or not request.lease.task_id or request.lease.attempt < 1:
@@ -209,7 +217,8 @@ class MasterServer:
         # Each worker session holds a server thread for its lifetime, hence the large pool.
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="rpc"),
                                    interceptors=interceptors, options=grpc_options(max_message_bytes))
-        pb_grpc.add_MasterServicer_to_server(MasterServicer(coordinator), self._server)
+        self.servicer = MasterServicer(coordinator)
+        pb_grpc.add_MasterServicer_to_server(self.servicer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         self._stop = threading.Event()
@@ -239,6 +248,7 @@ class MasterServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
+        self.servicer.stopping.set()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server.stop(grace).wait(grace + 1)
