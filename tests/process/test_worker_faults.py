@@ -7,10 +7,14 @@ import os
 import signal
 import time
 
+import grpc
 import pytest
 
-from proc_helpers import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
+from proc_helpers import (TOKEN, assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
                       write_manifest)
+from morphml.distributed.auth import token_metadata
+from morphml.distributed.proto import worker_pb2 as pb
+from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.process
 
@@ -181,3 +185,27 @@ def test_sigterm_worker_hands_back_a_trial_that_outlasts_the_grace_period(procs,
     assert st.pending == 1 and st.running == 0
     task = journal_rows(tmp_path / "journal.db", "SELECT state, retries_used FROM tasks WHERE task_id = ?", (task_id,))
     assert task == [("pending", 0)]  # handed back, no retry used
+
+
+@pytest.mark.timeout(60)
+def test_draining_worker_declared_gone_does_not_register_again(procs, tmp_path):
+    """A terminating pod is reported gone by the operator while its worker drains: the worker
+    must not come back for new leases it would only hand back."""
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=4)
+    port = free_port()
+    procs.master(manifest, port)
+    worker = procs.worker(port, "wa", extra=["--grace-seconds", "4"], env={"MORPHML_TEST_SLEEP": "3"})
+    wait_for(lambda: running_worker(port), 30, "a running trial")
+    time.sleep(0.5)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        reply = pb_grpc.MasterStub(ch).WorkerGone(pb.WorkerGoneRequest(worker="wa", reason="pod deleted"),
+                                                  metadata=token_metadata(TOKEN), timeout=5)
+    assert list(reply.worker_ids) == ["wa/1"]
+    assert worker.wait(timeout=30) == 0
+    journal = tmp_path / "journal.db"
+    registered = [e["worker_name"] for e in journal_events(journal, "worker_registered")]
+    assert registered == ["wa"], f"the draining worker registered again: {registered}"
+    leased = journal_rows(journal, "SELECT COUNT(*) FROM attempts WHERE worker_name = 'wa'")[0][0]
+    assert leased == 1

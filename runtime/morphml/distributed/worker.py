@@ -265,6 +265,13 @@ class WorkerNode:
                 backoff = self.config.reconnect_initial_seconds
                 self._session()
                 away_since = time.monotonic()
+                if self._draining.is_set():
+                    # A draining worker takes no new work, so it does not register again when
+                    # its session ends (the operator reported its pod gone, or the master
+                    # stopped): it waits for the drain to finish; results still go out
+                    # through ReportResult.
+                    self._done.wait(self.config.grace_seconds + 10)
+                    break
             if self._leaving.is_set():
                 self._done.wait(10)  # let the drain thread finish its Deregister call
         finally:
