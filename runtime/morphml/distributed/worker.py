@@ -415,14 +415,7 @@ class WorkerNode:
                     head_cancelled = head["ref"] in self._cancelled
                 if not head_cancelled:
                     # Killed to cancel a trial queued behind this one: this one runs again.
-                    with self._lock:
-                        keep = [i for i in inflight if i["ref"] not in self._cancelled or i is head]
-                    for dropped in inflight:
-                        if dropped not in keep:
-                            self._finish_trial(dropped, None)
-                    inflight = keep
-                    for item in inflight:
-                        runner.send(item["request"])
+                    inflight = self._resend_to_new_runner(runner, inflight, keep=head)
                     head_started = now
                     continue
             inflight.pop(0)
@@ -439,17 +432,21 @@ class WorkerNode:
                              "message": f"trial process exited with code {reply} before reporting a result"}
             head_started = now
             if status != "reply":
-                # The queued trials died with the runner before starting: give them to a new one
-                # (cancelled ones are dropped).
-                with self._lock:
-                    keep = [i for i in inflight if i["ref"] not in self._cancelled]
-                for dropped in inflight:
-                    if dropped not in keep:
-                        self._finish_trial(dropped, None)
-                inflight = keep
-                for item in inflight:
-                    runner.send(item["request"])
+                # The queued trials died with the runner before starting: give them to a new one.
+                inflight = self._resend_to_new_runner(runner, inflight)
             self._finish_trial(head, reply)
+
+    def _resend_to_new_runner(self, runner: RunnerProcess, inflight: list, keep: dict | None = None) -> list:
+        """The runner died or was killed with trials queued in its stdin: drop the cancelled ones
+        (all but `keep`), send the rest to its replacement, and return them."""
+        with self._lock:
+            kept = [i for i in inflight if i["ref"] not in self._cancelled or i is keep]
+        for dropped in inflight:
+            if dropped not in kept:
+                self._finish_trial(dropped, None)
+        for item in kept:
+            runner.send(item["request"])
+        return kept
 
     def _prepare(self, lease, slot: int) -> dict:
         """The runner request for a lease (or an "invalid" reply when the lease is malformed)."""
