@@ -119,7 +119,7 @@ def kube(kube_cluster) -> Kube:
 @pytest.fixture
 def kube_namespace(kube, request) -> str:
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"{base}-{os.urandom(2).hex()}"
+    name = f"{base}-{os.urandom(4).hex()}"  # 8 hex digits: parametrized tests share the base
     kube.cluster.check_alive()  # a dead component fails here with its log, not as a timeout later
     kube.kubectl("create", "namespace", name)
     # Pods need the namespace's default ServiceAccount, made by a controller a moment later.

@@ -124,7 +124,13 @@ def test_digits_goes_pending_running_succeeded_and_frees_its_workers(kube, opera
     kube.wait_for(lambda: not kube.pods(ns, "morphml.io/experiment=digits"), 90, 1.0, "experiment pods to go")
     assert kube.kubectl_json("get", "pvc", "digits-journal", "-n", ns)["metadata"]["name"] == "digits-journal"
 
-    table = kube.kubectl("get", "nasexperiments", "-n", ns).stdout.splitlines()
+    def printed_table():
+        # The Workers column follows the Deployment's ready count, which the operator reads on
+        # its next status tick after the pods are gone.
+        lines = kube.kubectl("get", "nasexperiments", "-n", ns).stdout.splitlines()
+        return lines if len(lines) > 1 and lines[1].split()[2:3] == ["0/0"] else None
+
+    table = kube.wait_for(printed_table, 30, 0.5, "the printed Workers column to reach 0/0")
     assert table[0].split() == ["NAME", "PHASE", "WORKERS", "TRIALS", "BEST", "AGE"]
     row = table[1].split()
     assert row[:4] == ["digits", "Succeeded", "0/0", "6/6"], table
