@@ -99,8 +99,8 @@ def test_failing_evaluator_is_retried_on_another_worker_then_recorded_failed(pro
     manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:raises_after_sleep", max_trials=3,
                               max_failed=1, retries=1)
     port = free_port()
-    procs.master(manifest, port)
-    for name in ("wa", "wb"):  # the first attempt takes 1 s: both workers are registered by then
+    procs.master(manifest, port, extra=["--min-workers", "2"])  # both registered before any trial starts
+    for name in ("wa", "wb"):
         procs.worker(port, name, env={"MORPHML_TEST_SLEEP": "1"})
     st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to end")
     assert st.phase == "Failed"
