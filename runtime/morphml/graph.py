@@ -190,7 +190,9 @@ class ArchitectureGraph:
     ``==`` compares the exact JSON (ids included); compare ``arch_hash`` for "same architecture".
     """
 
-    __slots__ = ("input_shape", "num_classes", "nodes", "edges", "_by_id", "_hash", "_shapes")
+    # _hash, _shapes, _structure, _canonical: results computed once (the graph never changes).
+    __slots__ = ("input_shape", "num_classes", "nodes", "edges", "_by_id", "_hash", "_shapes", "_structure",
+                 "_canonical")
 
     def __init__(
         self,
@@ -246,6 +248,8 @@ class ArchitectureGraph:
         self._by_id = by_id
         self._hash: str | None = None
         self._shapes: dict[str, Shape] | None = None
+        self._structure: tuple[str, str] | None = None
+        self._canonical: tuple[str, ...] | None = None
 
     # -- JSON -----------------------------------------------------------------------------------
 
@@ -342,6 +346,8 @@ class ArchitectureGraph:
         return order
 
     def _check_structure(self) -> tuple[str, str]:
+        if self._structure is not None:
+            return self._structure
         input_id, output_id = self._endpoints()
         preds, succs = self.predecessors(), self.successors()
         for node in self.nodes:
@@ -364,7 +370,8 @@ class ArchitectureGraph:
                 raise GraphError("is not reachable from the input node", node=node.id, op=node.op)
             if node.id not in backward:
                 raise GraphError("does not lead to the output node", node=node.id, op=node.op)
-        return input_id, output_id
+        self._structure = (input_id, output_id)
+        return self._structure
 
     # -- validation and shapes ------------------------------------------------------------------
 
@@ -405,6 +412,8 @@ class ArchitectureGraph:
 
     def canonical_order(self) -> list[str]:
         """Node ids in canonical order (see module docstring); input first, output last."""
+        if self._canonical is not None:
+            return list(self._canonical)
         _, output_id = self._check_structure()
         preds = self.predecessors()
         visited = {output_id}
@@ -420,6 +429,7 @@ class ArchitectureGraph:
             else:
                 stack.pop()
                 order.append(node_id)
+        self._canonical = tuple(order)
         return order
 
     def canonical(self) -> ArchitectureGraph:

@@ -243,6 +243,35 @@ def test_state_with_outstanding_candidates_keeps_them() -> None:
     assert [c.id for c in restored.ask(5)] == [c.id for c in original.ask(5)]
 
 
+def test_counts_and_outstanding_agree_with_the_statuses_through_asks_tells_and_a_reload() -> None:
+    """num_asked / num_told / outstanding() are kept incrementally; they must equal a recount of
+    the statuses at every step, and after load_state_dict."""
+
+    def recount(opt):
+        statuses = dict(opt._status)
+        return (sum(1 for s in statuses.values() if s != "queued"),
+                sum(1 for s in statuses.values() if s in ("done", "failed")),
+                [i for i, s in statuses.items() if s == "pending"])
+
+    rng = random.Random(3)
+    original = GeneticAlgorithm(space(), population_size=5, num_generations=4, seed=2)
+    while not original.is_finished():
+        asked = original.ask(rng.randint(1, 3))
+        assert (original.num_asked, original.num_told, [c.id for c in original.outstanding()]) == recount(original)
+        for candidate in asked[: rng.randint(0, len(asked))] or asked:
+            original.tell(candidate.id, None if rng.random() < 0.2 else score(candidate.graph))
+        for candidate in original.outstanding():
+            original.tell(candidate.id, score(candidate.graph))
+        assert (original.num_asked, original.num_told, [c.id for c in original.outstanding()]) == recount(original)
+        if original.num_told >= 7:
+            break
+    pending = original.ask(2)
+    restored = GeneticAlgorithm(space(), population_size=5, num_generations=4)
+    restored.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert (restored.num_asked, restored.num_told, [c.id for c in restored.outstanding()]) == recount(original)
+    assert [c.id for c in restored.outstanding()] == [c.id for c in pending]
+
+
 def test_regularized_evolution_state_round_trip_mid_search() -> None:
     original = RegularizedEvolution(space(), population_size=4, sample_size=2, max_trials=16, seed=5)
     _tell_all(original, original.ask(4))
