@@ -4,6 +4,7 @@ the master keeps serving and the experiment still finishes."""
 from __future__ import annotations
 
 import os
+import queue
 
 import grpc
 import pytest
@@ -111,3 +112,53 @@ def test_result_for_a_lease_the_caller_never_held_is_refused_even_with_the_token
     assert st.phase == "Succeeded" and st.succeeded == 2 and st.best.metric < 1.0  # the honest results counted
     refused = journal_rows(journal, "SELECT worker_name, disposition FROM results WHERE disposition = 'refused'")
     assert refused == [("rogue", "refused")] * 2
+
+
+@pytest.mark.timeout(90)
+def test_results_on_the_session_stream_are_acknowledged_one_by_one_and_bad_ones_refused(procs, tmp_path):
+    """A hand-driven session: one ResultBatch carrying the caller's own result, a forged one for
+    another worker's lease, a malformed one and one for a task that does not exist. Each gets
+    its own ack (accepted, refused, invalid, unknown); only the first counts, and the master
+    serves on."""
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=3)
+    port = free_port()
+    journal = tmp_path / "journal.db"
+    procs.master(manifest, port, journal=journal)
+    procs.worker(port, "honest", env=dict(procs.env, MORPHML_TEST_SLEEP="3"))
+    honest = wait_for(lambda: [r for w in status(port).workers for r in w.running], 30, "a trial running")[0]
+    md = token_metadata(TOKEN)
+    outgoing: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = pb_grpc.MasterStub(ch)
+        me = stub.Register(pb.RegisterRequest(worker_name="hand", slots=1), metadata=md, timeout=5).worker_id
+        outgoing.put(pb.WorkerMessage(hello=pb.Hello(worker_id=me)))
+        stream = stub.Connect(iter(outgoing.get, None), metadata=md, timeout=30)
+        first = next(stream)
+        assert first.WhichOneof("kind") == "leases" and len(first.leases.leases) == 1
+        mine = first.leases.leases[0]
+        batch = pb.WorkerMessage()
+        batch.results.results.add(lease=pb.LeaseRef(task_id=mine.task_id, attempt=mine.attempt), ok=True,
+                                  metrics_json='{"val_accuracy": 0.5}', worker_name="hand", lease_key=mine.lease_key)
+        batch.results.results.add(lease=pb.LeaseRef(task_id=honest.task_id, attempt=honest.attempt), ok=True,
+                                  metrics_json='{"val_accuracy": 1.0}', worker_name="hand", lease_key="f" * 32)
+        batch.results.results.add(lease=pb.LeaseRef(task_id=mine.task_id, attempt=mine.attempt), ok=False,
+                                  failure_kind="cosmic-rays", worker_name="hand")
+        batch.results.results.add(lease=pb.LeaseRef(task_id="t999999", attempt=1), ok=True,
+                                  metrics_json='{"val_accuracy": 1.0}', worker_name="hand", lease_key="0" * 32)
+        outgoing.put(batch)
+        acks = []
+        for msg in stream:
+            acks.extend(msg.acks)
+            if len(acks) >= 4:
+                break
+        outgoing.put(None)
+        stream.cancel()
+    assert [(a.lease.task_id, a.disposition) for a in acks] == [
+        (mine.task_id, "accepted"), (honest.task_id, "refused"), (mine.task_id, "invalid"), ("t999999", "unknown")]
+    assert "lease_key does not match" in acks[1].detail and "allowed exception" in acks[2].detail
+    st = wait_for(lambda: finished(s := status(port)) and s, 60, "the experiment to finish")
+    assert st.phase == "Succeeded" and st.succeeded == 3 and st.best.metric < 1.0
+    rows = journal_rows(journal, "SELECT task_id, worker_name, disposition FROM results WHERE worker_name = 'hand' "
+                                 "ORDER BY id")
+    assert rows == [(mine.task_id, "hand", "accepted"), (honest.task_id, "hand", "refused"),
+                    ("t999999", "hand", "unknown")]

@@ -97,6 +97,21 @@ class LeaseMessage:
 
 
 @dataclass
+class ResultReport:
+    """One result as a worker reports it (see ExperimentCoordinator.report_results)."""
+
+    task_id: str
+    attempt: int
+    ok: bool
+    metrics: dict | None
+    failure_kind: str = ""
+    failure_message: str = ""
+    worker_name: str = ""
+    duration: float = 0.0
+    lease_key: str | None = None
+
+
+@dataclass
 class _QueuedResult:
     """A reported result waiting for the group commit that journals it."""
 
@@ -379,24 +394,35 @@ class ExperimentCoordinator:
 
         `lease_key` is checked when given (the gRPC service always gives it): a result whose key
         is not the lease's is "refused", journaled as such and never counted. In-process callers
-        that hold the coordinator itself may leave it None.
+        that hold the coordinator itself may leave it None."""
+        return self.report_results([ResultReport(task_id, attempt, ok, metrics, failure_kind, failure_message,
+                                                 worker_name, duration, lease_key)])[0]
 
-        Group commit: results that arrive while another is being journaled queue up, and the
-        next caller to get the lock handles every queued one in one transaction (one fsync, one
-        optimizer ask for all freed slots). Each caller returns only after the transaction
-        holding its result committed, so an acknowledged result is always durable."""
-        if not ok and failure_kind not in FAILURE_KINDS:
-            raise ValueError(f"failure_kind={failure_kind!r}: allowed {', '.join(FAILURE_KINDS)}")
-        failure_message = (failure_message or "")[:MAX_ERROR_TEXT]
-        if ok:
-            ok, failure_kind, failure_message = self._check_metrics(metrics)
-        forged = lease_key is not None and not hmac.compare_digest(lease_key, self.lease_key(task_id, attempt))
-        item = _QueuedResult((task_id, attempt, ok, metrics, failure_kind, failure_message, worker_name, duration,
-                              forged))
-        with self._queue_lock:
-            self._result_queue.append(item)
+    def report_results(self, reports: list[ResultReport]) -> list[str]:
+        """report_result for several results at once (a worker's batch); dispositions in order.
+
+        Group commit: results that arrive while another batch is being journaled queue up, and
+        the next caller to get the lock handles every queued one in one transaction (one fsync,
+        one optimizer ask for all freed slots). Each caller returns only after the transaction
+        holding its results committed, so an acknowledged result is always durable."""
+        items = []
+        for r in reports:
+            ok, metrics, failure_kind = r.ok, r.metrics, r.failure_kind
+            if not ok and failure_kind not in FAILURE_KINDS:
+                raise ValueError(f"failure_kind={failure_kind!r}: allowed {', '.join(FAILURE_KINDS)}")
+            failure_message = (r.failure_message or "")[:MAX_ERROR_TEXT]
+            if ok:
+                ok, failure_kind, failure_message = self._check_metrics(metrics)
+            forged = r.lease_key is not None and not hmac.compare_digest(r.lease_key,
+                                                                          self.lease_key(r.task_id, r.attempt))
+            items.append(_QueuedResult((r.task_id, r.attempt, ok, metrics, failure_kind, failure_message,
+                                        r.worker_name, r.duration, forged)))
+        if not items:
+            return []
+        with self._queue_lock:  # all of them in one go: whichever batch takes one takes all
+            self._result_queue.extend(items)
         with self._lock:
-            if item.disposition is None and item.error is None:
+            if items[0].disposition is None and items[0].error is None:
                 with self._queue_lock:
                     batch, self._result_queue = self._result_queue, []
                 try:
@@ -413,9 +439,9 @@ class ExperimentCoordinator:
                 for queued in batch:
                     queued.disposition = queued.pending
                 self.changed.notify_all()
-        if item.error is not None:
-            raise item.error
-        return item.disposition
+        if items[0].error is not None:
+            raise items[0].error
+        return [item.disposition for item in items]
 
     def _apply_result(self, task_id: str, attempt: int, ok: bool, metrics: dict | None, failure_kind: str,
                       failure_message: str, worker_name: str, duration: float, forged: bool = False) -> str:

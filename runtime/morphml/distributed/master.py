@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from concurrent import futures
@@ -25,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from .auth import TOKEN_ENV, TokenInterceptor
 from .clock import SystemClock
 from .coordinator import (END_OF_STREAM, FAILURE_KINDS, ExperimentCoordinator, ExperimentSettings, LeaseMessage,
-                          ShutdownMessage)
+                          ResultReport, ShutdownMessage)
 from .journal import Journal
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
@@ -53,6 +54,67 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
             ("grpc.http2.max_ping_strikes", 0)]
+
+
+class BadResult(ValueError):
+    """A malformed TrialResult (never journaled): INVALID_ARGUMENT, or an "invalid" ack on the stream."""
+
+
+def result_report(request: pb.TrialResult) -> ResultReport:
+    """The coordinator's view of a TrialResult; BadResult names what is wrong with it."""
+    if not request.HasField("lease") or not request.lease.task_id or request.lease.attempt < 1:
+        raise BadResult("lease.task_id must be set and lease.attempt must be >= 1")
+    metrics = None
+    if request.ok:
+        try:
+            metrics = json.loads(request.metrics_json)
+        except ValueError as exc:
+            raise BadResult(f"metrics_json is not JSON ({exc})") from None
+    elif request.failure_kind not in FAILURE_KINDS:
+        raise BadResult(f"failure_kind={request.failure_kind!r}; allowed {', '.join(FAILURE_KINDS)}")
+    return ResultReport(request.lease.task_id, request.lease.attempt, request.ok, metrics, request.failure_kind,
+                        request.failure_message, request.worker_name, request.duration_seconds,
+                        lease_key=request.lease_key)
+
+
+REFUSED_DETAIL = "was not leased to this caller (lease_key does not match); recorded as refused, not counted"
+
+
+class AckMessage:
+    """Acknowledgements for an outbox: sent on the session stream in MasterMessage.acks."""
+
+    __slots__ = ("acks",)
+
+    def __init__(self, acks: list):
+        self.acks = acks
+
+
+def pack_outbox(first, outbox: queue.Queue) -> tuple[list, bool]:
+    """The MasterMessages for `first` plus everything else queued on the outbox right now: all
+    leases in one LeaseBatch, the acknowledgements riding along, a shutdown after them. Returns
+    (messages, ended) where ended means END_OF_STREAM was among them (nothing after it is sent)."""
+    items = [first]
+    while True:
+        try:
+            items.append(outbox.get_nowait())
+        except queue.Empty:
+            break
+    batch = pb.MasterMessage()
+    shutdowns = []
+    ended = False
+    for item in items:
+        if item is END_OF_STREAM:
+            ended = True
+            break
+        if isinstance(item, LeaseMessage):
+            batch.leases.leases.add(task_id=item.task_id, attempt=item.attempt, architecture_json=item.arch_json,
+                                    evaluation_json=item.evaluation_json, seed=item.seed, lease_key=item.lease_key)
+        elif isinstance(item, AckMessage):
+            batch.acks.extend(item.acks)
+        elif isinstance(item, ShutdownMessage):
+            shutdowns.append(pb.MasterMessage(shutdown=pb.Shutdown(reason=item.reason)))
+    messages = ([batch] if batch.HasField("leases") or batch.acks else []) + shutdowns[:1]
+    return messages, ended
 
 
 class MasterServicer(pb_grpc.MasterServicer):
@@ -105,16 +167,10 @@ class MasterServicer(pb_grpc.MasterServicer):
         threading.Thread(target=self._read_worker_messages, args=(worker_id, request_iterator, outbox),
                          name=f"session-{worker_id}", daemon=True).start()
         while True:
-            item = outbox.get()
-            if item is END_OF_STREAM:
+            messages, ended = pack_outbox(outbox.get(), outbox)
+            if ended:
                 return
-            if isinstance(item, LeaseMessage):
-                yield pb.MasterMessage(lease=pb.Lease(task_id=item.task_id, attempt=item.attempt,
-                                                      architecture_json=item.arch_json,
-                                                      evaluation_json=item.evaluation_json, seed=item.seed,
-                                                      lease_key=item.lease_key))
-            elif isinstance(item, ShutdownMessage):
-                yield pb.MasterMessage(shutdown=pb.Shutdown(reason=item.reason))
+            yield from messages
 
     def _read_worker_messages(self, worker_id: str, request_iterator, outbox) -> None:
         try:
@@ -125,6 +181,8 @@ class MasterServicer(pb_grpc.MasterServicer):
                         break
                 elif kind == "drain":
                     self.coord.drain(worker_id, msg.drain.reason or "drain")
+                elif kind == "results":
+                    outbox.put(AckMessage(self._accept_results(msg.results.results)))
         except grpc.RpcError:
             pass
         except Exception:  # never let one worker's garbage take the master down
@@ -132,27 +190,34 @@ class MasterServicer(pb_grpc.MasterServicer):
         outbox.put(END_OF_STREAM)
         self._stream_lost(worker_id, "session stream closed by the worker")
 
-    def ReportResult(self, request, context):
-        if not request.HasField("lease") or not request.lease.task_id or request.lease.attempt < 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "ReportResult: lease.task_id must be set and lease.attempt must be >= 1")
-        metrics = None
-        if request.ok:
+    def _accept_results(self, results) -> list[pb.ResultAck]:
+        """Journals a ResultBatch from a session stream (one group commit) and returns one ack per
+        result, in order. A malformed result is acknowledged "invalid" and recorded nowhere; the
+        others still count."""
+        acks = [pb.ResultAck(lease=r.lease) for r in results]
+        reports, slots = [], []
+        for ack, result in zip(acks, results):
             try:
-                metrics = json.loads(request.metrics_json)
-            except ValueError as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ReportResult: metrics_json is not JSON ({exc})")
-        elif request.failure_kind not in FAILURE_KINDS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"ReportResult: failure_kind={request.failure_kind!r}; allowed {', '.join(FAILURE_KINDS)}")
-        disposition = self.coord.report_result(
-            request.lease.task_id, request.lease.attempt, request.ok, metrics, request.failure_kind,
-            request.failure_message, request.worker_name, request.duration_seconds, lease_key=request.lease_key)
+                reports.append(result_report(result))
+                slots.append(ack)
+            except BadResult as exc:
+                ack.disposition, ack.detail = "invalid", f"TrialResult: {exc}"
+        for ack, disposition in zip(slots, self.coord.report_results(reports)):
+            ack.disposition = disposition
+            if disposition == "refused":
+                ack.detail = f"{ack.lease.task_id} attempt {ack.lease.attempt} {REFUSED_DETAIL}"
+        return acks
+
+    def ReportResult(self, request, context):
+        try:
+            report = result_report(request)
+        except BadResult as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ReportResult: {exc}")
+        disposition = self.coord.report_results([report])[0]
         if disposition == "refused":
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"ReportResult: {request.lease.task_id} attempt {request.lease.attempt} was not leased to "
-                          "this caller (lease_key does not match); the result is recorded as refused, not counted")
-        return pb.ResultAck(disposition=disposition)
+                          f"ReportResult: {request.lease.task_id} attempt {request.lease.attempt} {REFUSED_DETAIL}")
+        return pb.ResultAck(disposition=disposition, lease=request.lease)
 
     def Deregister(self, request, context):
         released = self.coord.deregister(request.worker_id, request.reason or "deregister")

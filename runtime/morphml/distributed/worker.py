@@ -5,11 +5,12 @@ CPU) runs the trials (see trial_runner); the worker process itself only speaks g
 heartbeats keep flowing while a trial trains, hangs or crashes, and it never imports torch.
 
 Connection life: Register -> Connect stream (hello, then heartbeats every interval; leases
-arrive on it) -> ReportResult per finished lease. When the master goes away the worker retries
-with exponential backoff, registers again (listing the leases it still runs so a restarted
-master can re-adopt them) and delivers the results it finished meanwhile. SIGTERM (drain()):
-no new leases, the running trials get `grace_seconds` to finish and be reported, the rest
-are handed back, then Deregister.
+arrive on it in batches, results go out on it in batches and are acknowledged on it once
+journaled). When the master goes away the worker retries with exponential backoff, registers
+again (listing the leases it still runs so a restarted master can re-adopt them) and delivers
+the results it finished meanwhile, or sent but never saw acknowledged, with ReportResult.
+SIGTERM (drain()): no new leases, the running trials get `grace_seconds` to finish and be
+reported, the rest are handed back, then Deregister.
 
 Imports: grpc, grpc_health, morphml.distributed.{proto, auth, master (options only)}. No torch.
 """
@@ -193,12 +194,11 @@ class WorkerNode:
         self._leases: queue.Queue = queue.Queue()
         self._running: dict[tuple[str, int], int] = {}  # lease -> slot
         self._cancelled: set[tuple[str, int]] = set()
-        self._undelivered: list[pb.TrialResult] = []
-        # Finished trials waiting for their ReportResult call: a reporter thread per slot
-        # delivers them, so a slot starts its next (prefetched) lease without waiting for the
-        # master's acknowledgement (which comes after the result is journaled).
-        self._results: queue.Queue = queue.Queue()
-        self._reporting = 0  # results queued or being reported (not yet acknowledged or parked)
+        # Results sent on the live session stream and not acknowledged yet (the master acks each
+        # once it is journaled); when the session ends they join _undelivered. A slot never
+        # waits for an acknowledgement: it starts its next (prefetched) lease at once.
+        self._unacked: dict[tuple[str, int], pb.TrialResult] = {}
+        self._undelivered: list[pb.TrialResult] = []  # for ReportResult, after a reconnect
         self._lock = threading.Lock()
         self._worker_id = ""
         self._draining = threading.Event()
@@ -217,7 +217,6 @@ class WorkerNode:
             runner.warm_up(60)
         for slot in range(self.config.slots):
             threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot}", daemon=True).start()
-            threading.Thread(target=self._report_loop, name=f"report-{slot}", daemon=True).start()
         threading.Thread(target=self._redeliver_loop, name="redeliver", daemon=True).start()
         if not block:
             threading.Thread(target=self._main_loop, name="worker-main", daemon=True).start()
@@ -268,8 +267,8 @@ class WorkerNode:
                 if self._draining.is_set():
                     # A draining worker takes no new work, so it does not register again when
                     # its session ends (the operator reported its pod gone, or the master
-                    # stopped): it waits for the drain to finish; results still go out
-                    # through ReportResult.
+                    # stopped): it waits for the drain to finish; results go out through
+                    # ReportResult.
                     self._done.wait(self.config.grace_seconds + 10)
                     break
             if self._leaving.is_set():
@@ -308,7 +307,8 @@ class WorkerNode:
 
     def _session(self) -> None:
         send: queue.Queue = queue.Queue()
-        self._send = send
+        with self._lock:
+            self._send = send  # results finished from now on go out on this session's stream
         stop = object()
         interval = self._heartbeat_interval
 
@@ -325,6 +325,25 @@ class WorkerNode:
                     item = None
                 if item is stop:
                     return
+                if isinstance(item, pb.TrialResult):
+                    # Every result ready now goes in one message (natural batching under load).
+                    batch, others = pb.WorkerMessage(), []
+                    batch.results.results.append(item)
+                    while True:
+                        try:
+                            more = send.get_nowait()
+                        except queue.Empty:
+                            break
+                        if isinstance(more, pb.TrialResult):
+                            batch.results.results.append(more)
+                        else:
+                            others.append(more)
+                    yield batch
+                    for other in others:
+                        if other is stop:
+                            return
+                        yield other
+                    continue
                 if item is not None:
                     yield item
                     continue
@@ -339,9 +358,12 @@ class WorkerNode:
         self._stream = stream
         try:
             for msg in stream:
+                if msg.acks:
+                    self._acknowledged(msg.acks)
                 kind = msg.WhichOneof("kind")
-                if kind == "lease":
-                    self._leases.put(msg.lease)
+                if kind == "leases":
+                    for lease in msg.leases.leases:
+                        self._leases.put(lease)
                     for _, wake_w in self._wake:
                         try:
                             os.write(wake_w, b"x")
@@ -364,9 +386,24 @@ class WorkerNode:
             if not self._done.is_set():
                 log.warning("session broken (%s: %s); reconnecting", exc.code(), exc.details())
         finally:
+            with self._lock:
+                self._send = None
+                # Sent on this stream but never acknowledged: the master may or may not have
+                # journaled them; ReportResult delivers them again (a repeat is "duplicate").
+                self._undelivered.extend(self._unacked.values())
+                self._unacked.clear()
             send.put(stop)
             stream.cancel()
-            self._send = None
+
+    def _acknowledged(self, acks) -> None:
+        for ack in acks:
+            with self._lock:
+                self._unacked.pop((ack.lease.task_id, ack.lease.attempt), None)
+            if ack.disposition in ("refused", "invalid"):
+                log.error("master rejected result %s/%d (%s): %s", ack.lease.task_id, ack.lease.attempt,
+                          ack.disposition, ack.detail)
+            else:
+                log.debug("result %s/%d: %s", ack.lease.task_id, ack.lease.attempt, ack.disposition)
 
     # --- trials --------------------------------------------------------------------------------
     def _slot_loop(self, slot: int) -> None:
@@ -479,20 +516,12 @@ class WorkerNode:
             duration_seconds=float(reply.get("duration", 0.0)), worker_name=self.config.name,
             lease_key=lease.lease_key)
         with self._lock:
-            self._reporting += 1
-        self._results.put(result)
-
-    def _report_loop(self) -> None:
-        while not self._done.is_set():
-            try:
-                result = self._results.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            try:
-                self._deliver(result)
-            finally:
-                with self._lock:
-                    self._reporting -= 1
+            if self._send is not None:  # the live session's stream carries it
+                result.worker_id = self._worker_id
+                self._unacked[ref] = result
+                self._send.put(result)
+            else:  # between sessions: ReportResult delivers it after the next Register
+                self._undelivered.append(result)
 
     def _cancel(self, ref: tuple[str, int]) -> None:
         with self._lock:
@@ -534,7 +563,7 @@ class WorkerNode:
         deadline = time.monotonic() + self.config.grace_seconds
         while time.monotonic() < deadline:
             with self._lock:
-                busy = bool(self._running) or self._reporting > 0
+                busy = bool(self._running) or bool(self._unacked)
             if not busy and self._leases.empty():
                 break
             time.sleep(0.05)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x07morphml\"\x97\x01\n\x0fRegisterRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x0c\n\x04gpus\x18\x02 \x01(\x05\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\"\n\x07running\x18\x06 \x03(\x0b\x32\x11.morphml.LeaseRef\x12\x0f\n\x07version\x18\x07 \x01(\t\"\x9e\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12\x19\n\x11missed_heartbeats\x18\x03 \x01(\x05\x12\x17\n\x0f\x65xperiment_name\x18\x04 \x01(\t\x12\"\n\x07\x61\x64opted\x18\x05 \x03(\x0b\x32\x11.morphml.LeaseRef\",\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\x88\x01\n\rWorkerMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.morphml.HelloH\x00\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x12.morphml.HeartbeatH\x00\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x14.morphml.DrainNoticeH\x00\x42\x06\n\x04kind\"\x1a\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\"A\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\"\n\x07running\x18\x02 \x03(\x0b\x32\x11.morphml.LeaseRef\"\x1d\n\x0b\x44rainNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x84\x01\n\rMasterMessage\x12\x1f\n\x05lease\x18\x01 \x01(\x0b\x32\x0e.morphml.LeaseH\x00\x12#\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x11.morphml.LeaseRefH\x00\x12%\n\x08shutdown\x18\x03 \x01(\x0b\x32\x11.morphml.ShutdownH\x00\x42\x06\n\x04kind\"~\n\x05Lease\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x19\n\x11\x61rchitecture_json\x18\x03 \x01(\t\x12\x17\n\x0f\x65valuation_json\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x11\n\tlease_key\x18\x06 \x01(\t\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xd5\x01\n\x0bTrialResult\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.morphml.LeaseRef\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x14\n\x0c\x66\x61ilure_kind\x18\x05 \x01(\t\x12\x17\n\x0f\x66\x61ilure_message\x18\x06 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x07 \x01(\x01\x12\x13\n\x0bworker_name\x18\x08 \x01(\t\x12\x11\n\tlease_key\x18\t \x01(\t\" \n\tResultAck\x12\x13\n\x0b\x64isposition\x18\x01 \x01(\t\"6\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0f\x44\x65registerReply\x12#\n\x08requeued\x18\x01 \x03(\x0b\x32\x11.morphml.LeaseRef\"3\n\x11WorkerGoneRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\x0fWorkerGoneReply\x12\x12\n\nworker_ids\x18\x01 \x03(\t\x12#\n\x08requeued\x18\x02 \x03(\x0b\x32\x11.morphml.LeaseRef\"-\n\rStatusRequest\x12\x1c\n\x14include_dead_workers\x18\x01 \x01(\x08\"\xd3\x02\n\x10\x45xperimentStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\tsucceeded\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07pending\x18\x05 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x06 \x01(\x05\x12$\n\x07workers\x18\x07 \x03(\x0b\x32\x13.morphml.WorkerInfo\x12 \n\x04\x62\x65st\x18\x08 \x01(\x0b\x32\x12.morphml.BestTrial\x12\x15\n\rstale_results\x18\t \x01(\x05\x12\x0f\n\x07retries\x18\n \x01(\x05\x12#\n\x06losses\x18\x0b \x03(\x0b\x32\x13.morphml.WorkerLoss\x12\x17\n\x0f\x65xperiment_name\x18\x0c \x01(\t\x12\x0f\n\x07message\x18\r \x01(\t\x12\x0e\n\x06metric\x18\x0e \x01(\t\x12\x0c\n\x04goal\x18\x0f \x01(\t\"\xa5\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x0c\n\x04gpus\x18\x05 \x01(\x05\x12\"\n\x07running\x18\x06 \x03(\x0b\x32\x11.morphml.LeaseRef\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\"\x82\x01\n\tBestTrial\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\x01\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x19\n\x11\x61rchitecture_json\x18\x04 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x11\n\tarch_hash\x18\x06 \x01(\t\"\x83\x01\n\nWorkerLoss\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65tected_by\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65tected_at\x18\x04 \x01(\x01\x12#\n\x08requeued\x18\x05 \x03(\x0b\x32\x11.morphml.LeaseRef2\x87\x03\n\x06Master\x12<\n\x08Register\x12\x18.morphml.RegisterRequest\x1a\x16.morphml.RegisterReply\x12=\n\x07\x43onnect\x12\x16.morphml.WorkerMessage\x1a\x16.morphml.MasterMessage(\x01\x30\x01\x12\x38\n\x0cReportResult\x12\x14.morphml.TrialResult\x1a\x12.morphml.ResultAck\x12\x42\n\nDeregister\x12\x1a.morphml.DeregisterRequest\x1a\x18.morphml.DeregisterReply\x12\x42\n\nWorkerGone\x12\x1a.morphml.WorkerGoneRequest\x1a\x18.morphml.WorkerGoneReply\x12>\n\tGetStatus\x12\x16.morphml.StatusRequest\x1a\x19.morphml.ExperimentStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\x07morphml\"\x97\x01\n\x0fRegisterRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x0c\n\x04gpus\x18\x02 \x01(\x05\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\"\n\x07running\x18\x06 \x03(\x0b\x32\x11.morphml.LeaseRef\x12\x0f\n\x07version\x18\x07 \x01(\t\"\x9e\x01\n\rRegisterReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x02 \x01(\x01\x12\x19\n\x11missed_heartbeats\x18\x03 \x01(\x05\x12\x17\n\x0f\x65xperiment_name\x18\x04 \x01(\t\x12\"\n\x07\x61\x64opted\x18\x05 \x03(\x0b\x32\x11.morphml.LeaseRef\",\n\x08LeaseRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xb1\x01\n\rWorkerMessage\x12\x1f\n\x05hello\x18\x01 \x01(\x0b\x32\x0e.morphml.HelloH\x00\x12\'\n\theartbeat\x18\x02 \x01(\x0b\x32\x12.morphml.HeartbeatH\x00\x12%\n\x05\x64rain\x18\x03 \x01(\x0b\x32\x14.morphml.DrainNoticeH\x00\x12\'\n\x07results\x18\x04 \x01(\x0b\x32\x14.morphml.ResultBatchH\x00\x42\x06\n\x04kind\"4\n\x0bResultBatch\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.morphml.TrialResult\"\x1a\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\"A\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\"\n\x07running\x18\x02 \x03(\x0b\x32\x11.morphml.LeaseRef\"\x1d\n\x0b\x44rainNotice\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb2\x01\n\rMasterMessage\x12#\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x11.morphml.LeaseRefH\x00\x12%\n\x08shutdown\x18\x03 \x01(\x0b\x32\x11.morphml.ShutdownH\x00\x12%\n\x06leases\x18\x04 \x01(\x0b\x32\x13.morphml.LeaseBatchH\x00\x12 \n\x04\x61\x63ks\x18\x05 \x03(\x0b\x32\x12.morphml.ResultAckB\x06\n\x04kindJ\x04\x08\x01\x10\x02\",\n\nLeaseBatch\x12\x1e\n\x06leases\x18\x01 \x03(\x0b\x32\x0e.morphml.Lease\"~\n\x05Lease\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x19\n\x11\x61rchitecture_json\x18\x03 \x01(\t\x12\x17\n\x0f\x65valuation_json\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x11\n\tlease_key\x18\x06 \x01(\t\"\x1a\n\x08Shutdown\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xd5\x01\n\x0bTrialResult\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.morphml.LeaseRef\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\x12\x14\n\x0c\x66\x61ilure_kind\x18\x05 \x01(\t\x12\x17\n\x0f\x66\x61ilure_message\x18\x06 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x07 \x01(\x01\x12\x13\n\x0bworker_name\x18\x08 \x01(\t\x12\x11\n\tlease_key\x18\t \x01(\t\"R\n\tResultAck\x12\x13\n\x0b\x64isposition\x18\x01 \x01(\t\x12 \n\x05lease\x18\x02 \x01(\x0b\x32\x11.morphml.LeaseRef\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"6\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x0f\x44\x65registerReply\x12#\n\x08requeued\x18\x01 \x03(\x0b\x32\x11.morphml.LeaseRef\"3\n\x11WorkerGoneRequest\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\x0fWorkerGoneReply\x12\x12\n\nworker_ids\x18\x01 \x03(\t\x12#\n\x08requeued\x18\x02 \x03(\x0b\x32\x11.morphml.LeaseRef\"-\n\rStatusRequest\x12\x1c\n\x14include_dead_workers\x18\x01 \x01(\x08\"\xd3\x02\n\x10\x45xperimentStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\tsucceeded\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05\x12\x0f\n\x07running\x18\x04 \x01(\x05\x12\x0f\n\x07pending\x18\x05 \x01(\x05\x12\x0e\n\x06\x62udget\x18\x06 \x01(\x05\x12$\n\x07workers\x18\x07 \x03(\x0b\x32\x13.morphml.WorkerInfo\x12 \n\x04\x62\x65st\x18\x08 \x01(\x0b\x32\x12.morphml.BestTrial\x12\x15\n\rstale_results\x18\t \x01(\x05\x12\x0f\n\x07retries\x18\n \x01(\x05\x12#\n\x06losses\x18\x0b \x03(\x0b\x32\x13.morphml.WorkerLoss\x12\x17\n\x0f\x65xperiment_name\x18\x0c \x01(\t\x12\x0f\n\x07message\x18\r \x01(\t\x12\x0e\n\x06metric\x18\x0e \x01(\t\x12\x0c\n\x04goal\x18\x0f \x01(\t\"\xa5\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x0c\n\x04gpus\x18\x05 \x01(\x05\x12\"\n\x07running\x18\x06 \x03(\x0b\x32\x11.morphml.LeaseRef\x12\x1f\n\x17seconds_since_heartbeat\x18\x07 \x01(\x01\"\x82\x01\n\tBestTrial\x12\x10\n\x08trial_id\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\x01\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12\x19\n\x11\x61rchitecture_json\x18\x04 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x05 \x01(\t\x12\x11\n\tarch_hash\x18\x06 \x01(\t\"\x83\x01\n\nWorkerLoss\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bworker_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65tected_by\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65tected_at\x18\x04 \x01(\x01\x12#\n\x08requeued\x18\x05 \x03(\x0b\x32\x11.morphml.LeaseRef2\x87\x03\n\x06Master\x12<\n\x08Register\x12\x18.morphml.RegisterRequest\x1a\x16.morphml.RegisterReply\x12=\n\x07\x43onnect\x12\x16.morphml.WorkerMessage\x1a\x16.morphml.MasterMessage(\x01\x30\x01\x12\x38\n\x0cReportResult\x12\x14.morphml.TrialResult\x1a\x12.morphml.ResultAck\x12\x42\n\nDeregister\x12\x1a.morphml.DeregisterRequest\x1a\x18.morphml.DeregisterReply\x12\x42\n\nWorkerGone\x12\x1a.morphml.WorkerGoneRequest\x1a\x18.morphml.WorkerGoneReply\x12>\n\tGetStatus\x12\x16.morphml.StatusRequest\x1a\x19.morphml.ExperimentStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,41 +38,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LEASEREF']._serialized_start=340
   _globals['_LEASEREF']._serialized_end=384
   _globals['_WORKERMESSAGE']._serialized_start=387
-  _globals['_WORKERMESSAGE']._serialized_end=523
-  _globals['_HELLO']._serialized_start=525
-  _globals['_HELLO']._serialized_end=551
-  _globals['_HEARTBEAT']._serialized_start=553
-  _globals['_HEARTBEAT']._serialized_end=618
-  _globals['_DRAINNOTICE']._serialized_start=620
-  _globals['_DRAINNOTICE']._serialized_end=649
-  _globals['_MASTERMESSAGE']._serialized_start=652
-  _globals['_MASTERMESSAGE']._serialized_end=784
-  _globals['_LEASE']._serialized_start=786
-  _globals['_LEASE']._serialized_end=912
-  _globals['_SHUTDOWN']._serialized_start=914
-  _globals['_SHUTDOWN']._serialized_end=940
-  _globals['_TRIALRESULT']._serialized_start=943
-  _globals['_TRIALRESULT']._serialized_end=1156
-  _globals['_RESULTACK']._serialized_start=1158
-  _globals['_RESULTACK']._serialized_end=1190
-  _globals['_DEREGISTERREQUEST']._serialized_start=1192
-  _globals['_DEREGISTERREQUEST']._serialized_end=1246
-  _globals['_DEREGISTERREPLY']._serialized_start=1248
-  _globals['_DEREGISTERREPLY']._serialized_end=1302
-  _globals['_WORKERGONEREQUEST']._serialized_start=1304
-  _globals['_WORKERGONEREQUEST']._serialized_end=1355
-  _globals['_WORKERGONEREPLY']._serialized_start=1357
-  _globals['_WORKERGONEREPLY']._serialized_end=1431
-  _globals['_STATUSREQUEST']._serialized_start=1433
-  _globals['_STATUSREQUEST']._serialized_end=1478
-  _globals['_EXPERIMENTSTATUS']._serialized_start=1481
-  _globals['_EXPERIMENTSTATUS']._serialized_end=1820
-  _globals['_WORKERINFO']._serialized_start=1823
-  _globals['_WORKERINFO']._serialized_end=1988
-  _globals['_BESTTRIAL']._serialized_start=1991
-  _globals['_BESTTRIAL']._serialized_end=2121
-  _globals['_WORKERLOSS']._serialized_start=2124
-  _globals['_WORKERLOSS']._serialized_end=2255
-  _globals['_MASTER']._serialized_start=2258
-  _globals['_MASTER']._serialized_end=2649
+  _globals['_WORKERMESSAGE']._serialized_end=564
+  _globals['_RESULTBATCH']._serialized_start=566
+  _globals['_RESULTBATCH']._serialized_end=618
+  _globals['_HELLO']._serialized_start=620
+  _globals['_HELLO']._serialized_end=646
+  _globals['_HEARTBEAT']._serialized_start=648
+  _globals['_HEARTBEAT']._serialized_end=713
+  _globals['_DRAINNOTICE']._serialized_start=715
+  _globals['_DRAINNOTICE']._serialized_end=744
+  _globals['_MASTERMESSAGE']._serialized_start=747
+  _globals['_MASTERMESSAGE']._serialized_end=925
+  _globals['_LEASEBATCH']._serialized_start=927
+  _globals['_LEASEBATCH']._serialized_end=971
+  _globals['_LEASE']._serialized_start=973
+  _globals['_LEASE']._serialized_end=1099
+  _globals['_SHUTDOWN']._serialized_start=1101
+  _globals['_SHUTDOWN']._serialized_end=1127
+  _globals['_TRIALRESULT']._serialized_start=1130
+  _globals['_TRIALRESULT']._serialized_end=1343
+  _globals['_RESULTACK']._serialized_start=1345
+  _globals['_RESULTACK']._serialized_end=1427
+  _globals['_DEREGISTERREQUEST']._serialized_start=1429
+  _globals['_DEREGISTERREQUEST']._serialized_end=1483
+  _globals['_DEREGISTERREPLY']._serialized_start=1485
+  _globals['_DEREGISTERREPLY']._serialized_end=1539
+  _globals['_WORKERGONEREQUEST']._serialized_start=1541
+  _globals['_WORKERGONEREQUEST']._serialized_end=1592
+  _globals['_WORKERGONEREPLY']._serialized_start=1594
+  _globals['_WORKERGONEREPLY']._serialized_end=1668
+  _globals['_STATUSREQUEST']._serialized_start=1670
+  _globals['_STATUSREQUEST']._serialized_end=1715
+  _globals['_EXPERIMENTSTATUS']._serialized_start=1718
+  _globals['_EXPERIMENTSTATUS']._serialized_end=2057
+  _globals['_WORKERINFO']._serialized_start=2060
+  _globals['_WORKERINFO']._serialized_end=2225
+  _globals['_BESTTRIAL']._serialized_start=2228
+  _globals['_BESTTRIAL']._serialized_end=2358
+  _globals['_WORKERLOSS']._serialized_start=2361
+  _globals['_WORKERLOSS']._serialized_end=2492
+  _globals['_MASTER']._serialized_start=2495
+  _globals['_MASTER']._serialized_end=2886
 # @@protoc_insertion_point(module_scope)

@@ -80,14 +80,16 @@ class MasterServicer:
 
     def Connect(self, request_iterator, context):
         """The session stream. The first WorkerMessage must be a hello naming the worker id.
-        The master pushes Lease messages; the worker sends heartbeats and drain notices.
+        The master pushes leases and result acknowledgements; the worker sends heartbeats,
+        results and drain notices.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReportResult(self, request, context):
-        """The outcome of one lease (task id + attempt). Only the live attempt is counted.
+        """The outcome of one lease (task id + attempt), outside a session stream (redelivery after
+        a reconnect). Only the live attempt is counted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
