@@ -200,7 +200,11 @@ class ArchitectureGraph:
         num_classes: int,
         nodes: Iterable[Node | Mapping[str, Any]],
         edges: Iterable[Sequence[str]],
+        *,
+        _normalized: bool = False,
     ) -> None:
+        # _normalized: the Node objects' params already went through normalize_params (graphs
+        # this module builds itself); the check is then not repeated.
         if not isinstance(input_shape, (list, tuple)) or len(input_shape) not in (1, 3) or any(
             isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape
         ):
@@ -225,7 +229,7 @@ class ArchitectureGraph:
                 raise GraphError(f"nodes[{index}].id: {node_id!r} is not allowed; expected a non-empty string")
             if node_id in by_id:
                 raise GraphError(f"nodes[{index}].id: duplicate node id {node_id!r}")
-            node = Node(node_id, op, normalize_params(op, params, node=node_id))
+            node = raw if _normalized and isinstance(raw, Node) else Node(node_id, op, normalize_params(op, params, node=node_id))
             built.append(node)
             by_id[node_id] = node
         edge_list: list[tuple[str, str]] = []
@@ -437,9 +441,12 @@ class ArchitectureGraph:
         order = self.canonical_order()
         rename = {old: f"n{index}" for index, old in enumerate(order)}
         preds = self.predecessors()
-        nodes = [Node(rename[old], self._by_id[old].op, dict(self._by_id[old].params)) for old in order]
         edges = [[rename[src], rename[dst]] for dst in order for src in preds[dst]]
-        graph = ArchitectureGraph(self.input_shape, self.num_classes, nodes, edges)
+        if len(order) == len(self.nodes) and all(node.id == f"n{i}" and node.id == order[i] for i, node in
+                                                  enumerate(self.nodes)) and [list(e) for e in self.edges] == edges:
+            return self  # already canonical (graphs are immutable, so sharing is safe)
+        nodes = [Node(rename[old], self._by_id[old].op, dict(self._by_id[old].params)) for old in order]
+        graph = ArchitectureGraph(self.input_shape, self.num_classes, nodes, edges, _normalized=True)
         if self._shapes is not None:
             graph._shapes = {rename[k]: v for k, v in self._shapes.items()}
         return graph
@@ -585,7 +592,7 @@ def build_graph_from_choices(program: Sequence[tuple], input_shape: Sequence[int
         else:  # pragma: no cover - programs come from SearchSpace._draw
             raise AssertionError(instruction)
     add("output", {"units": num_classes}, [current])
-    return ArchitectureGraph(input_shape, num_classes, nodes, edges).validate().canonical()
+    return ArchitectureGraph(input_shape, num_classes, nodes, edges, _normalized=True).validate().canonical()
 
 
 # --------------------------------------------------------------------------------------------

@@ -252,7 +252,9 @@ class ExperimentCoordinator:
     def _maybe_snapshot(self, force: bool = False) -> None:
         due = max(SNAPSHOT_EVERY, int(self._last_op_seq * SNAPSHOT_GROWTH))
         if self._ops_since_snapshot and (force or self._ops_since_snapshot >= due):
-            self.journal.save_optimizer(self.optimizer.state_dict(), self.clock.wall(), self._last_op_seq)
+            state_json = getattr(self.optimizer, "state_json", None)  # morphml's optimizers: cheaper
+            state = state_json() if state_json is not None else self.optimizer.state_dict()
+            self.journal.save_optimizer(state, self.clock.wall(), self._last_op_seq)
             self._ops_since_snapshot = 0
 
     # --- workers -----------------------------------------------------------------------------

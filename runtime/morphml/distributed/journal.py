@@ -227,10 +227,11 @@ class Journal:
             self._ops.append((seq, op, json.dumps(arg)))
             return seq
 
-    def save_optimizer(self, state: dict, saved_at: float, op_seq: int) -> None:
-        """Snapshot of the optimizer's state_dict including every logged op up to op_seq."""
+    def save_optimizer(self, state: dict | str, saved_at: float, op_seq: int) -> None:
+        """Snapshot of the optimizer's state_dict (or its JSON text) including every logged op up
+        to op_seq."""
         with self.transaction():
-            self._snapshot = (json.dumps(state), saved_at, op_seq)
+            self._snapshot = (state if isinstance(state, str) else json.dumps(state), saved_at, op_seq)
 
     def _flush_for_read(self) -> None:
         if self._depth:

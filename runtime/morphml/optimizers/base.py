@@ -15,6 +15,7 @@ Imports: the standard library, `morphml.space`, `morphml.graph`. No torch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -180,6 +181,7 @@ class Optimizer:
         self._candidates: dict[str, Candidate] = {}
         # "queued" (bred, not yet handed out by ask) | "pending" (asked) | "done" | "failed"
         self._status = _StatusTable()
+        self._record_text: dict[str, str] = {}  # see state_json
         self._metrics: dict[str, dict[str, Any] | None] = {}
         self._fitness: dict[str, float | None] = {}
         self._by_hash: dict[str, str] = {}  # arch_hash -> id of the candidate that carries its result
@@ -298,6 +300,24 @@ class Optimizer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the same search, as plain JSON-serialisable data."""
+        return {**self._state_head(), "candidates": [self._record(i) for i in self._candidates]}
+
+    def state_json(self) -> str:
+        """`json.dumps(state_dict())`, for snapshots: the record of a done or failed candidate
+        never changes, so its JSON text is made once and reused (a snapshot then costs the
+        new candidates, not the whole history, in Python work)."""
+        texts = []
+        for i in self._candidates:
+            text = self._record_text.get(i)
+            if text is None:
+                text = json.dumps(self._record(i))
+                if self._status[i] in ("done", "failed"):
+                    self._record_text[i] = text
+            texts.append(text)
+        head = json.dumps(self._state_head())
+        return head[:-1] + ', "candidates": [' + ", ".join(texts) + "]}"
+
+    def _state_head(self) -> dict[str, Any]:
         return {
             "algorithm": self.algorithm,
             "version": STATE_VERSION,
@@ -305,17 +325,16 @@ class Optimizer:
             "settings": self.settings(),
             "rng": _rng_state_to_json(self.rng),
             "exhausted": self._exhausted,
-            "candidates": [
-                {
-                    "candidate": self._candidates[i].to_json(),
-                    "status": self._status[i],
-                    "metrics": self._metrics.get(i),
-                    "fitness": self._fitness.get(i),
-                }
-                for i in self._candidates
-            ],
             "by_hash": dict(self._by_hash),
             **self._extra_state(),
+        }
+
+    def _record(self, candidate_id: str) -> dict[str, Any]:
+        return {
+            "candidate": self._candidates[candidate_id].to_json(),
+            "status": self._status[candidate_id],
+            "metrics": self._metrics.get(candidate_id),
+            "fitness": self._fitness.get(candidate_id),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -336,6 +355,7 @@ class Optimizer:
             self._load_settings(dict(state["settings"]))
             self.rng.setstate(_rng_state_from_json(state["rng"]))
             self._candidates, self._status, self._metrics, self._fitness = {}, _StatusTable(), {}, {}
+            self._record_text = {}
             for record in state["candidates"]:
                 candidate = Candidate.from_json(record["candidate"])
                 self._candidates[candidate.id] = candidate
