@@ -200,6 +200,7 @@ class WorkerNode:
         self._unacked: dict[tuple[str, int], pb.TrialResult] = {}
         self._undelivered: list[pb.TrialResult] = []  # for ReportResult, after a reconnect
         self._lock = threading.Lock()
+        self._evaluation_cache: tuple[str | None, dict] = (None, {})
         self._worker_id = ""
         self._draining = threading.Event()
         self._done = threading.Event()
@@ -396,9 +397,10 @@ class WorkerNode:
             stream.cancel()
 
     def _acknowledged(self, acks) -> None:
-        for ack in acks:
-            with self._lock:
+        with self._lock:
+            for ack in acks:
                 self._unacked.pop((ack.lease.task_id, ack.lease.attempt), None)
+        for ack in acks:
             if ack.disposition in ("refused", "invalid"):
                 log.error("master rejected result %s/%d (%s): %s", ack.lease.task_id, ack.lease.attempt,
                           ack.disposition, ack.detail)
@@ -489,7 +491,7 @@ class WorkerNode:
         """The runner request for a lease (or an "invalid" reply when the lease is malformed)."""
         ref = (lease.task_id, lease.attempt)
         try:
-            evaluation = json.loads(lease.evaluation_json or "{}")
+            evaluation = self._evaluation(lease.evaluation_json)
             timeout = evaluation.get("timeoutSeconds")
             if timeout and not evaluation.get("evaluator"):
                 timeout = float(timeout) * 1.1 + 5  # the built-in trainer times out first, cleanly
@@ -500,6 +502,13 @@ class WorkerNode:
             return {"lease": lease, "ref": ref,
                     "reply": {"ok": False, "kind": "invalid", "message": f"bad lease: {exc}", "duration": 0.0}}
         return {"lease": lease, "ref": ref, "request": request, "timeout": float(timeout) if timeout else None}
+
+    def _evaluation(self, text: str) -> dict:
+        """spec.evaluation of a lease, parsed (the same text for every lease of an experiment)."""
+        cached = self._evaluation_cache  # one read: slots call this from their own threads
+        if cached[0] != text:
+            cached = self._evaluation_cache = (text, json.loads(text or "{}"))
+        return dict(cached[1])
 
     def _finish_trial(self, item: dict, reply: dict | None) -> None:
         lease, ref = item["lease"], item["ref"]
