@@ -275,6 +275,14 @@ def test_auto_prefetch_queues_a_lease_only_while_trials_are_short(tmp_path):
     assert len(leases(box)) == 1
 
 
+def test_auto_prefetch_queues_two_leases_while_trials_are_shorter_than_a_round_trip(tmp_path):
+    coord, _ = make(tmp_path, max_trials=50, prefetch=None)
+    _, box = join(coord, "a", slots=1)
+    first = leases(box)
+    coord.report_result(first[0].task_id, first[0].attempt, True, {"val_accuracy": 0.1}, duration=0.01)
+    assert len(leases(box)) == 3  # the next lease plus two queued
+
+
 def test_grouped_results_are_each_acknowledged_after_their_commit(tmp_path):
     import threading
 

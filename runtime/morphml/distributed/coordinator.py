@@ -37,7 +37,8 @@ log = logging.getLogger("morphml.master")
 FAILURE_KINDS = ("exception", "nan", "timeout", "oom", "invalid")
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 MAX_ERROR_TEXT = 4000
-AUTO_PREFETCH_BELOW_SECONDS = 2.0  # prefetch=None: one queued lease per worker while trials are this short
+AUTO_PREFETCH_BELOW_SECONDS = 2.0  # prefetch=None: one queued lease per worker while trials are this short,
+AUTO_PREFETCH_2_BELOW_SECONDS = 0.05  # two while they are shorter than a result's round trip (commit + fsync)
 AUTO_PREFETCH_WINDOW = 16  # ...judged by the median duration of this many last finished trials
 SNAPSHOT_EVERY = 100  # optimizer ops between state_dict snapshots in the journal, at least...
 SNAPSHOT_GROWTH = 0.5  # ...and at least this fraction of all ops so far: a state_dict grows with the
@@ -70,7 +71,8 @@ class ExperimentSettings:
     # Leases queued on each worker beyond its slots, so it starts the next trial the moment one
     # ends instead of waiting a master round trip. 0 keeps "ask only for free slots"; 1 pays
     # off only for short trials (docs/benchmarks.md). None = auto: 1 while the median duration
-    # of the last trials is under AUTO_PREFETCH_BELOW_SECONDS, else 0 (the CLI's default).
+    # of the last trials is under AUTO_PREFETCH_BELOW_SECONDS (2 under AUTO_PREFETCH_2_BELOW_SECONDS),
+    # else 0 (the CLI's default).
     prefetch: int | None = 0
 
     def __post_init__(self) -> None:
@@ -516,7 +518,10 @@ class ExperimentCoordinator:
             return self.settings.prefetch
         if not self._recent_durations:
             return 0  # nothing known yet: trials may be long
-        return 1 if statistics.median(self._recent_durations) < AUTO_PREFETCH_BELOW_SECONDS else 0
+        median = statistics.median(self._recent_durations)
+        if median < AUTO_PREFETCH_2_BELOW_SECONDS:
+            return 2
+        return 1 if median < AUTO_PREFETCH_BELOW_SECONDS else 0
 
     def _pending_tasks(self) -> list[Task]:
         return [self.leases.tasks[i] for i in self.leases.pending_ids()]
