@@ -145,6 +145,11 @@ class Journal:
                 for callback in callbacks:
                     callback()
 
+    def _joined(self) -> bool:
+        """True when this thread is inside a transaction: a write then just adds to its buffer
+        (the common case, and cheaper than entering transaction() once more per row)."""
+        return self._depth > 0 and self._lock._is_owned()
+
     def after_commit(self, callback) -> None:
         """Runs callback() after the current transaction commits (at once outside one)."""
         with self._lock:
@@ -187,36 +192,47 @@ class Journal:
         self._after_commit = callbacks
 
     # --- writes --------------------------------------------------------------------------------
+    # The buffer is looked up by name once inside the transaction: a commit replaces it.
+    def _upsert(self, table: str, key: Any, row: tuple) -> None:
+        if self._joined():
+            getattr(self, table)[key] = row
+        else:
+            with self.transaction():
+                getattr(self, table)[key] = row
+
+    def _append(self, table: str, row: tuple) -> None:
+        if self._joined():
+            getattr(self, table).append(row)
+        else:
+            with self.transaction():
+                getattr(self, table).append(row)
+
     def set_meta(self, key: str, value: Any) -> None:
         with self.transaction():
             self._meta[key] = (key, json.dumps(value))
 
     def save_task(self, task: Task, seq: int) -> None:
-        with self.transaction():
-            self._tasks[task.task_id] = (
-                task.task_id, seq, task.candidate_id, task.arch_json, task.arch_hash, task.summary,
-                task.generation, task.seed, task.proposed_at, task.state.value, task.attempt,
-                task.retries_used, json.dumps(sorted(task.avoid_workers)),
-                json.dumps(task.metrics) if task.metrics is not None else None,
-                task.error_kind, task.error_message, task.finished_by, task.finished_attempt,
-                task.finished_at, task.duration_seconds)
+        row = (task.task_id, seq, task.candidate_id, task.arch_json, task.arch_hash, task.summary,
+               task.generation, task.seed, task.proposed_at, task.state.value, task.attempt,
+               task.retries_used, json.dumps(sorted(task.avoid_workers)),
+               json.dumps(task.metrics) if task.metrics is not None else None,
+               task.error_kind, task.error_message, task.finished_by, task.finished_attempt,
+               task.finished_at, task.duration_seconds)
+        self._upsert("_tasks", task.task_id, row)
 
     def save_attempt(self, att: Attempt) -> None:
-        with self.transaction():
-            self._attempts[(att.task_id, att.attempt)] = (
-                att.task_id, att.attempt, att.worker_id, att.worker_name, att.leased_at, att.state.value,
-                att.ended_at, att.outcome)
+        row = (att.task_id, att.attempt, att.worker_id, att.worker_name, att.leased_at, att.state.value,
+               att.ended_at, att.outcome)
+        self._upsert("_attempts", (att.task_id, att.attempt), row)
 
     def add_result(self, received_at: float, task_id: str, attempt: int, worker_name: str, disposition: str,
                    ok: bool, metrics: dict | None, kind: str, message: str, duration: float) -> None:
-        with self.transaction():
-            self._results.append((received_at, task_id, attempt, worker_name, disposition, int(ok),
+        self._append("_results", (received_at, task_id, attempt, worker_name, disposition, int(ok),
                                   json.dumps(metrics) if metrics is not None else None, kind, message, duration))
 
     def event(self, ts: float, kind: str, task_id: str | None = None, attempt: int | None = None,
               worker_id: str | None = None, worker_name: str | None = None, **detail: Any) -> None:
-        with self.transaction():
-            self._events.append((ts, kind, task_id, attempt, worker_id, worker_name,
+        self._append("_events", (ts, kind, task_id, attempt, worker_id, worker_name,
                                  json.dumps(detail) if detail else None))
 
     def log_optimizer_op(self, op: str, arg: dict) -> int:
