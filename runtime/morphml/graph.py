@@ -592,7 +592,10 @@ def build_graph_from_choices(program: Sequence[tuple], input_shape: Sequence[int
         else:  # pragma: no cover - programs come from SearchSpace._draw
             raise AssertionError(instruction)
     add("output", {"units": num_classes}, [current])
-    return ArchitectureGraph(input_shape, num_classes, nodes, edges, _normalized=True).validate().canonical()
+    graph = ArchitectureGraph(input_shape, num_classes, nodes, edges, _normalized=True)
+    graph._check_structure()
+    graph._shapes = shapes  # what infer_shapes() would compute again: same ops, same input order
+    return graph.canonical()
 
 
 # --------------------------------------------------------------------------------------------

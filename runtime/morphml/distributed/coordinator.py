@@ -118,9 +118,10 @@ class _QueuedResult:
     """A reported result waiting for the group commit that journals it."""
 
     args: tuple
-    pending: str | None = None
+    claimed: bool = False  # taken into a batch
     disposition: str | None = None
     error: BaseException | None = None
+    durable: threading.Event = field(default_factory=threading.Event)  # its batch is fsynced (or failed)
 
 
 @dataclass
@@ -407,8 +408,9 @@ class ExperimentCoordinator:
 
         Group commit: results that arrive while another batch is being journaled queue up, and
         the next caller to get the lock handles every queued one in one transaction (one fsync,
-        one optimizer ask for all freed slots). Each caller returns only after the transaction
-        holding its results committed, so an acknowledged result is always durable."""
+        one optimizer ask for all freed slots). That caller fsyncs after releasing the lock, so
+        the next batch is built meanwhile; the batch's leases go out and every caller in it
+        returns only after that fsync, so an acknowledged result is always durable."""
         items = []
         for r in reports:
             ok, metrics, failure_kind = r.ok, r.metrics, r.failure_kind
@@ -425,27 +427,46 @@ class ExperimentCoordinator:
             return []
         with self._queue_lock:  # all of them in one go: whichever batch takes one takes all
             self._result_queue.extend(items)
+        pending, batch = None, []
         with self._lock:
-            if items[0].disposition is None and items[0].error is None:
+            if not items[0].claimed:
                 with self._queue_lock:
                     batch, self._result_queue = self._result_queue, []
+                for queued in batch:
+                    queued.claimed = True
+                dispositions = []
                 try:
-                    with self.journal.transaction():
+                    with self.journal.deferred_transaction() as pending:
                         for queued in batch:
-                            queued.pending = self._apply_result(*queued.args)
+                            dispositions.append(self._apply_result(*queued.args))
                         self._check_done()
                         self._dispatch()
                         self._maybe_snapshot(force=self.done)
                 except BaseException as exc:
-                    for queued in batch:
-                        queued.error = exc
+                    self._release(batch, exc)
                     raise
-                for queued in batch:
-                    queued.disposition = queued.pending
+                for queued, disposition in zip(batch, dispositions):
+                    queued.disposition = disposition
                 self.changed.notify_all()
+        if pending is not None:  # this caller committed the batch: make it durable, then release it
+            try:
+                pending.finish()
+            except BaseException as exc:
+                self._release(batch, exc)
+                raise
+            self._release(batch)
+        else:
+            items[0].durable.wait()
         if items[0].error is not None:
             raise items[0].error
         return [item.disposition for item in items]
+
+    @staticmethod
+    def _release(batch: list[_QueuedResult], error: BaseException | None = None) -> None:
+        for queued in batch:
+            if error is not None:
+                queued.error = error
+            queued.durable.set()
 
     def _apply_result(self, task_id: str, attempt: int, ok: bool, metrics: dict | None, failure_kind: str,
                       failure_message: str, worker_name: str, duration: float, forged: bool = False) -> str:

@@ -13,8 +13,12 @@ the ask/tell contract makes optimizers deterministic (same state + same tells in
 ids. Snapshots are taken every SNAPSHOT_EVERY ops instead of after each tell because a
 state_dict grows with the history: writing it per trial made the master O(n^2).
 
-Durability: WAL mode. `synchronous=FULL` (the default) fsyncs the WAL on every commit, so a
-committed trial survives a power loss as well as a process kill. `synchronous=NORMAL` skips
+Durability: WAL mode. `synchronous=FULL` (the default) fsyncs the WAL after every commit, so a
+committed trial survives a power loss as well as a process kill. The journal does that fsync
+itself (SQLite runs with synchronous=NORMAL underneath, which writes the WAL at commit and
+fsyncs it before checkpoints): a `deferred_transaction()` lets the coordinator release its lock
+before the fsync and acknowledge only after it, and one fsync covers every commit written
+before it. `synchronous=NORMAL` skips
 that fsync (commits survive a killed master process, the SIGKILL/pod-deletion failure model,
 but the last commits may roll back on power loss: those trials then re-run, still counted
 once); choose it with `Journal(path, synchronous="NORMAL")` / `morphml master --journal-sync normal`.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -64,6 +69,21 @@ CREATE TABLE IF NOT EXISTS optimizer_ops(seq INTEGER PRIMARY KEY AUTOINCREMENT, 
 SYNC_MODES = ("FULL", "NORMAL")
 
 
+class PendingCommit:
+    """A commit from Journal.deferred_transaction(): written, durable only after finish()."""
+
+    def __init__(self, journal: "Journal"):
+        self.journal = journal
+        self.commit = 0
+        self.callbacks: list = []
+
+    def finish(self) -> None:
+        """fsync (shared with concurrent commits), then the transaction's after_commit callbacks."""
+        self.journal.sync(self.commit)
+        for callback in self.callbacks:
+            callback()
+
+
 class Journal:
     """One SQLite file; all writes go through transaction() (one commit per operation).
 
@@ -85,8 +105,16 @@ class Journal:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={mode}")
+        wal = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        # FULL is kept by fsyncing the WAL ourselves after each commit (sync()): SQLite's own FULL
+        # would fsync inside COMMIT, which a deferred_transaction() must be able to postpone.
+        self._own_sync = mode == "FULL" and wal
+        self._db.execute(f"PRAGMA synchronous={'NORMAL' if self._own_sync else mode}")
+        self._wal_fd: int | None = None
+        self._commits = 0  # commits so far; sync(n) makes the first n durable
+        self._synced = 0
+        self._sync_lock = threading.Lock()
+        self._pending_commit: PendingCommit | None = None
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
@@ -110,6 +138,45 @@ class Journal:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            if self._wal_fd is not None:
+                os.close(self._wal_fd)
+                self._wal_fd = None
+
+    def sync(self, commit: int) -> None:
+        """Makes every commit up to number `commit` durable (FULL): one fsync of the WAL, which
+        also covers every later commit written by then, so concurrent callers share it."""
+        if not self._own_sync:
+            return
+        with self._sync_lock:
+            if self._synced >= commit:
+                return
+            target = self._commits  # all of these are written to the WAL already
+            if self._wal_fd is None:
+                self._wal_fd = os.open(self.path + "-wal", os.O_RDONLY)
+                directory = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:  # the WAL file's own directory entry must survive a power loss too
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+            os.fsync(self._wal_fd)
+            self._synced = target
+
+    @contextlib.contextmanager
+    def deferred_transaction(self) -> Iterator[PendingCommit]:
+        """An outermost transaction whose commit is written but not yet durable: the caller runs
+        `pending.finish()` (fsync, then the after_commit callbacks) once it has released its own
+        locks, so the next transaction can be built while this one's fsync runs. Nothing of it
+        may be acknowledged before finish() returns."""
+        with self._lock:
+            if self._depth:
+                raise RuntimeError("deferred_transaction() must be the outermost transaction")
+            pending = PendingCommit(self)
+            self._pending_commit = pending
+            try:
+                with self.transaction():
+                    yield pending
+            finally:
+                self._pending_commit = None
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -134,6 +201,7 @@ class Journal:
                     self._write_buffer()
                     if self._begun:
                         self._db.execute("COMMIT")
+                        self._commits += 1
                 except BaseException:
                     if self._begun:
                         self._db.execute("ROLLBACK")
@@ -142,6 +210,11 @@ class Journal:
                 finally:
                     self._begun = False
                     self._reset_buffer()
+                pending = self._pending_commit
+                if pending is not None:  # deferred: the caller syncs and runs the callbacks
+                    pending.commit, pending.callbacks = self._commits, callbacks
+                    return
+                self.sync(self._commits)
                 for callback in callbacks:
                     callback()
 
