@@ -45,14 +45,15 @@ def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every non-health call whose bearer token differs from the experiment's."""
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every non-health call whose bearer token differs from the experiment's (the
+    master's grpc.aio server)."""
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
@@ -65,8 +66,8 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 
 def _refusing_handler(handler, message: str):
-    def refuse(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def refuse(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kwargs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:

@@ -24,7 +24,7 @@ import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .clock import SystemClock
 from .journal import Journal
@@ -158,6 +158,9 @@ class ExperimentCoordinator:
         self._lock = threading.RLock()
         self.changed = threading.Condition(self._lock)
         self._outboxes: dict[str, queue.Queue] = {}
+        # Makes a worker's outbox: a queue.Queue, or a subclass that also wakes whoever sends
+        # it out (the gRPC server sets one).
+        self.new_outbox: Callable[[], queue.Queue] = queue.Queue
         self._queue_lock = threading.Lock()
         self._recent_durations: deque[float] = deque(maxlen=AUTO_PREFETCH_WINDOW)
         self._result_queue: list[_QueuedResult] = []
@@ -271,7 +274,7 @@ class ExperimentCoordinator:
             now = self.clock.wall()
             rec = self.registry.register(name, gpus, slots, hostname, pid)
             rec.prefetch = self._prefetch()
-            self._outboxes[rec.worker_id] = queue.Queue()
+            self._outboxes[rec.worker_id] = self.new_outbox()
             self.journal.event(now, "worker_registered", worker_id=rec.worker_id, worker_name=name, gpus=gpus,
                                slots=slots, hostname=hostname, pid=pid)
             adopted = []
