@@ -124,3 +124,29 @@ def test_registry_rejects_bad_settings_naming_the_value():
         WorkerRegistry(ManualClock(), 0, 3)
     with pytest.raises(ValueError, match="missed heartbeats 0"):
         WorkerRegistry(ManualClock(), 1, 0)
+
+
+def test_state_counts_are_kept_in_step_through_leases_losses_successes_and_failures():
+    table = LeaseTable()
+
+    def recount(state):
+        return sum(1 for t in table.tasks.values() if t.state is state)
+
+    def check():
+        for state in (TaskState.PENDING, TaskState.LEASED, TaskState.SUCCEEDED, TaskState.FAILED):
+            assert table.count(state) == recount(state), state
+
+    for i in range(1, 5):
+        table.add(make_task(i))
+    check()
+    for i, worker in ((1, "w1/1"), (2, "w1/1"), (3, "w2/2")):
+        table.lease(f"t{i:06d}", worker, worker[:2], 0.0)
+        check()
+    table.release_worker("w1/1", "heartbeat", 1.0)
+    check()
+    table.succeed("t000003", 1, {"val_accuracy": 0.5}, "w2", 1.0, 2.0)
+    table.lease("t000001", "w2/2", "w2", 3.0)
+    check()
+    table.fail("t000001", 2, "exception", "boom", "w2", 1.0, 0, 4.0)
+    check()
+    assert table.count(TaskState.LEASED) == 0 and table.count(TaskState.FAILED) == 1

@@ -91,6 +91,7 @@ class LeaseTable:
         # Pending task ids in queue order (oldest first); kept in step with task states so that
         # choosing a task does not scan every finished trial.
         self._pending: "OrderedDict[str, None]" = OrderedDict()
+        self._leased: set[str] = set()  # ids of LEASED tasks, kept by track() like _pending
         self.attempts: dict[tuple[str, int], Attempt] = {}
         self._by_worker: dict[str, set[tuple[str, int]]] = {}
 
@@ -107,6 +108,10 @@ class LeaseTable:
             self._pending.setdefault(task.task_id, None)
         else:
             self._pending.pop(task.task_id, None)
+        if task.state is TaskState.LEASED:
+            self._leased.add(task.task_id)
+        else:
+            self._leased.discard(task.task_id)
 
     def pending_ids(self) -> list[str]:
         return list(self._pending)
@@ -118,6 +123,10 @@ class LeaseTable:
         return [t for t in self.tasks.values() if t.state is state]
 
     def count(self, state: TaskState) -> int:
+        if state is TaskState.LEASED:  # asked on every status call: kept as an index
+            return len(self._leased)
+        if state is TaskState.PENDING:
+            return len(self._pending)
         return sum(1 for t in self.tasks.values() if t.state is state)
 
     def outstanding(self) -> int:
