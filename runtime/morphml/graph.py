@@ -192,7 +192,7 @@ class ArchitectureGraph:
 
     # _hash, _shapes, _structure, _canonical: results computed once (the graph never changes).
     __slots__ = ("input_shape", "num_classes", "nodes", "edges", "_by_id", "_hash", "_shapes", "_structure",
-                 "_canonical")
+                 "_canonical", "_preds")
 
     def __init__(
         self,
@@ -254,6 +254,7 @@ class ArchitectureGraph:
         self._shapes: dict[str, Shape] | None = None
         self._structure: tuple[str, str] | None = None
         self._canonical: tuple[str, ...] | None = None
+        self._preds: dict[str, tuple[str, ...]] | None = None
 
     # -- JSON -----------------------------------------------------------------------------------
 
@@ -310,10 +311,16 @@ class ArchitectureGraph:
 
     def predecessors(self) -> dict[str, list[str]]:
         """node id -> input node ids in edge order (the port order of add/concat)."""
-        preds: dict[str, list[str]] = {node.id: [] for node in self.nodes}
-        for src, dst in self.edges:
-            preds[dst].append(src)
-        return preds
+        return {node_id: list(inputs) for node_id, inputs in self._pred_map().items()}
+
+    def _pred_map(self) -> dict[str, tuple[str, ...]]:
+        """predecessors(), computed once and shared read-only by this class's own methods."""
+        if self._preds is None:
+            preds: dict[str, list[str]] = {node.id: [] for node in self.nodes}
+            for src, dst in self.edges:
+                preds[dst].append(src)
+            self._preds = {node_id: tuple(inputs) for node_id, inputs in preds.items()}
+        return self._preds
 
     def successors(self) -> dict[str, list[str]]:
         succs: dict[str, list[str]] = {node.id: [] for node in self.nodes}
@@ -332,7 +339,7 @@ class ArchitectureGraph:
 
     def topological_order(self) -> list[str]:
         """Kahn's algorithm in node-list order; GraphError naming a node on a cycle."""
-        preds = self.predecessors()
+        preds = self._pred_map()
         succs = self.successors()
         pending = {node_id: len(p) for node_id, p in preds.items()}
         ready = [n.id for n in self.nodes if pending[n.id] == 0]
@@ -353,7 +360,7 @@ class ArchitectureGraph:
         if self._structure is not None:
             return self._structure
         input_id, output_id = self._endpoints()
-        preds, succs = self.predecessors(), self.successors()
+        preds, succs = self._pred_map(), self.successors()
         for node in self.nodes:
             count = len(preds[node.id])
             if node.op == "input":
@@ -384,7 +391,7 @@ class ArchitectureGraph:
         if self._shapes is not None:
             return dict(self._shapes)
         self._check_structure()
-        preds = self.predecessors()
+        preds = self._pred_map()
         shapes: dict[str, Shape] = {}
         for node_id in self.topological_order():
             node = self._by_id[node_id]
@@ -419,7 +426,7 @@ class ArchitectureGraph:
         if self._canonical is not None:
             return list(self._canonical)
         _, output_id = self._check_structure()
-        preds = self.predecessors()
+        preds = self._pred_map()
         visited = {output_id}
         order: list[str] = []
         stack: list[tuple[str, Any]] = [(output_id, iter(preds[output_id]))]
@@ -440,7 +447,7 @@ class ArchitectureGraph:
         """The same architecture with nodes in canonical order and ids n0, n1, ..."""
         order = self.canonical_order()
         rename = {old: f"n{index}" for index, old in enumerate(order)}
-        preds = self.predecessors()
+        preds = self._pred_map()
         edges = [[rename[src], rename[dst]] for dst in order for src in preds[dst]]
         if len(order) == len(self.nodes) and all(node.id == f"n{i}" and node.id == order[i] for i, node in
                                                   enumerate(self.nodes)) and [list(e) for e in self.edges] == edges:
@@ -457,7 +464,7 @@ class ArchitectureGraph:
         if self._hash is None:
             order = self.canonical_order()
             index = {node_id: i for i, node_id in enumerate(order)}
-            preds = self.predecessors()
+            preds = self._pred_map()
             payload = {
                 "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes,
@@ -472,7 +479,7 @@ class ArchitectureGraph:
     def node_costs(self) -> dict[str, tuple[int, int]]:
         """node id -> (trainable parameters, FLOPs) of that node in the built model."""
         shapes = self.infer_shapes()
-        preds = self.predecessors()
+        preds = self._pred_map()
         return {
             node.id: (0, 0) if node.op == "input" else _node_cost(node, [shapes[x] for x in preds[node.id]], shapes[node.id])
             for node in self.nodes

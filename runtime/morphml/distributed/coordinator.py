@@ -604,10 +604,10 @@ class ExperimentCoordinator:
         mono, now = self.clock.monotonic(), self.clock.wall()
         live = [w for w in self.registry.live() if w.accepts_work]
         names = [w.name for w in live]
-        progress = True
-        while progress:
+        open_ = [w for w in live if w.free_slots > 0]
+        while open_:
             progress = False
-            for rec in sorted(live, key=lambda w: len(w.leases)):
+            for rec in sorted(open_, key=lambda w: len(w.leases)):
                 if rec.free_slots <= 0:
                     continue
                 task = self.leases.choose_for(rec.name, names, mono)
@@ -615,6 +615,9 @@ class ExperimentCoordinator:
                     continue
                 self._lease(task, rec, now)
                 progress = True
+            if not progress:
+                break
+            open_ = [w for w in open_ if w.free_slots > 0]
 
     def _lease(self, task: Task, rec: WorkerRecord, now: float) -> None:
         orphan = task.orphan_attempt

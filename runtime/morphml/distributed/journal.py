@@ -287,7 +287,7 @@ class Journal:
     def save_task(self, task: Task, seq: int) -> None:
         row = (task.task_id, seq, task.candidate_id, task.arch_json, task.arch_hash, task.summary,
                task.generation, task.seed, task.proposed_at, task.state.value, task.attempt,
-               task.retries_used, json.dumps(sorted(task.avoid_workers)),
+               task.retries_used, json.dumps(sorted(task.avoid_workers)) if task.avoid_workers else "[]",
                json.dumps(task.metrics) if task.metrics is not None else None,
                task.error_kind, task.error_message, task.finished_by, task.finished_attempt,
                task.finished_at, task.duration_seconds)
