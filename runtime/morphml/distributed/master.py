@@ -137,10 +137,8 @@ class LoopOutbox(queue.Queue):
         pending = getattr(LoopOutbox._deferred, "outboxes", None)
         if pending is not None:
             pending[id(self)] = self
-            return
-        wake = self.wake
-        if wake is not None:
-            wake()
+        else:
+            self.wake_now()
 
     @staticmethod
     def deferred_wakes(call, *args):
