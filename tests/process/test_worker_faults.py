@@ -108,7 +108,10 @@ def test_failing_evaluator_is_retried_on_another_worker_then_recorded_failed(pro
     journal = tmp_path / "journal.db"
     failed = journal_rows(journal, "SELECT task_id, error_kind, error_message, retries_used FROM tasks"
                                    " WHERE state = 'failed'")
-    assert len(failed) == 2
+    # Failing for good the second task fails the experiment. How many tasks get there is up to
+    # scheduling: a third task's last attempt can end in the same commit as the deciding one
+    # (it did fail, and is counted), so: at least 2, each retried once on another worker.
+    assert len(failed) >= 2 and st.failed >= 2
     for task_id, kind, message, retries in failed:
         assert kind == "exception" and "synthetic evaluator failure: loss exploded" in message and retries == 1
         attempts = journal_rows(journal, "SELECT worker_name, state FROM attempts WHERE task_id = ? ORDER BY attempt",
