@@ -330,3 +330,44 @@ def test_lease_keys_survive_a_master_restart(tmp_path):
     coord2, _ = make(tmp_path, max_trials=1)
     assert coord2.lease_key(m.task_id, m.attempt) == m.lease_key
     assert coord2.report_result(m.task_id, 1, True, {"val_accuracy": 0.75}, lease_key=m.lease_key) == "accepted"
+
+
+def test_worker_losses_are_numbered_from_one_and_the_numbers_survive_a_restart(tmp_path):
+    coord, _ = make(tmp_path, max_trials=50)
+    for i in range(3):
+        worker_id, _ = join(coord, f"w{i}")
+        coord.worker_lost(worker_id, LossReason.HEARTBEAT)
+    clean, _ = coord.register("leaver", 0, 1)  # never connected: holds no lease
+    coord.worker_lost(clean, LossReason.DEREGISTER)  # a clean leave holding nothing is not a loss
+    st = coord.status()
+    assert st["loss_seq"] == 3 and [loss["seq"] for loss in st["losses"]] == [1, 2, 3]
+    assert [loss["worker_name"] for loss in coord.status(losses_after_seq=1)["losses"]] == ["w1", "w2"]
+    coord.journal.close()
+
+    coord2, _ = make(tmp_path, max_trials=50)  # a restarted master continues the numbering
+    assert coord2.status()["loss_seq"] == 3
+    assert [loss["seq"] for loss in coord2.status()["losses"]] == [1, 2, 3]
+    worker_id, _ = join(coord2, "w3")
+    coord2.worker_lost(worker_id, LossReason.STREAM)
+    st = coord2.status(losses_after_seq=3)
+    assert st["loss_seq"] == 4
+    assert [(loss["seq"], loss["worker_name"], loss["detected_by"]) for loss in st["losses"]] == [(4, "w3", "stream")]
+    assert coord2.status(losses_after_seq=4)["losses"] == []
+
+
+def test_status_pages_losses_after_a_number_beyond_the_recent_ones_kept_in_memory(tmp_path):
+    from morphml.distributed import coordinator as coordinator_module
+    from morphml.distributed.master import status_to_proto
+
+    coord, _ = make(tmp_path, max_trials=50)
+    total = coordinator_module.RECENT_LOSSES + 30
+    for i in range(total):
+        worker_id, _ = join(coord, f"w{i}")
+        coord.worker_lost(worker_id, LossReason.HEARTBEAT)
+    assert [loss["seq"] for loss in coord.status()["losses"]] == list(range(31, total + 1))  # the latest 100
+    assert [loss["seq"] for loss in coord.status(losses_after_seq=5)["losses"]] == list(range(6, total + 1))
+    proto = status_to_proto(coord.status(losses_after_seq=total - 2))
+    assert proto.loss_seq == total and [loss.seq for loss in proto.losses] == [total - 1, total]
+    coord.journal.close()
+    coord2, _ = make(tmp_path, max_trials=50)
+    assert [loss["seq"] for loss in coord2.status(losses_after_seq=1)["losses"]] == list(range(2, total + 1))

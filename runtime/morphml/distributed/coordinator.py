@@ -40,6 +40,8 @@ MAX_ERROR_TEXT = 4000
 AUTO_PREFETCH_BELOW_SECONDS = 2.0  # prefetch=None: one queued lease per worker while trials are this short,
 AUTO_PREFETCH_2_BELOW_SECONDS = 0.05  # two while they are shorter than a result's round trip (commit + fsync)
 AUTO_PREFETCH_WINDOW = 16  # ...judged by the median duration of this many last finished trials
+RECENT_LOSSES = 100  # losses status() shows by default...
+MAX_LOSSES_PER_STATUS = 500  # ...and at most this many after a given loss number
 SNAPSHOT_EVERY = 100  # optimizer ops between state_dict snapshots in the journal, at least...
 SNAPSHOT_GROWTH = 0.5  # ...and at least this fraction of all ops so far: a state_dict grows with the
 # history, so a fixed interval made each trial's share of the snapshots grow with the run
@@ -171,7 +173,10 @@ class ExperimentCoordinator:
         self.retries = 0
         self.stale_results = 0
         self.best: Task | None = None
-        self.losses: list[dict] = []
+        # The most recent worker losses (status' default view); all of them are in the journal,
+        # numbered 1, 2, 3, ... across restarts (loss_seq is the latest number).
+        self.losses: deque[dict] = deque(maxlen=RECENT_LOSSES)
+        self.loss_seq = 0
         self._seq = 0
         self._exhausted = False
         self._evaluation_json = json.dumps(settings.evaluation, sort_keys=True)
@@ -213,6 +218,8 @@ class ExperimentCoordinator:
             self.retries = self.journal.query("SELECT COUNT(*) FROM events WHERE kind = 'retry'")[0][0]
             self.stale_results = self.journal.query(
                 "SELECT COUNT(*) FROM results WHERE disposition = 'stale'")[0][0]
+            self.loss_seq = self.journal.last_loss_seq()
+            self.losses.extend(self.journal.losses(latest=RECENT_LOSSES))
             phase = self.journal.get_meta("phase")
             if phase in (SUCCEEDED, FAILED):
                 self.phase = phase
@@ -349,9 +356,10 @@ class ExperimentCoordinator:
             self.journal.event(now, "worker_dead", worker_id=worker_id, worker_name=rec.name,
                                detected_by=reason.value, detail=detail, requeued=[list(r) for r in released])
             if reason is not LossReason.DEREGISTER or released:  # a clean leave is not a loss
-                self.losses.append({"worker_id": worker_id, "worker_name": rec.name, "detected_by": reason.value,
-                                    "detected_at": now, "requeued": released})
-                del self.losses[:-100]
+                self.loss_seq += 1
+                self.journal.add_loss(self.loss_seq, worker_id, rec.name, reason.value, now, released)
+                self.losses.append({"seq": self.loss_seq, "worker_id": worker_id, "worker_name": rec.name,
+                                    "detected_by": reason.value, "detected_at": now, "requeued": released})
             self._outboxes.get(worker_id, queue.Queue()).put(END_OF_STREAM)
             if released or reason is not LossReason.DEREGISTER:
                 log.warning("worker %s lost (%s); requeued %s", worker_id, reason.value, released or "nothing")
@@ -687,8 +695,17 @@ class ExperimentCoordinator:
                                                "arch_hash": task.arch_hash})
                 self.journal.event(self.clock.wall(), "new_best", task.task_id, task.finished_attempt, metric=value)
 
-    def status(self, include_dead: bool = True) -> dict:
+    def status(self, include_dead: bool = True, losses_after_seq: int = 0) -> dict:
+        """The experiment's progress. `losses` holds the worker losses numbered after
+        losses_after_seq (oldest first, at most MAX_LOSSES_PER_STATUS), or the most recent
+        RECENT_LOSSES when it is 0; `loss_seq` is the latest loss number."""
         with self._lock:
+            if losses_after_seq <= 0:
+                losses = list(self.losses)
+            elif self.losses and losses_after_seq >= self.losses[0]["seq"] - 1:
+                losses = [loss for loss in self.losses if loss["seq"] > losses_after_seq][:MAX_LOSSES_PER_STATUS]
+            else:  # older than what memory keeps: the journal has them all
+                losses = self.journal.losses(after_seq=losses_after_seq, limit=MAX_LOSSES_PER_STATUS)
             workers = []
             for rec in self.registry.workers.values():
                 if not include_dead and not rec.alive:
@@ -705,7 +722,8 @@ class ExperimentCoordinator:
                     "succeeded": self.succeeded, "failed": self.failed,
                     "running": self.leases.count(TaskState.LEASED), "pending": len(self.leases.pending_ids()),
                     "budget": self.settings.max_trials, "workers": workers, "best": best,
-                    "stale_results": self.stale_results, "retries": self.retries, "losses": list(self.losses),
+                    "stale_results": self.stale_results, "retries": self.retries, "losses": losses,
+                    "loss_seq": self.loss_seq,
                     "metric": self.settings.metric, "goal": self.settings.goal,
                     "workers_alive": sum(1 for w in self.registry.workers.values()
                                          if w.alive and w.state is not WorkerState.REGISTERING)}

@@ -64,9 +64,19 @@ CREATE TABLE IF NOT EXISTS optimizer(id INTEGER PRIMARY KEY CHECK (id = 1), stat
   saved_at REAL NOT NULL, op_seq INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS optimizer_ops(seq INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL,
   arg_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS losses(
+  seq INTEGER PRIMARY KEY, worker_id TEXT NOT NULL, worker_name TEXT NOT NULL, detected_by TEXT NOT NULL,
+  detected_at REAL NOT NULL, requeued_json TEXT NOT NULL);
 """
 
 SYNC_MODES = ("FULL", "NORMAL")
+
+
+def loss_dict(seq: int, worker_id: str, worker_name: str, detected_by: str, detected_at: float,
+              requeued_json: str) -> dict:
+    """A worker loss as the coordinator's status shows it."""
+    return {"seq": seq, "worker_id": worker_id, "worker_name": worker_name, "detected_by": detected_by,
+            "detected_at": detected_at, "requeued": [(t, a) for t, a in json.loads(requeued_json)]}
 
 
 class PendingCommit:
@@ -132,6 +142,7 @@ class Journal:
         self._results: list[tuple] = []
         self._events: list[tuple] = []
         self._ops: list[tuple] = []
+        self._losses: list[tuple] = []
         self._snapshot: tuple | None = None
         self._after_commit: list = []
 
@@ -234,7 +245,7 @@ class Journal:
     def _write_buffer(self) -> None:
         """Writes the buffered changes into the open SQLite transaction (beginning it if needed)."""
         if not (self._tasks or self._attempts or self._meta or self._results or self._events or self._ops
-                or self._snapshot):
+                or self._losses or self._snapshot):
             return
         db = self._db
         if not self._begun:
@@ -257,6 +268,9 @@ class Journal:
                 self._events)
         if self._ops:
             db.executemany("INSERT INTO optimizer_ops(seq, op, arg_json) VALUES (?, ?, ?)", self._ops)
+        if self._losses:
+            db.executemany("INSERT INTO losses(seq, worker_id, worker_name, detected_by, detected_at, requeued_json)"
+                           " VALUES (?, ?, ?, ?, ?, ?)", self._losses)
         if self._snapshot:
             db.execute("INSERT OR REPLACE INTO optimizer(id, state_json, saved_at, op_seq) VALUES (1, ?, ?, ?)",
                        self._snapshot)
@@ -307,6 +321,12 @@ class Journal:
               worker_id: str | None = None, worker_name: str | None = None, **detail: Any) -> None:
         self._append("_events", (ts, kind, task_id, attempt, worker_id, worker_name,
                                  json.dumps(detail) if detail else None))
+
+    def add_loss(self, seq: int, worker_id: str, worker_name: str, detected_by: str, detected_at: float,
+                 requeued: list[tuple[str, int]]) -> None:
+        """Journals worker loss number `seq` (1, 2, 3, ...: the caller numbers them, see last_loss_seq)."""
+        self._append("_losses", (seq, worker_id, worker_name, detected_by, detected_at,
+                                 json.dumps([list(r) for r in requeued])))
 
     def log_optimizer_op(self, op: str, arg: dict) -> int:
         """Appends one ask or tell to the optimizer's operation log; returns its sequence number."""
@@ -367,6 +387,26 @@ class Journal:
             rows = self._db.execute("SELECT * FROM attempts ORDER BY leased_at").fetchall()
         return [Attempt(task_id=r[0], attempt=r[1], worker_id=r[2], worker_name=r[3], leased_at=r[4],
                         state=AttemptState(r[5]), ended_at=r[6], outcome=r[7] or "") for r in rows]
+
+    def last_loss_seq(self) -> int:
+        """Number of the latest journaled worker loss (0: none yet)."""
+        with self._lock:
+            self._flush_for_read()
+            return int(self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM losses").fetchone()[0])
+
+    def losses(self, after_seq: int = 0, limit: int = 500, latest: int | None = None) -> list[dict]:
+        """Worker losses, oldest first: those numbered after `after_seq` (at most `limit`), or with
+        `latest`, the last `latest` of them."""
+        columns = "seq, worker_id, worker_name, detected_by, detected_at, requeued_json"
+        with self._lock:
+            self._flush_for_read()
+            if latest is not None:
+                rows = self._db.execute(f"SELECT {columns} FROM losses ORDER BY seq DESC LIMIT ?", (latest,)).fetchall()
+                rows.reverse()
+            else:
+                rows = self._db.execute(f"SELECT {columns} FROM losses WHERE seq > ? ORDER BY seq LIMIT ?",
+                                        (after_seq, limit)).fetchall()
+        return [loss_dict(*row) for row in rows]
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Read-only SQL for reports and tests."""

@@ -339,14 +339,16 @@ class MasterServicer(pb_grpc.MasterServicer):
         return pb.WorkerGoneReply(worker_ids=ids, requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in released])
 
     async def GetStatus(self, request, context):
-        return status_to_proto(self.coord.status(include_dead=request.include_dead_workers))
+        return status_to_proto(self.coord.status(include_dead=request.include_dead_workers,
+                                                 losses_after_seq=request.losses_after_seq))
 
 
 def status_to_proto(st: dict) -> pb.ExperimentStatus:
     msg = pb.ExperimentStatus(
         phase=st["phase"], succeeded=st["succeeded"], failed=st["failed"], running=st["running"],
         pending=st["pending"], budget=st["budget"], stale_results=st["stale_results"], retries=st["retries"],
-        experiment_name=st["experiment_name"], message=st["message"], metric=st["metric"], goal=st["goal"])
+        experiment_name=st["experiment_name"], message=st["message"], metric=st["metric"], goal=st["goal"],
+        loss_seq=st["loss_seq"])
     for w in st["workers"]:
         msg.workers.append(pb.WorkerInfo(
             worker_id=w["worker_id"], worker_name=w["worker_name"], state=w["state"], slots=w["slots"],
@@ -360,7 +362,8 @@ def status_to_proto(st: dict) -> pb.ExperimentStatus:
     for loss in st["losses"]:
         msg.losses.append(pb.WorkerLoss(
             worker_id=loss["worker_id"], worker_name=loss["worker_name"], detected_by=loss["detected_by"],
-            detected_at=loss["detected_at"], requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in loss["requeued"]]))
+            detected_at=loss["detected_at"], requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in loss["requeued"]],
+            seq=loss["seq"]))
     return msg
 
 
