@@ -357,7 +357,10 @@ def test_worker_losses_are_numbered_from_one_and_the_numbers_survive_a_restart(t
 
 def test_status_pages_losses_after_a_number_beyond_the_recent_ones_kept_in_memory(tmp_path):
     from morphml.distributed import coordinator as coordinator_module
-    from morphml.distributed.master import status_to_proto
+    import asyncio
+
+    from morphml.distributed.master import MasterServicer, status_to_proto
+    from morphml.distributed.proto import worker_pb2 as pb
 
     coord, _ = make(tmp_path, max_trials=50)
     total = coordinator_module.RECENT_LOSSES + 30
@@ -370,4 +373,10 @@ def test_status_pages_losses_after_a_number_beyond_the_recent_ones_kept_in_memor
     assert proto.loss_seq == total and [loss.seq for loss in proto.losses] == [total - 1, total]
     coord.journal.close()
     coord2, _ = make(tmp_path, max_trials=50)
-    assert [loss["seq"] for loss in coord2.status(losses_after_seq=1)["losses"]] == list(range(2, total + 1))
+    assert [loss["seq"] for loss in coord2.status(losses_after_seq=0)["losses"]] == list(range(1, total + 1))
+    servicer = MasterServicer(coord2)  # GetStatus: an unset losses_after_seq is "the latest 100", 0 is "from 1"
+    latest = asyncio.run(servicer.GetStatus(pb.StatusRequest(), None))
+    assert [loss.seq for loss in latest.losses] == list(range(31, total + 1))
+    from_one = asyncio.run(servicer.GetStatus(pb.StatusRequest(losses_after_seq=0), None))
+    assert [loss.seq for loss in from_one.losses] == list(range(1, total + 1)) and from_one.loss_seq == total
+    servicer.close()

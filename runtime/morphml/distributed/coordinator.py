@@ -695,12 +695,12 @@ class ExperimentCoordinator:
                                                "arch_hash": task.arch_hash})
                 self.journal.event(self.clock.wall(), "new_best", task.task_id, task.finished_attempt, metric=value)
 
-    def status(self, include_dead: bool = True, losses_after_seq: int = 0) -> dict:
+    def status(self, include_dead: bool = True, losses_after_seq: int | None = None) -> dict:
         """The experiment's progress. `losses` holds the worker losses numbered after
         losses_after_seq (oldest first, at most MAX_LOSSES_PER_STATUS), or the most recent
-        RECENT_LOSSES when it is 0; `loss_seq` is the latest loss number."""
+        RECENT_LOSSES when it is None; `loss_seq` is the latest loss number."""
         with self._lock:
-            if losses_after_seq <= 0:
+            if losses_after_seq is None:
                 losses = list(self.losses)
             elif self.losses and losses_after_seq >= self.losses[0]["seq"] - 1:
                 losses = [loss for loss in self.losses if loss["seq"] > losses_after_seq][:MAX_LOSSES_PER_STATUS]

@@ -339,8 +339,8 @@ class MasterServicer(pb_grpc.MasterServicer):
         return pb.WorkerGoneReply(worker_ids=ids, requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in released])
 
     async def GetStatus(self, request, context):
-        return status_to_proto(self.coord.status(include_dead=request.include_dead_workers,
-                                                 losses_after_seq=request.losses_after_seq))
+        after = request.losses_after_seq if request.HasField("losses_after_seq") else None
+        return status_to_proto(self.coord.status(include_dead=request.include_dead_workers, losses_after_seq=after))
 
 
 def status_to_proto(st: dict) -> pb.ExperimentStatus:
