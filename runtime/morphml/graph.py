@@ -1,5 +1,5 @@
 """Architecture graphs: a DAG of ops with a canonical JSON form, a stable hash, shape inference,
-cost estimates, and the mutation and crossover operators the optimizers use.
+cost estimates, and the builder that turns a search space's drawn layer program into a graph.
 
 Canonical JSON (the contract with evaluation and the wire)::
 
@@ -26,11 +26,12 @@ depends only on structure, so the numbering is the same for any relabelled copy,
 canonical forms mean the same architecture (the walk is invertible). ``arch_hash`` is a SHA-256
 over that form (input shape, class count, ops, params, numbered edges).
 
-Mutation and crossover need the space's vocabulary (which ops and which values are allowed);
-they take the `SearchSpace` as an argument rather than storing it in the graph, so the JSON
-stays exactly the contract above.
+Mutation and crossover need a search space's vocabulary as well as graphs, so they live one layer
+up, in `morphml.mutation`; a graph never refers to the space it was drawn from, so the JSON stays
+exactly the contract above.
 
-Imports: the standard library and `morphml.space` (the op vocabulary). No torch.
+Imports: the standard library and `morphml.ops` (the op vocabulary and parameter rules). Never
+`morphml.space` or anything above it; no torch.
 """
 
 from __future__ import annotations
@@ -38,12 +39,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from morphml.space import OP_PARAMS, REQUIRED, SearchSpace, as_rng
+from morphml.ops import CONV_OPS, MERGE_OPS, OP_PARAMS, POOL_OPS, REQUIRED, SHAPE_PRESERVING_OPS
 
 
 class GraphError(ValueError):
@@ -72,10 +72,6 @@ class Node:
 
 Shape = tuple[int, ...]
 
-_CONV_OPS = ("conv2d", "sepconv2d", "depthwise_conv2d")
-_POOL_OPS = ("maxpool", "avgpool")
-_SHAPE_PRESERVING = ("batchnorm", "dropout", "relu", "gelu", "silu", "tanh", "identity")
-_MERGE_OPS = ("add", "concat")
 
 
 def normalize_params(op: str, params: Any, *, node: str = "?") -> dict[str, Any]:
@@ -93,7 +89,7 @@ def normalize_params(op: str, params: Any, *, node: str = "?") -> dict[str, Any]
     for name, rule in rules.items():
         value = params.get(name)
         if value is None:
-            if name == "stride" and op in _POOL_OPS:
+            if name == "stride" and op in POOL_OPS:
                 value = result.get("pool_size", params.get("pool_size"))
             elif rule.default is not REQUIRED and rule.default is not None:
                 value = rule.default
@@ -113,7 +109,7 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
     def fail(message: str) -> GraphError:
         return GraphError(message, node=node.id, op=op)
 
-    if op in _MERGE_OPS:
+    if op in MERGE_OPS:
         ranks = {len(s) for s in in_shapes}
         if len(ranks) != 1:
             raise fail(f"inputs mix image [C, H, W] and flat [F] tensors: {[list(s) for s in in_shapes]}")
@@ -125,11 +121,11 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
             return (sum(s[0] for s in in_shapes),) + in_shapes[0][1:]
         return (sum(s[0] for s in in_shapes),)
     (x,) = in_shapes
-    if op in _CONV_OPS or op in _POOL_OPS or op == "global_avgpool":
+    if op in CONV_OPS or op in POOL_OPS or op == "global_avgpool":
         if len(x) != 3:
             raise fail(f"needs an image input [C, H, W], got flat {list(x)} (after flatten, dense or global_avgpool)")
         channels, height, width = x
-        if op in _CONV_OPS:
+        if op in CONV_OPS:
             if op == "depthwise_conv2d" and p["filters"] % channels != 0:
                 raise fail(f"filters {p['filters']} is not a multiple of the {channels} input channels")
             stride = p["stride"]
@@ -140,7 +136,7 @@ def node_output_shape(node: Node, in_shapes: Sequence[Shape]) -> Shape:
         if size > height or size > width:
             raise fail(f"pool_size {size} on a {height}x{width} input shrinks a dimension below 1")
         return (channels, (height - size) // stride + 1, (width - size) // stride + 1)
-    if op in _SHAPE_PRESERVING:
+    if op in SHAPE_PRESERVING_OPS:
         return x
     if op == "flatten":
         return (math.prod(x),)
@@ -216,6 +212,8 @@ class ArchitectureGraph:
         built: list[Node] = []
         by_id: dict[str, Node] = {}
         for index, raw in enumerate(nodes):
+            node_id: Any  # as read; checked below
+            op: Any
             if isinstance(raw, Node):
                 node_id, op, params = raw.id, raw.op, raw.params
             elif isinstance(raw, Mapping):
@@ -366,7 +364,7 @@ class ArchitectureGraph:
             if node.op == "input":
                 if count:
                     raise GraphError("the input node cannot have inputs", node=node.id, op=node.op)
-            elif node.op in _MERGE_OPS:
+            elif node.op in MERGE_OPS:
                 if count < 2:
                     raise GraphError(f"needs at least 2 inputs, has {count}", node=node.id, op=node.op)
             elif count != 1:
@@ -374,8 +372,8 @@ class ArchitectureGraph:
             if node.op == "output" and succs[node.id]:
                 raise GraphError("the output node cannot feed other nodes", node=node.id, op=node.op)
         self.topological_order()
-        forward = _reach(input_id, succs)
-        backward = _reach(output_id, preds)
+        forward = reachable(input_id, succs)
+        backward = reachable(output_id, preds)
         for node in self.nodes:
             if node.id not in forward:
                 raise GraphError("is not reachable from the input node", node=node.id, op=node.op)
@@ -514,16 +512,9 @@ class ArchitectureGraph:
             text = text[: max_length - 3].rstrip("-") + "..."
         return text
 
-    # -- variation (convenience wrappers) ---------------------------------------------------------
 
-    def mutate(self, space: SearchSpace, rng: random.Random | int | None = None) -> ArchitectureGraph:
-        return mutate(self, space, rng)
-
-    def crossover(self, other: ArchitectureGraph, rng: random.Random | int | None = None) -> ArchitectureGraph:
-        return crossover(self, other, rng)
-
-
-def _reach(start: str, neighbours: Mapping[str, list[str]]) -> set[str]:
+def reachable(start: str, neighbours: Mapping[str, Sequence[str]]) -> set[str]:
+    """Every node reachable from ``start`` (itself included) along ``neighbours``."""
     seen = {start}
     frontier = [start]
     while frontier:
@@ -543,7 +534,7 @@ def _token(node: Node) -> str:
         return f"sep{p['filters']}k{p['kernel_size']}{stride()}"
     if op == "depthwise_conv2d":
         return f"dw{p['filters']}k{p['kernel_size']}{stride()}"
-    if op in _POOL_OPS:
+    if op in POOL_OPS:
         suffix = f"s{p['stride']}" if p["stride"] != p["pool_size"] else ""
         return f"{'max' if op == 'maxpool' else 'avg'}pool{p['pool_size']}{suffix}"
     if op == "dense":
@@ -557,7 +548,7 @@ def _token(node: Node) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Building from a sampled program (used by SearchSpace.sample)
+# Building from a drawn layer program (what SearchSpace.sample draws)
 # --------------------------------------------------------------------------------------------
 
 
@@ -603,230 +594,3 @@ def build_graph_from_choices(program: Sequence[tuple], input_shape: Sequence[int
     graph._check_structure()
     graph._shapes = shapes  # what infer_shapes() would compute again: same ops, same input order
     return graph.canonical()
-
-
-# --------------------------------------------------------------------------------------------
-# Mutation and crossover
-# --------------------------------------------------------------------------------------------
-
-
-MUTATIONS = ("change_param", "add_layer", "remove_layer", "add_skip", "remove_skip")
-# change_param is the workhorse; topology changes are rarer so sizes get tuned too.
-_MUTATION_WEIGHTS = {"change_param": 4, "add_layer": 1, "remove_layer": 1, "add_skip": 1, "remove_skip": 1}
-
-
-class _Draft:
-    """A mutable copy of a graph for the variation operators."""
-
-    def __init__(self, graph: ArchitectureGraph) -> None:
-        self.input_shape = graph.input_shape
-        self.num_classes = graph.num_classes
-        self.nodes: dict[str, tuple[str, dict[str, Any]]] = {n.id: (n.op, dict(n.params)) for n in graph.nodes}
-        self.edges: list[list[str]] = [[s, d] for s, d in graph.edges]
-        self._counter = 0
-
-    def new_id(self) -> str:
-        while True:
-            self._counter += 1
-            candidate = f"m{self._counter}"
-            if candidate not in self.nodes:
-                return candidate
-
-    def build(self) -> ArchitectureGraph:
-        if len(self.nodes) <= 2:
-            raise GraphError("no layer would be left between input and output")
-        nodes = [Node(node_id, op, params) for node_id, (op, params) in self.nodes.items()]
-        return ArchitectureGraph(self.input_shape, self.num_classes, nodes, self.edges).validate().canonical()
-
-    def prune_dead(self, output_id: str) -> None:
-        """Drop nodes that no longer lead to the output (after a skip removal)."""
-        preds: dict[str, list[str]] = {n: [] for n in self.nodes}
-        for src, dst in self.edges:
-            preds[dst].append(src)
-        alive = _reach(output_id, preds)
-        self.nodes = {k: v for k, v in self.nodes.items() if k in alive}
-        self.edges = [e for e in self.edges if e[0] in alive and e[1] in alive]
-
-
-def _mutation_choices(graph: ArchitectureGraph, space: SearchSpace) -> list[str]:
-    vocab = space.vocabulary()
-    kinds: list[str] = []
-    if any(
-        len([v for v in vocab.get(n.op, {}).get(name, []) if v is not None]) > 1
-        for n in graph.nodes
-        for name in n.params
-    ):
-        kinds.append("change_param")
-    if space.layers():
-        kinds.append("add_layer")
-    if any(n.op not in ("input", "output", "add", "concat") for n in graph.nodes):
-        kinds.append("remove_layer")
-    if space.skip_kinds():
-        kinds.append("add_skip")
-    if any(n.op in _MERGE_OPS for n in graph.nodes):
-        kinds.append("remove_skip")
-    return kinds
-
-
-def _apply_mutation(kind: str, graph: ArchitectureGraph, space: SearchSpace, rng: random.Random) -> ArchitectureGraph:
-    draft = _Draft(graph)
-    order = graph.canonical_order()
-    shapes = graph.infer_shapes()
-    if kind == "change_param":
-        vocab = space.vocabulary()
-        slots = [
-            (node_id, name, [v for v in vocab.get(draft.nodes[node_id][0], {}).get(name, []) if v is not None])
-            for node_id in order
-            for name in draft.nodes[node_id][1]
-        ]
-        slots = [(node_id, name, values) for node_id, name, values in slots if len(values) > 1]
-        node_id, name, values = rng.choice(slots)
-        op, params = draft.nodes[node_id]
-        current = params[name]
-        alternatives = [v for v in values if v != current] or values
-        params[name] = rng.choice(alternatives)
-        if op in _POOL_OPS and name == "pool_size" and params["stride"] == current:
-            params["stride"] = params["pool_size"]  # keep "stride = pool_size" when it was the default
-        return draft.build()
-    if kind == "add_layer":
-        layer = rng.choice(space.layers())
-        params = layer.sample_params(rng)
-        edge_index = rng.randrange(len(draft.edges))
-        src, dst = draft.edges[edge_index]
-        if layer.op == "depthwise_conv2d" and params.get("filters") is None:
-            shape = shapes[src]
-            params["filters"] = shape[0] if len(shape) == 3 else 1
-        new_id = draft.new_id()
-        draft.nodes[new_id] = (layer.op, normalize_params(layer.op, params, node=new_id))
-        # Keep the port position of dst: replace the edge in place, then feed the new node.
-        draft.edges[edge_index] = [new_id, dst]
-        draft.edges.append([src, new_id])
-        return draft.build()
-    if kind == "remove_layer":
-        removable = [n for n in order if draft.nodes[n][0] not in ("input", "output", "add", "concat")]
-        victim = rng.choice(removable)
-        (pred,) = [s for s, d in draft.edges if d == victim]
-        rewired = []
-        for src, dst in draft.edges:
-            if dst == victim:
-                continue
-            rewired.append([pred, dst] if src == victim else [src, dst])
-        if len({tuple(e) for e in rewired}) != len(rewired):
-            raise GraphError("removing it would feed the same node twice", node=victim, op=draft.nodes[victim][0])
-        del draft.nodes[victim]
-        draft.edges = rewired
-        return draft.build()
-    if kind == "add_skip":
-        position = {n: i for i, n in enumerate(order)}
-        # `late` gets its output merged with an earlier node's; the merge takes over late's consumers.
-        lates = [n for n in order if draft.nodes[n][0] not in ("input", "output")]
-        if not lates:
-            raise GraphError("no node to attach a skip connection to")
-        late = rng.choice(lates)
-        earlies = [n for n in order if position[n] < position[late] and draft.nodes[n][0] != "output"]
-        early = rng.choice(earlies)
-        skip_kind = rng.choice(space.skip_kinds())
-        merge_id = draft.new_id()
-        draft.nodes[merge_id] = (skip_kind, {})
-        draft.edges = [[merge_id, d] if s == late else [s, d] for s, d in draft.edges]
-        draft.edges.append([late, merge_id])
-        draft.edges.append([early, merge_id])
-        return draft.build()
-    if kind == "remove_skip":
-        merges = [n for n in order if draft.nodes[n][0] in _MERGE_OPS]
-        merge = rng.choice(merges)
-        main = next(s for s, d in draft.edges if d == merge)  # first input is the main path
-        rewired = []
-        for src, dst in draft.edges:
-            if dst == merge:
-                continue
-            rewired.append([main, dst] if src == merge else [src, dst])
-        if len({tuple(e) for e in rewired}) != len(rewired):
-            raise GraphError("removing it would feed the same node twice", node=merge, op=draft.nodes[merge][0])
-        del draft.nodes[merge]
-        draft.edges = rewired
-        draft.prune_dead(order[-1])
-        return draft.build()
-    raise ValueError(f"mutation kind {kind!r} is not one of {', '.join(MUTATIONS)}")
-
-
-def mutate(
-    graph: ArchitectureGraph,
-    space: SearchSpace,
-    rng: random.Random | int | None = None,
-    *,
-    kinds: Sequence[str] | None = None,
-    max_attempts: int = 20,
-) -> ArchitectureGraph:
-    """One random mutation (change a param / add or remove a layer / add or remove a skip).
-
-    Values and ops come from the space's vocabulary. A mutation that yields an invalid graph is
-    retried (up to ``max_attempts``); if none succeeds, the parent comes back (canonical copy).
-    """
-    generator = as_rng(rng)
-    allowed = [k for k in _mutation_choices(graph, space) if kinds is None or k in kinds]
-    for _ in range(max_attempts if allowed else 0):
-        kind = generator.choices(allowed, weights=[_MUTATION_WEIGHTS[k] for k in allowed])[0]
-        try:
-            return _apply_mutation(kind, graph, space, generator)
-        except GraphError:
-            continue
-    return graph.canonical()
-
-
-def _cut_points(graph: ArchitectureGraph, order: list[str]) -> list[int]:
-    """Positions p (in canonical order) where every path from input to output passes order[p]."""
-    position = {n: i for i, n in enumerate(order)}
-    furthest_from = [0] * len(order)
-    for src, dst in graph.edges:
-        furthest_from[position[src]] = max(furthest_from[position[src]], position[dst])
-    cuts = []
-    reach = 0
-    for p in range(len(order) - 1):
-        if p > 0 and reach <= p:
-            cuts.append(p)
-        reach = max(reach, furthest_from[p])
-    return cuts
-
-
-def crossover(
-    first: ArchitectureGraph,
-    second: ArchitectureGraph,
-    rng: random.Random | int | None = None,
-    *,
-    max_attempts: int = 10,
-) -> ArchitectureGraph:
-    """One-point crossover: ``first`` up to a cut node, then ``second`` after one of its cut nodes.
-
-    A cut node is one every input-to-output path passes through, so both halves are closed
-    subgraphs (skip connections inside a half are kept). Invalid children (e.g. shape mismatch at
-    the seam) are retried; if none validates, a canonical copy of ``first`` comes back.
-    """
-    generator = as_rng(rng)
-    order_a, order_b = first.canonical_order(), second.canonical_order()
-    cuts_a, cuts_b = _cut_points(first, order_a), _cut_points(second, order_b)
-    # The input node is a cut too (take all of `second`'s body after it).
-    cuts_a, cuts_b = [0] + cuts_a, [0] + cuts_b
-    if first.input_shape != second.input_shape or first.num_classes != second.num_classes:
-        raise GraphError("crossover needs parents with the same input_shape and num_classes")
-    for _ in range(max_attempts):
-        cut_a, cut_b = generator.choice(cuts_a), generator.choice(cuts_b)
-        if cut_a == 0 and cut_b == 0:
-            continue
-        keep_a = set(order_a[: cut_a + 1])
-        seam_a, seam_b = order_a[cut_a], order_b[cut_b]
-        take_b = set(order_b[cut_b + 1 :])
-        nodes: list[Node] = [Node("a" + n, first.node(n).op, dict(first.node(n).params)) for n in order_a[: cut_a + 1]]
-        nodes += [Node("b" + n, second.node(n).op, dict(second.node(n).params)) for n in order_b[cut_b + 1 :]]
-        if len(nodes) <= 2:
-            continue  # input straight to output: valid, but no architecture worth training
-        edges = [["a" + s, "a" + d] for s, d in first.edges if s in keep_a and d in keep_a]
-        for src, dst in second.edges:
-            if dst in take_b:
-                edges.append(["a" + seam_a if src == seam_b else "b" + src, "b" + dst])
-        try:
-            child = ArchitectureGraph(first.input_shape, first.num_classes, nodes, edges).validate().canonical()
-        except GraphError:
-            continue
-        return child
-    return first.canonical()

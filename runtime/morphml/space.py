@@ -1,19 +1,20 @@
 """Search spaces: which layers an architecture may have and which values each parameter may take.
 
 What lives here:
-- the op vocabulary (`OP_PARAMS`, `LAYER_TYPES`): every op the graph knows, its parameters, their
-  defaults and allowed values, shared by the space (checks choices), the graph (checks nodes) and
-  the mutation operators (pick replacement values);
 - `Layer` (one layer with a choice list per parameter; `optional=True` lets sampling drop it), `Block` (a group of
   layers repeated min..max times, each repetition optionally closed by a residual `add` or a
   `concat` skip connection) and `SearchSpace` (an ordered list of those, plus the dataset binding:
   input shape and class count);
 - `SearchSpace.from_spec(dict)` reads the manifest's declarative form (camelCase names, every
-  parameter a list) into the same objects the Python API builds; `SearchSpace.to_spec()` writes it.
+  parameter a list) into the same objects the Python API builds; `SearchSpace.to_spec()` writes it;
+- `SearchSpace.sample()`: draws a layer program and has `morphml.graph.build_graph_from_choices`
+  turn it into an `ArchitectureGraph`.
 
-Imports: the standard library only. `SearchSpace.sample()` builds an `ArchitectureGraph`; that one
-reference to the layer below is a function-local import of `morphml.graph` (which itself imports
-this module for the vocabulary), so importing `morphml.space` never imports the graph module.
+The op vocabulary (`OP_PARAMS`, `LAYER_TYPES`, `REQUIRED`, ...) lives in `morphml.ops`; its names
+are re-exported here because the manifest tests and users know them as `morphml.space.*`.
+
+Imports: the standard library, `morphml.ops` and `morphml.graph` (the space builds graphs; the graph
+knows nothing of spaces). Mutation and crossover, which need both, are in `morphml.mutation`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,39 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from morphml.graph import ArchitectureGraph
+from morphml.graph import ArchitectureGraph, GraphError, build_graph_from_choices
+from morphml.ops import (
+    ACTIVATIONS,
+    GRAPH_OPS,
+    LAYER_TYPES,
+    OP_PARAMS,
+    REQUIRED,
+    SKIP_KINDS,
+    ParamRule,
+    as_rng,
+    camel_to_snake,
+    snake_to_camel,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "GRAPH_OPS",
+    "LAYER_TYPES",
+    "OP_PARAMS",
+    "REQUIRED",
+    "SKIP_KINDS",
+    "Block",
+    "Layer",
+    "ParamRule",
+    "SearchSpace",
+    "SearchSpaceError",
+    "as_rng",
+    "camel_to_snake",
+    "snake_to_camel",
+]
 
 
 class SearchSpaceError(ValueError):
@@ -36,132 +63,6 @@ class SearchSpaceError(ValueError):
     The message names where (e.g. ``searchSpace.layers[2].kernelSize``), the value, and what is
     allowed.
     """
-
-
-# --------------------------------------------------------------------------------------------
-# The op vocabulary
-# --------------------------------------------------------------------------------------------
-
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "none")
-SKIP_KINDS = ("none", "add", "concat")
-
-# Marks a parameter with no default (must be given).
-REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class ParamRule:
-    """One parameter of one op: its default and the values it accepts."""
-
-    kind: str  # "int", "rate", "activation"
-    default: Any = REQUIRED
-    low: int = 1
-    high: int = 4096
-
-    def allowed(self) -> str:
-        if self.kind == "int":
-            return f"an integer in [{self.low}, {self.high}]"
-        if self.kind == "rate":
-            return "a number in [0, 1)"
-        if self.kind == "activation":
-            return "one of " + ", ".join(ACTIVATIONS)
-        raise AssertionError(self.kind)
-
-    def normalize(self, value: Any) -> Any:
-        """Return the canonical form of ``value`` or raise ValueError naming what is allowed."""
-        if self.kind == "int":
-            # bool is an int subclass; True as a filter count is a mistake, not 1.
-            if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer() and not isinstance(value, bool):
-                    value = int(value)
-                else:
-                    raise ValueError(self.allowed())
-            if not self.low <= value <= self.high:
-                raise ValueError(self.allowed())
-            return value
-        if self.kind == "rate":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(self.allowed())
-            if not 0.0 <= float(value) < 1.0:
-                raise ValueError(self.allowed())
-            # 0 and 0.0 must hash the same, so rates are always floats.
-            return float(value)
-        if self.kind == "activation":
-            if value is None:
-                return "none"
-            if not isinstance(value, str) or value.lower() not in ACTIVATIONS:
-                raise ValueError(self.allowed())
-            return value.lower()
-        raise AssertionError(self.kind)
-
-
-_CONV_PARAMS = {
-    "filters": ParamRule("int", REQUIRED, 1, 4096),
-    "kernel_size": ParamRule("int", 3, 1, 15),
-    "stride": ParamRule("int", 1, 1, 8),
-    "activation": ParamRule("activation", "relu"),
-}
-_POOL_PARAMS = {
-    "pool_size": ParamRule("int", 2, 1, 16),
-    # None means "same as pool_size"; the graph always stores the resolved number.
-    "stride": ParamRule("int", None, 1, 16),
-}
-
-# op -> parameter name -> rule. Graph-only ops (input, output, add, concat) are included because
-# the graph checks its nodes against this table too.
-OP_PARAMS: dict[str, dict[str, ParamRule]] = {
-    "input": {},
-    "output": {"units": ParamRule("int", REQUIRED, 1, 100000)},
-    "conv2d": dict(_CONV_PARAMS),
-    "sepconv2d": dict(_CONV_PARAMS),
-    # filters must be a multiple of the input channels (depth multiplier); when a space leaves it
-    # out, sampling uses the input channel count (multiplier 1).
-    "depthwise_conv2d": {**_CONV_PARAMS, "filters": ParamRule("int", None, 1, 4096)},
-    "maxpool": dict(_POOL_PARAMS),
-    "avgpool": dict(_POOL_PARAMS),
-    "global_avgpool": {},
-    "batchnorm": {},
-    "dropout": {"rate": ParamRule("rate", 0.5)},
-    "relu": {},
-    "gelu": {},
-    "silu": {},
-    "tanh": {},
-    "flatten": {},
-    "dense": {"units": ParamRule("int", REQUIRED, 1, 65536), "activation": ParamRule("activation", "relu")},
-    "identity": {},
-    "add": {},
-    "concat": {},
-}
-
-# Layer types a search space (and the manifest's `type:` field) may name. input/output are the
-# dataset binding, add/concat come from blocks' skip connections.
-LAYER_TYPES: tuple[str, ...] = (
-    "conv2d",
-    "sepconv2d",
-    "depthwise_conv2d",
-    "maxpool",
-    "avgpool",
-    "global_avgpool",
-    "batchnorm",
-    "dropout",
-    "relu",
-    "gelu",
-    "silu",
-    "tanh",
-    "flatten",
-    "dense",
-    "identity",
-)
-GRAPH_OPS: tuple[str, ...] = tuple(OP_PARAMS)
-
-
-def camel_to_snake(name: str) -> str:
-    return re.sub(r"(?<!^)([A-Z])", r"_\1", name).lower()
-
-
-def snake_to_camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.capitalize() for part in rest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +114,7 @@ class Layer:
                 raise SearchSpaceError(f"{where}.{name}: unknown parameter for {op}; allowed: {allowed}")
             rule = rules[name]
             values = _as_choices(value, f"{where}.{name}")
-            normalized = []
+            normalized: list[Any] = []
             for index, item in enumerate(values):
                 if item is None and rule.default is None:
                     normalized.append(None)
@@ -435,15 +336,6 @@ def _check_num_classes(num_classes: Any, where: str) -> int:
     return num_classes
 
 
-def as_rng(rng: random.Random | int | None) -> random.Random:
-    """A `random.Random` from an instance (used as is), a seed, or None (fresh, unseeded)."""
-    if isinstance(rng, random.Random):
-        return rng
-    if rng is None or (isinstance(rng, int) and not isinstance(rng, bool)):
-        return random.Random(rng)
-    raise TypeError(f"rng: expected random.Random, an int seed or None, got {rng!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # The search space
 # --------------------------------------------------------------------------------------------
@@ -637,8 +529,6 @@ class SearchSpace:
         validate for the input shape (e.g. too many pools for 8x8) are drawn again, up to
         ``max_attempts``; if none validates, SearchSpaceError says why.
         """
-        from morphml.graph import GraphError, build_graph_from_choices  # lower layer; see module doc
-
         shape = _check_input_shape(list(input_shape), "input_shape") if input_shape is not None else self.input_shape
         classes = _check_num_classes(num_classes, "num_classes") if num_classes is not None else self.num_classes
         if shape is None or classes is None:

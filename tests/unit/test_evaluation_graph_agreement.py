@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from morphml.evaluation import build_model, plan_graph  # noqa: E402
 from morphml.graph import ArchitectureGraph  # noqa: E402
+from morphml.mutation import crossover, mutate  # noqa: E402
 from morphml.space import SearchSpace  # noqa: E402
 
 pytestmark = pytest.mark.unit
@@ -73,9 +74,9 @@ def test_sampled_and_mutated_graphs_build_with_the_graphs_param_count():
             graph = space.sample(rng)
             check_agreement(graph)
             ops_seen.update(node["op"] for node in graph.to_json()["nodes"])
-            child = graph.mutate(space, rng)
+            child = mutate(graph, space, rng)
             check_agreement(child)
-            check_agreement(graph.crossover(space.sample(rng), rng))
+            check_agreement(crossover(graph, space.sample(rng), rng))
     # the sample covered the whole op vocabulary, skips included
     from morphml.evaluation.shapes import ALL_OPS
 

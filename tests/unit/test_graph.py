@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from morphml.graph import ArchitectureGraph, GraphError, crossover, mutate
+from morphml.graph import ArchitectureGraph, GraphError
+from morphml.mutation import crossover, mutate
 from morphml.space import Block, Layer, SearchSpace
 
 pytestmark = pytest.mark.unit

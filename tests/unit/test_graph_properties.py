@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from morphml.graph import ArchitectureGraph, crossover, mutate
+from morphml.graph import ArchitectureGraph
+from morphml.mutation import crossover, mutate
 from morphml.space import Block, Layer, SearchSpace
 
 pytestmark = pytest.mark.unit

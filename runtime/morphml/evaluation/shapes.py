@@ -8,7 +8,7 @@ module equals `GraphPlan.param_count` (== `ArchitectureGraph.param_count()`). An
 be built is refused here with `TrialFailure("invalid", ...)` naming the node, op and parameter,
 never later inside torch.
 
-Imports only the standard library, morphml.space and morphml.graph (no torch, no numpy).
+Imports only the standard library, morphml.ops and morphml.graph (no torch, no numpy).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from morphml.evaluation.errors import TrialFailure
 from morphml.graph import ArchitectureGraph, GraphError, Shape
-from morphml.space import OP_PARAMS
+from morphml.ops import OP_PARAMS
 
 #: Every op a graph may contain (the graph layer's vocabulary).
 ALL_OPS = tuple(OP_PARAMS)

@@ -11,7 +11,7 @@ told yet and the random phase done, ask returns [] (wait).
 `max_trials` (None: unlimited, the caller's budget decides) bounds the candidates asked.
 Candidate ids: "c{k}", k counting asks; generation = 0 for random ones, parent's + 1 for children.
 
-Imports: the standard library, `morphml.space`, `morphml.graph`, `morphml.optimizers.base`.
+Imports: the standard library, `morphml.space`, `morphml.mutation`, `morphml.optimizers.base`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from morphml.graph import mutate
+from morphml.mutation import mutate
 from morphml.optimizers.base import NOVELTY_ATTEMPTS, Candidate, Optimizer, check_setting
 from morphml.space import SearchSpace
 

@@ -6,7 +6,7 @@ the `elitism` best members are carried over unchanged (their results reused, not
 the rest are children: two tournament winners crossed over with probability `crossover_rate`
 (else a copy of the first), then mutated gene by gene: each layer of the child is, with
 probability `mutation_rate`, the occasion for one mutation (a parameter, a layer or a skip
-connection; see `morphml.graph.mutate`), so a child of L layers gets L x mutation_rate mutations
+connection; see `morphml.mutation.mutate`), so a child of L layers gets L x mutation_rate mutations
 on average (the CRD's "probability that each gene of a child is mutated"). A child whose
 architecture was already evaluated or is in flight is mutated again (up to a bound) so the budget
 goes to new architectures; if it stays a duplicate it joins the population with the reused result.
@@ -14,7 +14,8 @@ goes to new architectures; if it stays a duplicate it joins the population with 
 
 Candidate ids: "g{generation}-c{k}", k counting the new candidates of that generation.
 
-Imports: the standard library, `morphml.space`, `morphml.graph`, `morphml.optimizers.base`.
+Imports: the standard library, `morphml.space`, `morphml.graph`, `morphml.mutation`,
+`morphml.optimizers.base`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from morphml.graph import ArchitectureGraph, crossover, mutate
+from morphml.graph import ArchitectureGraph
+from morphml.mutation import crossover, mutate
 from morphml.optimizers.base import NOVELTY_ATTEMPTS, Candidate, Optimizer, OptimizerError, check_setting
 from morphml.space import SearchSpace
 
