@@ -6,7 +6,8 @@ per machine boot (a marker under /run, so parallel pytest processes and the imag
 builds do not each refresh the lists), then one ``apt-get install -y --no-install-recommends``
 for everything missing. A file lock serialises callers; dpkg's own lock is waited for too.
 
-Used by ``tests.cluster.node`` (containerd, runc, CNI plugins, iptables, ipset, conntrack) and
+Used by ``tests.cluster.node`` (containerd, runc, CNI plugins, iptables, ipset, conntrack, nfacct,
+buildah for its small images) and
 ``tests.cluster.images`` (buildah, mmdebstrap). On a machine that is not Debian-like, or not
 root, ``ensure`` raises ``HostDepsError`` naming the packages and the command to run.
 
@@ -34,6 +35,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "iptables": ("iptables", "iptables"),
     "ipset": ("ipset", "ipset"),
     "conntrack": ("conntrack", "conntrack"),
+    # kube-proxy makes nfacct counters; the node's teardown deletes them with this tool.
+    "nfacct": ("nfacct", "nfacct"),
     "ip": ("iproute2", "ip"),
     "nsenter": ("util-linux", "nsenter"),
     "mount": ("mount", "mount"),
@@ -45,8 +48,8 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 #: Everything the real node needs on the host.
-NODE_TOOLS = ("containerd", "ctr", "runc", "cni-plugins", "iptables", "ipset", "conntrack", "ip", "nsenter",
-              "mount", "ethtool", "socat")
+NODE_TOOLS = ("containerd", "ctr", "runc", "cni-plugins", "iptables", "ipset", "conntrack", "nfacct", "ip",
+              "nsenter", "mount", "ethtool", "socat", "buildah")
 
 LOCK_PATH = Path("/tmp/morphml-hostdeps.lock")
 #: /run is a tmpfs: the marker goes away with a reboot, after which the lists may be stale.
