@@ -96,6 +96,7 @@ def cmd_master(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):
+        server.raise_if_failed()  # fail-stop: the journal failed, the server stopped serving
         if args.exit_when_done and coordinator.done:
             break
     server.stop(grace=1.0)
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "run":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from morphml.distributed.auth import TokenError
+    from morphml.distributed.journal import JournalError
 
     try:
         from morphml.experiment import ManifestError
@@ -326,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TokenError, ManifestError, CliError) as exc:
         print(f"morphml {args.command}: {exc}", file=sys.stderr)
         return 2
+    except JournalError as exc:  # refused at open, or failed mid-run (fail-stop): the message names the file
+        print(f"morphml {args.command}: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ trial: trial id, attempt, worker, status, metrics, architecture hash, ...), `bes
 (architecture JSON + metrics of the best trial) and `convergence.png` (each trial's metric and
 the best so far, drawn with matplotlib's Agg backend).
 
-Imports: csv, json, sqlite3 via morphml.distributed.journal; matplotlib lazily. No torch.
+Imports: csv, json, morphml.distributed.journal (all SQL lives there) and states; matplotlib lazily.
+No torch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 
 from morphml.distributed.journal import Journal
+from morphml.distributed.states import TaskState
 
 FIXED_COLUMNS = ["trial_id", "attempt", "worker", "status", "generation", "arch_hash"]
 TAIL_COLUMNS = ["duration_seconds", "retries", "error_kind", "error", "summary"]
@@ -22,17 +24,17 @@ TAIL_COLUMNS = ["duration_seconds", "retries", "error_kind", "error", "summary"]
 
 def finished_trials(journal: Journal) -> list[dict]:
     """Finished trials (succeeded or failed for good) in the order they finished."""
-    rows = journal.query(
-        "SELECT task_id, finished_attempt, finished_by, state, generation, arch_hash, metrics_json, duration_seconds,"
-        " retries_used, error_kind, error_message, summary, arch_json, finished_at FROM tasks"
-        " WHERE state IN ('succeeded', 'failed') ORDER BY finished_at, seq")
+    tasks = journal.load_tasks((TaskState.SUCCEEDED, TaskState.FAILED))  # in proposal order: ties keep it
+    tasks.sort(key=lambda t: t.finished_at if t.finished_at is not None else float("-inf"))
     out = []
-    for r in rows:
-        out.append({"trial_id": r[0], "attempt": r[1], "worker": r[2], "status": r[3], "generation": r[4],
-                    "arch_hash": r[5], "metrics": json.loads(r[6]) if r[6] else {}, "duration_seconds": r[7],
-                    "retries": r[8], "error_kind": r[9] if r[3] == "failed" else "",
-                    "error": (r[10] or "").splitlines()[0] if r[3] == "failed" and r[10] else "",
-                    "summary": r[11], "arch_json": r[12], "finished_at": r[13]})
+    for t in tasks:
+        failed = t.state is TaskState.FAILED
+        out.append({"trial_id": t.task_id, "attempt": t.finished_attempt, "worker": t.finished_by,
+                    "status": t.state.value, "generation": t.generation, "arch_hash": t.arch_hash,
+                    "metrics": t.metrics or {}, "duration_seconds": t.duration_seconds, "retries": t.retries_used,
+                    "error_kind": t.error_kind if failed else "",
+                    "error": t.error_message.splitlines()[0] if failed and t.error_message else "",
+                    "summary": t.summary, "arch_json": t.arch_json, "finished_at": t.finished_at})
     return out
 
 

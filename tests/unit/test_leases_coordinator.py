@@ -303,7 +303,7 @@ def test_grouped_results_are_each_acknowledged_after_their_commit(tmp_path):
     for t in threads:
         t.join(10)
     assert set(got.values()) == {"accepted"} and len(got) == 8
-    rows = coord.journal.query("SELECT COUNT(*) FROM results WHERE disposition = 'accepted'")[0][0]
+    rows = coord.journal.count_results("accepted")
     assert rows == 8 and coord.succeeded == 8
 
 

@@ -13,6 +13,7 @@ any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -24,10 +25,10 @@ import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .clock import SystemClock
-from .journal import Journal
+from .journal import Journal, JournalError
 from .leases import LeaseTable, ResultMatch, Task
 from .registry import WorkerRecord, WorkerRegistry
 from .states import LossReason, TaskState, WorkerState
@@ -183,6 +184,11 @@ class ExperimentCoordinator:
         self._started_mono = self.clock.monotonic()
         self._ops_since_snapshot = 0
         self._last_op_seq = 0
+        self._halted: JournalError | None = None
+        self._done_committed = False  # `done`: Succeeded/Failed is journaled (and fsynced)
+        # Called once, with the error, when a change fails (see _halt); may run on any thread
+        # and under the coordinator's lock, so it must not block.
+        self.on_halt: list[Callable[[JournalError], None]] = []
         self._restore()
 
     # --- restart -----------------------------------------------------------------------------
@@ -215,15 +221,15 @@ class ExperimentCoordinator:
                     self._update_best(task)
                 elif task.state is TaskState.FAILED:
                     self.failed += 1
-            self.retries = self.journal.query("SELECT COUNT(*) FROM events WHERE kind = 'retry'")[0][0]
-            self.stale_results = self.journal.query(
-                "SELECT COUNT(*) FROM results WHERE disposition = 'stale'")[0][0]
+            self.retries = self.journal.count_events("retry")
+            self.stale_results = self.journal.count_results("stale")
             self.loss_seq = self.journal.last_loss_seq()
             self.losses.extend(self.journal.losses(latest=RECENT_LOSSES))
             phase = self.journal.get_meta("phase")
             if phase in (SUCCEEDED, FAILED):
                 self.phase = phase
                 self.message = self.journal.get_meta("message", "")
+                self._done_committed = True
             self.journal.set_meta("name", self.settings.name)
             self._lease_secret = self.journal.get_meta("lease_secret")
             if self._lease_secret is None:
@@ -277,7 +283,7 @@ class ExperimentCoordinator:
             raise ValueError("worker_name: must not be empty")
         if slots < 1 or gpus < 0:
             raise ValueError(f"slots={slots} gpus={gpus}: slots must be >= 1 and gpus >= 0")
-        with self._lock, self.journal.transaction():
+        with self._lock, self._change():
             now = self.clock.wall()
             rec = self.registry.register(name, gpus, slots, hostname, pid)
             rec.prefetch = self._prefetch()
@@ -298,7 +304,7 @@ class ExperimentCoordinator:
 
     def connect(self, worker_id: str) -> queue.Queue | None:
         """The worker's session stream opened; returns its outbox (None: unknown or dead)."""
-        with self._lock, self.journal.transaction():
+        with self._lock, self._change():
             rec = self.registry.get(worker_id)
             if rec is None or not rec.alive:
                 return None
@@ -323,6 +329,7 @@ class ExperimentCoordinator:
     def heartbeat(self, worker_id: str) -> bool:
         """Records a heartbeat; False when the worker is unknown or already declared dead."""
         with self._lock:
+            self._check_running()
             rec = self.registry.get(worker_id)
             if rec is None or not rec.alive:
                 return False
@@ -330,7 +337,7 @@ class ExperimentCoordinator:
             return True
 
     def drain(self, worker_id: str, reason: str) -> None:
-        with self._lock, self.journal.transaction():
+        with self._lock, self._change():
             rec = self.registry.get(worker_id)
             if rec is None or not rec.alive:
                 return
@@ -341,7 +348,7 @@ class ExperimentCoordinator:
     def worker_lost(self, worker_id: str, reason: LossReason, detail: str = "") -> list[tuple[str, int]]:
         """Declares a worker dead; its leases go back to the queue at once (no retry used) and
         are re-leased right away to workers with free slots."""
-        with self._lock, self.journal.transaction():
+        with self._lock, self._change():
             now = self.clock.wall()
             rec = self.registry.mark_dead(worker_id, reason.value)
             if rec is None:
@@ -370,6 +377,7 @@ class ExperimentCoordinator:
     def worker_gone(self, worker: str, reason: str) -> tuple[list[str], list[tuple[str, int]]]:
         """The operator says the pod is gone: every live registration of that name/id dies now."""
         with self._lock:
+            self._check_running()
             ids, released = [], []
             for rec in self.registry.by_name_or_id(worker):
                 ids.append(rec.worker_id)
@@ -382,18 +390,19 @@ class ExperimentCoordinator:
     def check_heartbeats(self) -> list[str]:
         """Declares dead every worker past interval x missed; also releases restart holds."""
         with self._lock:
+            self._check_running()
             lost = []
             for rec in self.registry.expired():
                 lost.append(rec.worker_id)
                 self.worker_lost(rec.worker_id, LossReason.HEARTBEAT,
                                  f"no heartbeat for {self.registry.seconds_since_heartbeat(rec):.2f}s")
             if self.phase == PENDING:
-                with self.journal.transaction():
+                with self._change():
                     self._maybe_start()
                     self._dispatch()
             mono = self.clock.monotonic()
             if any(t.held_until is not None and t.held_until <= mono for t in self._pending_tasks()):
-                with self.journal.transaction():
+                with self._change():
                     self._dispatch()
             return lost
 
@@ -436,6 +445,7 @@ class ExperimentCoordinator:
                                         r.worker_name, r.duration, forged)))
         if not items:
             return []
+        self._check_running()
         with self._queue_lock:  # all of them in one go: whichever batch takes one takes all
             self._result_queue.extend(items)
         pending, batch = None, []
@@ -445,6 +455,9 @@ class ExperimentCoordinator:
                     batch, self._result_queue = self._result_queue, []
                 for queued in batch:
                     queued.claimed = True
+                if self._halted is not None:  # halted while these queued: none of them is journaled
+                    self._release(batch, self._halted)
+                    self._check_running()
                 dispositions = []
                 try:
                     with self.journal.deferred_transaction() as pending:
@@ -452,8 +465,9 @@ class ExperimentCoordinator:
                             dispositions.append(self._apply_result(*queued.args))
                         self._check_done()
                         self._dispatch()
-                        self._maybe_snapshot(force=self.done)
+                        self._maybe_snapshot(force=self.phase in (SUCCEEDED, FAILED))
                 except BaseException as exc:
+                    self._halt(exc)
                     self._release(batch, exc)
                     raise
                 for queued, disposition in zip(batch, dispositions):
@@ -463,6 +477,7 @@ class ExperimentCoordinator:
             try:
                 pending.finish()
             except BaseException as exc:
+                self._halt(exc)  # written but maybe not durable: nothing of it may be acknowledged
                 self._release(batch, exc)
                 raise
             self._release(batch)
@@ -657,12 +672,17 @@ class ExperimentCoordinator:
     def _finish(self, phase: str, message: str) -> None:
         self._set_phase(phase, message)
         log.info("experiment %s: %s", phase, message)
+        shutdown = ShutdownMessage(f"experiment {phase.lower()}: {message}")
         for rec in self.registry.live():
-            self._outboxes[rec.worker_id].put(ShutdownMessage(f"experiment {phase.lower()}: {message}"))
+            # After the commit, like leases: a worker told "done" by a commit that then fails
+            # would be gone when the restarted master needs it.
+            self.journal.after_commit(lambda box=self._outboxes[rec.worker_id]: box.put(shutdown))
         self.changed.notify_all()
 
     def _set_phase(self, phase: str, message: str) -> None:
         self.phase, self.message = phase, message
+        if phase in (SUCCEEDED, FAILED):
+            self.journal.after_commit(self._phase_committed)
         now = self.clock.wall()
         self.journal.set_meta("phase", phase)
         self.journal.set_meta("message", message)
@@ -670,11 +690,69 @@ class ExperimentCoordinator:
 
     @property
     def done(self) -> bool:
-        return self.phase in (SUCCEEDED, FAILED)
+        """The experiment is over and that is durable (phase may say so a commit earlier)."""
+        return self._done_committed
 
     def wait_done(self, timeout: float | None = None) -> bool:
+        """True once the experiment is over; raises the JournalError if the coordinator halted."""
         with self._lock:
-            return self.changed.wait_for(lambda: self.done, timeout)
+            self.changed.wait_for(lambda: self.done or self._halted is not None, timeout)
+            self._check_running()
+            return self.done
+
+    # --- fail-stop ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _change(self) -> Iterator[None]:
+        """One journaled change (one transaction, or joined to the caller's). Any error inside
+        halts the coordinator: its memory may already hold what the journal rolled back."""
+        self._check_running()
+        try:
+            with self.journal.transaction():
+                yield
+        except BaseException as exc:
+            self._halt(exc)
+            raise
+
+    def _halt(self, exc: BaseException) -> None:
+        """Fail-stop: from now on every call raises `halted`, and the on_halt callbacks (the
+        master server: health NOT_SERVING, stop serving, exit) run once. The journal is what
+        it committed before; a restart on it resumes from there."""
+        with self._lock:
+            if self._halted is not None:
+                return
+            if isinstance(exc, JournalError):
+                self._halted = exc
+            else:
+                self._halted = JournalError(
+                    f"journal {self.journal.path}: a change failed after it had changed the master's memory "
+                    f"({type(exc).__name__}: {exc}); the master stops and a restart resumes from the journal")
+            log.critical("master halted: %s", self._halted)
+            with self._queue_lock:
+                waiting, self._result_queue = self._result_queue, []
+            for queued in waiting:
+                queued.claimed = True
+            self._release(waiting, self._halted)
+            self.changed.notify_all()
+            callbacks = list(self.on_halt)
+        for callback in callbacks:
+            try:
+                callback(self._halted)
+            except Exception:
+                log.exception("on_halt callback failed")
+
+    def _phase_committed(self) -> None:
+        with self._lock:
+            self._done_committed = True
+            self.changed.notify_all()
+
+    @property
+    def halted(self) -> JournalError | None:
+        """The error that stopped the coordinator (None while it runs)."""
+        return self._halted
+
+    def _check_running(self) -> None:
+        if self._halted is not None:
+            raise JournalError(str(self._halted)) from self._halted
 
     # --- helpers -----------------------------------------------------------------------------
     def _save_task(self, task: Task) -> None:
@@ -700,6 +778,7 @@ class ExperimentCoordinator:
         losses_after_seq (oldest first, at most MAX_LOSSES_PER_STATUS), or the most recent
         RECENT_LOSSES when it is None; `loss_seq` is the latest loss number."""
         with self._lock:
+            self._check_running()  # a halted master's counts may be ahead of its journal
             if losses_after_seq is None:
                 losses = list(self.losses)
             elif self.losses and losses_after_seq >= self.losses[0]["seq"] - 1:

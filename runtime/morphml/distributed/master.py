@@ -14,6 +14,7 @@ Never torch.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from .auth import TOKEN_ENV, TokenInterceptor
 from .clock import SystemClock
 from .coordinator import (END_OF_STREAM, FAILURE_KINDS, ExperimentCoordinator, ExperimentSettings, LeaseMessage,
                           ResultReport, ShutdownMessage)
-from .journal import Journal
+from .journal import Journal, JournalError
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
 from .states import LossReason
@@ -155,6 +156,21 @@ class LoopOutbox(queue.Queue):
             wake()
 
 
+def unavailable_when_halted(method):
+    """An RPC of a halted master (its journal failed, see ExperimentCoordinator._halt) ends
+    with UNAVAILABLE and the reason, not with an internal error: the client retries elsewhere
+    or later, when the restarted master serves again."""
+
+    @functools.wraps(method)
+    async def rpc(self, request, context):
+        try:
+            return await method(self, request, context)
+        except JournalError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method.__name__}: the master stopped: {exc}")
+
+    return rpc
+
+
 class MasterServicer(pb_grpc.MasterServicer):
     """Translates RPCs into coordinator calls; bad payloads become INVALID_ARGUMENT.
 
@@ -182,6 +198,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         if not self.stopping.is_set():
             self.coord.worker_lost(worker_id, LossReason.STREAM, detail)
 
+    @unavailable_when_halted
     async def Register(self, request, context):
         try:
             worker_id, adopted = self.coord.register(
@@ -194,6 +211,7 @@ class MasterServicer(pb_grpc.MasterServicer):
                                 missed_heartbeats=s.missed_heartbeats, experiment_name=s.name,
                                 adopted=[pb.LeaseRef(task_id=t, attempt=a) for t, a in adopted])
 
+    @unavailable_when_halted
     async def Connect(self, request_iterator, context):
         try:
             first = await request_iterator.__anext__()
@@ -250,7 +268,7 @@ class MasterServicer(pb_grpc.MasterServicer):
                     await self._accept_results(msg.results.results, outbox)
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError:
+        except (grpc.RpcError, JournalError):  # JournalError: the master halted and is stopping
             pass
         except Exception:  # never let one worker's garbage take the master down
             log.exception("session of %s failed", worker_id)
@@ -316,6 +334,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         else:
             outbox.put(AckMessage(acks))
 
+    @unavailable_when_halted
     async def ReportResult(self, request, context):
         try:
             report = result_report(request)
@@ -328,16 +347,19 @@ class MasterServicer(pb_grpc.MasterServicer):
                                 f"{REFUSED_DETAIL}")
         return pb.ResultAck(disposition=disposition, lease=request.lease)
 
+    @unavailable_when_halted
     async def Deregister(self, request, context):
         released = self.coord.deregister(request.worker_id, request.reason or "deregister")
         return pb.DeregisterReply(requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in released])
 
+    @unavailable_when_halted
     async def WorkerGone(self, request, context):
         if not request.worker:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WorkerGone: worker (pod name or worker id) is empty")
         ids, released = self.coord.worker_gone(request.worker, request.reason or "pod gone")
         return pb.WorkerGoneReply(worker_ids=ids, requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in released])
 
+    @unavailable_when_halted
     async def GetStatus(self, request, context):
         after = request.losses_after_seq if request.HasField("losses_after_seq") else None
         return status_to_proto(self.coord.status(include_dead=request.include_dead_workers, losses_after_seq=after))
@@ -399,7 +421,13 @@ class MasterServer:
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
         self._monitor: threading.Thread | None = None
+        # Fail-stop: the JournalError that halted the coordinator; the server then stops by
+        # itself (health NOT_SERVING first) and raise_if_failed() hands the error to the process.
+        self.failure: JournalError | None = None
+        coordinator.on_halt.append(self._on_halt)
 
     def _call(self, coroutine, timeout: float | None = 30):
         """Runs a coroutine on the server's loop from another thread and returns its result."""
@@ -431,6 +459,18 @@ class MasterServer:
         log.info("master listening on port %d", self.port)
         return self.port
 
+    def _on_halt(self, error: JournalError) -> None:
+        """The coordinator halted (on some thread, maybe under its lock): stop from a thread of
+        our own, since stopping waits for the loop and the commit thread."""
+        self.failure = error
+        threading.Thread(target=self.stop, kwargs={"grace": 0.0}, name="fail-stop", daemon=True).start()
+
+    def raise_if_failed(self, timeout: float = 10.0) -> None:
+        """Raises the JournalError that stopped the server, once it has stopped serving."""
+        if self.failure is not None:
+            self._stopped.wait(timeout)
+            raise self.failure
+
     def _watch_heartbeats(self) -> None:
         # Tick a few times per interval so a hung worker is declared dead within ~interval/5 of
         # its deadline.
@@ -438,6 +478,8 @@ class MasterServer:
         while not self._stop.wait(tick):
             try:
                 self.coord.check_heartbeats()
+            except JournalError:
+                return  # halted: the server is stopping
             except Exception:
                 log.exception("heartbeat check failed")
 
@@ -447,9 +489,12 @@ class MasterServer:
         await self._server.stop(grace)
 
     def stop(self, grace: float = 1.0) -> None:
-        if self._stop.is_set():
+        with self._stop_lock:
+            first = not self._stop.is_set()
+            self._stop.set()
+        if not first:  # stopping already (e.g. fail-stop and then the CLI): wait for that one
+            self._stopped.wait(grace + 15)
             return
-        self._stop.set()
         self.servicer.stopping.set()
         if self._server is not None and self._thread is not None and self._thread.is_alive():
             try:
@@ -459,10 +504,13 @@ class MasterServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self.servicer.close()
+        self._stopped.set()
 
     def wait(self) -> None:
+        """Blocks until the server stops; raises the JournalError if it stopped for one."""
         while not self._stop.wait(1.0):
             pass
+        self.raise_if_failed()
 
 
 class MasterNode:
@@ -484,19 +532,11 @@ class MasterNode:
         self.server: MasterServer | None = None
 
     def _settings(self, num_generations: int | None = None) -> ExperimentSettings:
-        c = self.config
-        max_trials = c.get("max_trials")
-        if max_trials is None:
-            pop = getattr(self.optimizer, "population_size", None)
-            gens = num_generations or getattr(self.optimizer, "num_generations", None)
-            max_trials = pop * gens if pop and gens else 100
-        return ExperimentSettings(
-            name=c.get("name", "experiment"), max_trials=int(max_trials),
-            max_failed_trials=int(c.get("max_failed_trials", 10)), max_task_retries=int(c.get("max_task_retries", 2)),
-            heartbeat_interval=float(c.get("heartbeat_interval", 10.0)),
-            missed_heartbeats=int(c.get("missed_heartbeats", 3)), evaluation=dict(c.get("evaluation", {})),
-            metric=c.get("metric", "val_accuracy"), goal=c.get("goal", "maximize"), seed=int(c.get("seed", 0)),
-            min_workers=int(c.get("num_workers", 0)), prefetch=c.get("prefetch"))
+        # morphml.distributed.settings holds the one mapping to ExperimentSettings (the CLI's
+        # manifests go through it too); it imports coordinator and experiment, never this module.
+        from morphml.distributed.settings import settings_for_master_config
+
+        return settings_for_master_config(self.config, self.optimizer, num_generations)
 
     def start(self, num_generations: int | None = None) -> int:
         """Starts serving; returns the port. Workers may connect from now on."""
