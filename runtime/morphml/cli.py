@@ -41,46 +41,48 @@ def load_experiment(manifest: str):
 
 def build_search(experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
                  restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int | None = None):
-    """(optimizer, ExperimentSettings) for a loaded Experiment; the overrides win over the manifest
-    (sub-second heartbeats are for tests and benchmarks: the CRD takes whole seconds)."""
-    from morphml.distributed.coordinator import ExperimentSettings
-    from morphml.evaluation.datasets import dataset_shape
-    from morphml.optimizers import build_optimizer
+    """(optimizer, ExperimentSettings) for a loaded Experiment: the optimizer from
+    `Experiment.build_optimizer`, the settings from the one manifest -> settings mapping
+    (`morphml.distributed.settings`); the overrides win over the manifest (sub-second heartbeats
+    are for tests and benchmarks: the CRD takes whole seconds)."""
+    from morphml.distributed.settings import settings_for_experiment
 
-    evaluation = dict(experiment.evaluation)
-    input_shape, num_classes = dataset_shape(evaluation.get("dataset", {"name": "digits"}))
-    space = experiment.search_space
-    space.bind(input_shape, num_classes)
-    optimizer = build_optimizer(experiment.optimizer_spec, space, experiment.objective.to_spec(),
-                                input_shape=input_shape, num_classes=num_classes,
-                                max_trials=experiment.budget.max_trials)
-    ft = experiment.fault_tolerance
-    settings = ExperimentSettings(
-        name=experiment.name, max_trials=experiment.budget.max_trials,
-        max_failed_trials=experiment.budget.max_failed_trials, max_task_retries=ft.max_task_retries,
-        heartbeat_interval=float(heartbeat_interval or ft.heartbeat_interval_seconds),
-        missed_heartbeats=int(missed_heartbeats or ft.missed_heartbeats), evaluation=evaluation,
-        metric=experiment.objective.metric, goal=experiment.objective.goal,
-        seed=int(experiment.optimizer_spec.get("seed") or 0), restart_hold_seconds=restart_hold_seconds,
-        min_workers=min_workers, prefetch=prefetch)
+    optimizer = experiment.build_optimizer()
+    settings = settings_for_experiment(experiment, heartbeat_interval=heartbeat_interval,
+                                       missed_heartbeats=missed_heartbeats, restart_hold_seconds=restart_hold_seconds,
+                                       min_workers=min_workers, prefetch=prefetch)
     return optimizer, settings
 
 
-def start_master(manifest: str, journal_path: str, port: int, host: str | None, token: str | None, journal_sync: str,
-                 heartbeat_interval: float | None, missed_heartbeats: int | None,
-                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int | None = None):
+def search_from_args(args: argparse.Namespace):
+    """(experiment, optimizer, settings) that `morphml run` or `morphml master` serves, from its arguments.
+
+    Both commands come through here, so one manifest gives both the same search. They differ only
+    where the command says so: `run` holds no leases after a restart (its workers are all new
+    processes), `master` takes --restart-hold and --min-workers.
+    """
+    experiment = load_experiment(args.manifest)
+    if args.command == "run":
+        restart_hold, min_workers = 0.0, 0
+    else:
+        restart_hold, min_workers = args.restart_hold, args.min_workers
+    optimizer, settings = build_search(experiment, args.heartbeat_interval, args.missed_heartbeats, restart_hold,
+                                       min_workers, args.prefetch)
+    return experiment, optimizer, settings
+
+
+def start_master(optimizer, settings, journal_path: str, port: int, host: str | None, token: str | None,
+                 journal_sync: str):
+    """Open the journal, resume from it, and serve; returns (coordinator, server)."""
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
     from morphml.distributed.master import MasterServer
 
-    experiment = load_experiment(manifest)
-    optimizer, settings = build_search(experiment, heartbeat_interval, missed_heartbeats, restart_hold_seconds,
-                                       min_workers, prefetch)
     journal = Journal(journal_path, journal_sync)
     coordinator = ExperimentCoordinator(optimizer, settings, journal)
     server = MasterServer(coordinator, port, host, token)
     server.start()
-    return experiment, coordinator, server
+    return coordinator, server
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -88,9 +90,8 @@ def cmd_master(args) -> int:
     from morphml.distributed.auth import read_token
 
     token = read_token(args.token_file)
-    _, coordinator, server = start_master(args.manifest, args.journal, args.port, args.host, token, args.journal_sync,
-                                          args.heartbeat_interval, args.missed_heartbeats, args.restart_hold,
-                                          args.min_workers, args.prefetch)
+    _, optimizer, settings = search_from_args(args)
+    coordinator, server = start_master(optimizer, settings, args.journal, args.port, args.host, token, args.journal_sync)
     print(f"morphml master: serving on port {server.port} (journal {args.journal})", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,7 +167,7 @@ def progress_line(st: dict, started: float, done_at_start: int) -> str:
 def cmd_run(args) -> int:
     from morphml.results import write_results
 
-    experiment = load_experiment(args.manifest)
+    experiment, optimizer, settings = search_from_args(args)
     output = Path(args.output or Path("runs") / experiment.name)
     output.mkdir(parents=True, exist_ok=True)
     (output / "logs").mkdir(exist_ok=True)
@@ -175,10 +176,7 @@ def cmd_run(args) -> int:
     logging.basicConfig(filename=output / "logs" / "master.log", level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     token = secrets.token_hex(16)
-    # Local workers are all new processes: a restarted run need not hold old leases for them.
-    _, coordinator, server = start_master(args.manifest, str(journal_path), 0, "127.0.0.1", token, args.journal_sync,
-                                          args.heartbeat_interval, args.missed_heartbeats, restart_hold_seconds=0,
-                                          prefetch=args.prefetch)
+    coordinator, server = start_master(optimizer, settings, str(journal_path), 0, "127.0.0.1", token, args.journal_sync)
     st = coordinator.status()
     print(f"morphml run: {experiment.name}: budget {st['budget']} trials, {args.workers} workers, output {output}"
           + (f" (resuming: {st['succeeded'] + st['failed']} trials already finished)" if resumed else ""), flush=True)

@@ -8,6 +8,10 @@ its value and what is allowed. The schema is read from the CRD file packaged nex
 (`morphml/crd/nasexperiments.morphml.io.yaml`, a copy of `crds/` checked by a unit test), so
 `morphml run` refuses exactly the manifests `kubectl apply` refuses.
 
+`Experiment.build_optimizer()` is the one manifest -> optimizer mapping; the one manifest ->
+coordinator settings mapping is `morphml.distributed.settings` (a layer below: it returns the
+distributed layer's `ExperimentSettings`, so it cannot live here).
+
 Imports: the standard library, PyYAML, jsonschema, celpy; morphml.space, morphml.optimizers and
 morphml.evaluation only lazily inside the methods that need them (loading a manifest stays light:
 no torch, no grpc).
