@@ -19,6 +19,8 @@ be tested and reused anywhere.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Mapping
 
 import yaml
@@ -35,6 +37,13 @@ RUN_AS_USER = 1000  # the `morphml` user of Dockerfile.master and Dockerfile.wor
 
 EXPERIMENT_LABEL = "morphml.io/experiment"
 COMPONENT_LABEL = "app.kubernetes.io/component"
+# On the master pod: a digest of each spec section the running master was started with (JSON).
+MASTER_SPEC_ANNOTATION = "morphml.io/master-spec"
+# The spec sections a master reads at start (budget, faultTolerance from its manifest) or its pod
+# is built from (master: image, resources). A change to one restarts the master, which resumes
+# from the journal with it. (master.persistence is immutable: the CRD refuses a change.)
+MASTER_SPEC_SECTIONS = ("budget", "faultTolerance", "master")
+EVENT_SOURCE = "morphml-operator"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +300,28 @@ def worker_command(name: str, gpus: int, slots: int = 1) -> list[str]:
     return command + ["--health-port", str(WORKER_HEALTH_PORT)]
 
 
+def master_spec_digests(spec: Mapping[str, Any]) -> dict[str, str]:
+    """{section: digest} of every MASTER_SPEC_SECTIONS section of `spec`, for MASTER_SPEC_ANNOTATION."""
+    return {section: hashlib.sha256(json.dumps(spec.get(section) or {}, sort_keys=True).encode()).hexdigest()[:16]
+            for section in MASTER_SPEC_SECTIONS}
+
+
+def changed_master_sections(annotation: str | None, spec: Mapping[str, Any]) -> list[str]:
+    """Sections of `spec` that differ from what the master pod (its MASTER_SPEC_ANNOTATION) runs.
+
+    A pod without the annotation (made by an older operator) or with one that is not ours counts
+    as up to date: restarting a master over an unreadable label would be a surprise.
+    """
+    try:
+        running = json.loads(annotation) if annotation else None
+    except ValueError:
+        running = None
+    if not isinstance(running, dict):
+        return []
+    wanted = master_spec_digests(spec)
+    return [section for section in MASTER_SPEC_SECTIONS if running.get(section) != wanted[section]]
+
+
 def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], defaults: PodDefaults = PodDefaults()) -> dict:
     """The master: runs the search, serves gRPC on 50051, journals to the PVC.
 
@@ -322,7 +353,8 @@ def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], default
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": _metadata(name, namespace, master_name(name), "master"),
+        "metadata": {**_metadata(name, namespace, master_name(name), "master"),
+                     "annotations": {MASTER_SPEC_ANNOTATION: json.dumps(master_spec_digests(spec), sort_keys=True)}},
         "spec": {
             "serviceAccountName": service_account_name(name),
             "automountServiceAccountToken": False,
@@ -421,16 +453,34 @@ def build_worker_deployment(
     }
 
 
-def build_all(name: str, namespace: str, spec: Mapping[str, Any], token: str, phase: str | None = None,
-              defaults: PodDefaults = PodDefaults()) -> list[dict]:
-    """Everything one experiment owns, in the order the operator creates it."""
-    return [
-        build_service_account(name, namespace),
-        build_token_secret(name, namespace, token),
-        build_experiment_configmap(name, namespace, spec),
-        build_journal_pvc(name, namespace, spec),
-        build_master_service(name, namespace),
-        build_master_network_policy(name, namespace),
-        build_master_pod(name, namespace, spec, defaults),
-        build_worker_deployment(name, namespace, spec, desired_worker_replicas(spec, phase), defaults),
-    ]
+# --------------------------------------------------------------------------- events
+
+
+def event_name(name: str, uid: str, key: str) -> str:
+    """The name of the one Event for `key` on experiment `name` (uid: a new experiment of the same name gets its own)."""
+    return f"{name}.{key}.{uid[:8]}"
+
+
+def build_event(name: str, namespace: str, uid: str, key: str, type_: str, reason: str, message: str,
+                now: str) -> dict:
+    """A core/v1 Event on the experiment, named after `key` so that posting it twice makes one Event.
+
+    (kopf's own events get generated names; a worker loss must exist once however often the
+    operator tries to post it.)
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": event_name(name, uid, key), "namespace": namespace, "labels": labels(name)},
+        "involvedObject": {"apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "name": name,
+                           "namespace": namespace, "uid": uid},
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": EVENT_SOURCE},
+        "reportingComponent": EVENT_SOURCE,
+        "reportingInstance": EVENT_SOURCE,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }

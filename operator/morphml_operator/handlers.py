@@ -21,6 +21,7 @@ Imports: kopf, the kubernetes client, morphml_operator.{builders, pod_loss, sett
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import json
@@ -37,20 +38,21 @@ from kubernetes.client.rest import ApiException
 from . import builders, pod_loss
 from .master_client import MasterUnreachable, get_master_status, report_worker_gone
 from .settings import OperatorSettings
-from .status import TERMINAL_PHASES, compute_status
+from .status import TERMINAL_PHASES, Event, compute_status
 
 GROUP, VERSION, PLURAL = "morphml.io", "v1alpha1", "nasexperiments"
 TEMPLATE_HASH_ANNOTATION = "morphml.io/template-hash"
-CONFIG_HASH_ANNOTATION = "morphml.io/experiment-hash"
 
 SETTINGS = OperatorSettings.from_env()
+# What kopf hands a handler as `logger`.
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 # --------------------------------------------------------------------------- startup
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None:
     """The one place kopf's behaviour is set, from OperatorSettings."""
     settings.persistence.finalizer = SETTINGS.finalizer
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=SETTINGS.annotation_prefix)
@@ -90,7 +92,7 @@ def _digest(value: Any) -> str:
 # --------------------------------------------------------------------------- ensure functions
 
 
-def _create(body: Mapping[str, Any], manifest: dict, create, read) -> Any:
+def _read_or_create(body: kopf.Body, manifest: dict, create: Any, read: Any) -> Any:
     """What exists under `manifest`'s name, created (owned by the experiment) when missing.
 
     Read first: the timer calls this for every object every few seconds, and a read is cheaper for
@@ -111,72 +113,91 @@ def _create(body: Mapping[str, Any], manifest: dict, create, read) -> Any:
         return read(name, namespace)
 
 
-def ensure_service_account(body: Mapping[str, Any]) -> None:
+def ensure_service_account(body: kopf.Body) -> None:
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
-    _create(body, builders.build_service_account(name, namespace),
-            core.create_namespaced_service_account, core.read_namespaced_service_account)
+    _read_or_create(body, builders.build_service_account(name, namespace),
+                    core.create_namespaced_service_account, core.read_namespaced_service_account)
 
 
-def ensure_token_secret(body: Mapping[str, Any]) -> str:
-    """The experiment's token: made once, never rotated while the experiment lives."""
-    import base64
+def ensure_token_secret(body: kopf.Body) -> str:
+    """The experiment's token: made once, never rotated while the experiment lives.
 
+    The API server stores a Secret's stringData as data (base64) and never returns stringData,
+    so the token is read from data, on a fresh create as on a read.
+    """
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
-    secret = _create(body, builders.build_token_secret(name, namespace, secrets.token_urlsafe(32)),
-                     core.create_namespaced_secret, core.read_namespaced_secret)
-    if secret.data and "token" in secret.data:
+    secret = _read_or_create(body, builders.build_token_secret(name, namespace, secrets.token_urlsafe(32)),
+                             core.create_namespaced_secret, core.read_namespaced_secret)
+    return _secret_token(secret)
+
+
+def _secret_token(secret: Any) -> str:
+    try:
         return base64.b64decode(secret.data["token"]).decode()
-    return secret.string_data["token"]
+    except (TypeError, KeyError):
+        raise kopf.TemporaryError(f"Secret {secret.metadata.name} has no key `token` in data (edited by hand?); "
+                                  "restore it, or delete and re-create the experiment", delay=10) from None
 
 
-def ensure_experiment_configmap(body: Mapping[str, Any]) -> bool:
-    """The manifest the master reads; True when its content changed (the master must restart to see it)."""
+def ensure_experiment_configmap(body: kopf.Body) -> None:
+    """The manifest the master reads at start, kept equal to the spec (a restarted master reads it)."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
     desired = builders.build_experiment_configmap(name, namespace, body["spec"])
-    existing = _create(body, desired, core.create_namespaced_config_map, core.read_namespaced_config_map)
-    if (existing.data or {}) == desired["data"]:
-        return False
-    core.patch_namespaced_config_map(builders.experiment_configmap_name(name), namespace, {"data": desired["data"]})
-    return True
+    existing = _read_or_create(body, desired, core.create_namespaced_config_map, core.read_namespaced_config_map)
+    if (existing.data or {}) != desired["data"]:
+        core.patch_namespaced_config_map(builders.experiment_configmap_name(name), namespace, {"data": desired["data"]})
 
 
-def ensure_journal_pvc(body: Mapping[str, Any]) -> None:
+def ensure_journal_pvc(body: kopf.Body) -> None:
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
-    _create(body, builders.build_journal_pvc(name, namespace, body["spec"]),
-            core.create_namespaced_persistent_volume_claim, core.read_namespaced_persistent_volume_claim)
+    _read_or_create(body, builders.build_journal_pvc(name, namespace, body["spec"]),
+                    core.create_namespaced_persistent_volume_claim, core.read_namespaced_persistent_volume_claim)
 
 
-def ensure_master_service(body: Mapping[str, Any]) -> None:
+def ensure_master_service(body: kopf.Body) -> None:
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
-    _create(body, builders.build_master_service(name, namespace),
-            core.create_namespaced_service, core.read_namespaced_service)
+    _read_or_create(body, builders.build_master_service(name, namespace),
+                    core.create_namespaced_service, core.read_namespaced_service)
 
 
-def ensure_master_network_policy(body: Mapping[str, Any]) -> None:
+def ensure_master_network_policy(body: kopf.Body) -> None:
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     networking = kubernetes.client.NetworkingV1Api()
-    _create(body, builders.build_master_network_policy(name, namespace),
-            networking.create_namespaced_network_policy, networking.read_namespaced_network_policy)
+    _read_or_create(body, builders.build_master_network_policy(name, namespace),
+                    networking.create_namespaced_network_policy, networking.read_namespaced_network_policy)
 
 
-def ensure_master_pod(body: Mapping[str, Any]) -> Any:
-    """The master pod, created when missing (a new one resumes from the journal)."""
+def ensure_master_pod(body: kopf.Body) -> tuple[Any, list[str]]:
+    """The master pod, created when missing (a new one resumes from the journal).
+
+    Returns (pod, sections): `sections` names the spec sections (budget, faultTolerance, master)
+    the running master was started without; the pod is then deleted, so the next reconcile starts
+    a master that reads them (and resumes from the journal). Level-triggered, from the pod's own
+    annotation: a change the operator missed while it was down is applied too.
+    """
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
-    pod = _create(body, builders.build_master_pod(name, namespace, body["spec"], SETTINGS.pod_defaults),
-                  core.create_namespaced_pod, core.read_namespaced_pod)
-    if pod.status and pod.status.phase in ("Failed", "Succeeded") and not pod.metadata.deletion_timestamp:
+    pod = _read_or_create(body, builders.build_master_pod(name, namespace, body["spec"], SETTINGS.pod_defaults),
+                          core.create_namespaced_pod, core.read_namespaced_pod)
+    if pod.metadata.deletion_timestamp:
+        return pod, []
+    if pod.status and pod.status.phase in ("Failed", "Succeeded"):
         # An evicted or otherwise ended master does not restart by itself; a new pod resumes the journal.
         core.delete_namespaced_pod(pod.metadata.name, namespace)
-    return pod
+        return pod, []
+    annotation = (pod.metadata.annotations or {}).get(builders.MASTER_SPEC_ANNOTATION)
+    changed = builders.changed_master_sections(annotation, body["spec"])
+    if changed:
+        core.delete_namespaced_pod(pod.metadata.name, namespace)
+    return pod, changed
 
 
-def delete_master_pod(body: Mapping[str, Any], reason: str, logger: logging.Logger) -> None:
+def delete_master_pod(body: kopf.Body, reason: str, logger: Logger) -> None:
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     try:
         _core().delete_namespaced_pod(builders.master_name(name), namespace)
@@ -186,14 +207,14 @@ def delete_master_pod(body: Mapping[str, Any], reason: str, logger: logging.Logg
             raise
 
 
-def ensure_worker_deployment(body: Mapping[str, Any], replicas: int) -> Any:
+def ensure_worker_deployment(body: kopf.Body, replicas: int) -> Any:
     """The worker Deployment with `replicas` and the pod template the spec asks for now."""
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     apps = _apps()
     desired = builders.build_worker_deployment(name, namespace, body["spec"], replicas, SETTINGS.pod_defaults)
     template_hash = _digest(desired["spec"]["template"])
     desired["metadata"].setdefault("annotations", {})[TEMPLATE_HASH_ANNOTATION] = template_hash
-    existing = _create(body, desired, apps.create_namespaced_deployment, apps.read_namespaced_deployment)
+    existing = _read_or_create(body, desired, apps.create_namespaced_deployment, apps.read_namespaced_deployment)
     annotations = existing.metadata.annotations or {}
     if existing.spec.replicas == replicas and annotations.get(TEMPLATE_HASH_ANNOTATION) == template_hash:
         return existing
@@ -208,17 +229,27 @@ def ensure_worker_deployment(body: Mapping[str, Any], replicas: int) -> Any:
     return apps.patch_namespaced_deployment(existing.metadata.name, namespace, patch)
 
 
-def reconcile(body: Mapping[str, Any], phase: str | None) -> dict:
-    """Ensure everything the experiment owns; returns what the status needs (token, master pod, deployment)."""
+def reconcile(body: kopf.Body, phase: str | None) -> dict:
+    """Ensure everything the experiment owns; returns what the status needs (token, master pod, deployment).
+
+    The ConfigMap is brought up to date before the master pod: a master restarted for a changed
+    spec reads the new manifest.
+    """
     ensure_service_account(body)
     token = ensure_token_secret(body)
-    config_changed = ensure_experiment_configmap(body)
+    ensure_experiment_configmap(body)
     ensure_journal_pvc(body)
     ensure_master_service(body)
     ensure_master_network_policy(body)
-    master_pod = None if phase in TERMINAL_PHASES else ensure_master_pod(body)
+    master_pod, restarted_for = (None, []) if phase in TERMINAL_PHASES else ensure_master_pod(body)
+    if restarted_for:
+        fields = ", ".join(f"spec.{section}" for section in restarted_for)
+        # kopf.event, not kopf.info: a milestone is posted whatever the log posting level.
+        kopf.event(body, type="Normal", reason="MasterRestarting",
+                   message=f"{fields} changed: the master restarts to apply it and resumes from the journal")
+        master_pod = None  # being deleted: not the master to ask
     deployment = ensure_worker_deployment(body, builders.desired_worker_replicas(body["spec"], phase))
-    return {"token": token, "master_pod": master_pod, "deployment": deployment, "config_changed": config_changed}
+    return {"token": token, "master_pod": master_pod, "deployment": deployment}
 
 
 # --------------------------------------------------------------------------- handlers
@@ -238,20 +269,15 @@ def create_or_resume(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def spec_changed(body: kopf.Body, status: kopf.Status, old: Any, new: Any, logger: logging.Logger, **_: Any) -> None:
-    """replicas and suspend reach the Deployment now; a new budget reaches the master by a restart.
+def spec_changed(body: kopf.Body, status: kopf.Status, **_: Any) -> None:
+    """A spec change applies now, not at the next tick (docs/kubernetes.md, "Which spec fields apply live").
 
-    The master reads its manifest at start and resumes from the journal, so restarting it with
-    the updated ConfigMap is how a changed budget takes effect (no trial is lost or re-run).
+    workers.* and suspend reach the worker Deployment (replicas at once, a new pod template by a
+    rolling update); budget, faultTolerance and master.* restart the master, which resumes from the
+    journal with them (`ensure_master_pod`). The fields a running search cannot take (searchSpace,
+    optimizer, evaluation, objective, master.persistence) the API server refuses (CEL rules).
     """
-    phase = status.get("phase")
-    owned = reconcile(body, phase)
-    budget_changed = (old or {}).get("budget") != (new or {}).get("budget")
-    if owned["config_changed"] and budget_changed and phase not in TERMINAL_PHASES:
-        delete_master_pod(body, "spec.budget changed; the new master resumes from the journal with it", logger)
-        # kopf.event, not kopf.info: a milestone is posted whatever the log posting level.
-        kopf.event(body, type="Normal", reason="BudgetChanged",
-                   message=f"budget now {body['spec']['budget']}; master restarting to apply it")
+    reconcile(body, status.get("phase"))
 
 
 def _master_address(pod: Any) -> str | None:
@@ -265,7 +291,7 @@ def _master_address(pod: Any) -> str | None:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.status_interval_seconds, initial_delay=1.0)
 def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
-         logger: logging.Logger, **_: Any) -> None:
+         logger: Logger, **_: Any) -> None:
     """Reconcile, read the master's status, write the CR status, post milestone Events."""
     if meta.get("deletionTimestamp"):
         return  # being deleted (e.g. foreground cascade): recreating children would fight the GC
@@ -273,19 +299,28 @@ def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
     owned = reconcile(body, old_phase)
     master_status, master_error = None, ""
     address = _master_address(owned["master_pod"])
+    last_loss = int(status.get("lastLossSeq", 0) or 0)
     if address:
         try:
-            master_status = get_master_status(address, owned["token"], SETTINGS.master_rpc_timeout_seconds)
+            master_status = get_master_status(address, owned["token"], SETTINGS.master_rpc_timeout_seconds,
+                                              losses_after_seq=last_loss)
         except MasterUnreachable as error:
             master_error = str(error)
     elif old_phase not in TERMINAL_PHASES:
         master_error = "the master pod has no IP yet"
+    if master_status is not None:
+        _check_loss_numbering(master_status, last_loss, logger)
     deployment = owned["deployment"]
     ready = int((deployment.status.ready_replicas if deployment.status else 0) or 0)
     new_status, events = compute_status(
         name=meta["name"], spec=spec, generation=meta.get("generation"), previous=dict(status),
         master=master_status, workers_ready=ready, workers_desired=int(deployment.spec.replicas or 0),
         now=_now(), master_error=master_error)
+    # Worker-loss Events before the status that remembers their numbers (lastLossSeq): a status
+    # patch that fails after this only makes the next tick post them again, and a keyed Event
+    # exists once (the API server refuses the second copy). Posting first can duplicate nothing;
+    # patching first could lose an Event (the operator dies between the two).
+    post_keyed_events(body, [event for event in events if event.key])
     if new_status["phase"] in TERMINAL_PHASES and old_phase not in TERMINAL_PHASES:
         # Free the GPUs now, not on the next tick; the journal PVC and status.best keep the result.
         ensure_worker_deployment(body, 0)
@@ -295,7 +330,39 @@ def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
     for key, value in new_status.items():
         patch.status[key] = value
     for event in events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        if not event.key:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+def _check_loss_numbering(master_status: Mapping[str, Any], last_loss: int, logger: Logger) -> None:
+    """Say so when the master's loss numbers cannot be what this status counted from."""
+    latest = int(master_status.get("loss_seq", 0) or 0)
+    if latest < last_loss:
+        # A new journal (its claim was deleted and made again): its losses are numbered from 1
+        # again and get no Event until they pass what this experiment already counted.
+        logger.warning("the master's latest loss is #%d, below the #%d already posted: a new journal?", latest, last_loss)
+
+
+def post_keyed_events(body: kopf.Body, events: list[Event]) -> None:
+    """Post each Event under a name made from its key; one that already exists was posted before.
+
+    Raises kopf.TemporaryError when the API refuses one otherwise: nothing after it is posted and
+    the caller has not written the status yet, so the next tick tries the same Events again.
+    """
+    if not events:
+        return
+    name, namespace, uid = body["metadata"]["name"], body["metadata"]["namespace"], body["metadata"]["uid"]
+    core = _core()
+    now = _now()
+    for event in events:
+        manifest = builders.build_event(name, namespace, uid, event.key, event.type, event.reason, event.message, now)
+        try:
+            core.create_namespaced_event(namespace, manifest)  # type: ignore[arg-type]  # a dict is sent as is
+        except ApiException as error:
+            if error.status == 409:
+                continue  # posted by an earlier tick whose status patch did not land
+            raise kopf.TemporaryError(f"posting Event {manifest['metadata']['name']} ({event.reason}): "
+                                      f"{error.status} {error.reason}", delay=SETTINGS.status_interval_seconds) from None
 
 
 # Pods whose unready state is waiting for a re-check (uid -> timer): no watch event comes when
@@ -305,7 +372,7 @@ _RECHECKS_LOCK = threading.Lock()
 
 
 @kopf.on.event("", "v1", "pods", labels={builders.COMPONENT_LABEL: "worker"})
-def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     """A worker pod lost: tell its master at once (WorkerGone) so its trials are re-leased.
 
     "Lost" is `pod_loss.decide`: deleted or terminating (deleted, evicted, scaled down), Failed
@@ -317,7 +384,7 @@ def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
     handle_worker_pod(event.get("type"), dict(body), memo, logger)
 
 
-def handle_worker_pod(event_type: str | None, pod: dict, memo: Any, logger: logging.Logger) -> None:
+def handle_worker_pod(event_type: str | None, pod: dict, memo: Any, logger: Logger) -> None:
     if memo.get("reported_gone"):
         return
     decision = pod_loss.decide(event_type, pod, time.time(), SETTINGS.worker_unready_seconds,
@@ -338,31 +405,105 @@ def handle_worker_pod(event_type: str | None, pod: dict, memo: Any, logger: logg
     experiment, namespace = labels.get(builders.EXPERIMENT_LABEL), pod["metadata"]["namespace"]
     if not experiment:
         return
+    # Marked before the call: later events of this pod (or episode) start no second report; the
+    # report itself retries until the master answers (report_pod_lost).
+    memo["reported_unready" if unready else "reported_gone"] = True
+    report_pod_lost(uid, experiment, namespace, pod["metadata"]["name"], decision.reason, logger)
+
+
+# Pod uid -> the timer of its next WorkerGone attempt (at most one chain of retries per pod).
+_GONE_RETRIES: dict[str, threading.Timer] = {}
+_GONE_RETRIES_LOCK = threading.Lock()
+
+
+def report_pod_lost(uid: str, experiment: str, namespace: str, pod_name: str, reason: str, logger: Logger,
+                    attempt: int = 0, started: float | None = None) -> None:
+    """Tell the master WorkerGone now, and again with backoff until it answers (`pod_loss.gone_retry_delay`).
+
+    The first attempt runs in the caller (no delay on the common path); retries run on timer
+    threads, not in a handler. A master that is restarting, frozen or cut off would otherwise
+    never hear of the pod, and its trials would wait for missed heartbeats.
+    """
+    started = time.monotonic() if started is None else started
+    try:
+        outcome = _tell_master_gone(uid, experiment, namespace, pod_name, reason, logger)
+    except Exception as error:  # the API server itself failed us: try again like an unreachable master
+        logger.warning("reporting worker pod %s gone: %s", pod_name, error)
+        outcome = pod_loss.GONE_UNREACHABLE
+    elapsed = time.monotonic() - started
+    delay = pod_loss.gone_retry_delay(outcome, attempt, elapsed, SETTINGS.worker_gone_retry_seconds)
+    with _GONE_RETRIES_LOCK:
+        _GONE_RETRIES.pop(uid, None)
+        if delay is None:
+            if outcome == pod_loss.GONE_UNREACHABLE:
+                logger.error("gave up telling the master that worker pod %s is gone after %d attempts in %.0f s; "
+                             "its trials wait for missed heartbeats", pod_name, attempt + 1, elapsed)
+            return
+
+        def retry() -> None:
+            try:
+                report_pod_lost(uid, experiment, namespace, pod_name, reason, logger, attempt + 1, started)
+            except Exception:  # a timer thread has no caller to raise to
+                logger.exception("reporting worker pod %s gone", pod_name)
+
+        timer = threading.Timer(delay, retry)
+        timer.daemon = True
+        _GONE_RETRIES[uid] = timer
+        timer.start()
+
+
+def _tell_master_gone(uid: str, experiment: str, namespace: str, pod_name: str, reason: str,
+                      logger: Logger) -> str:
+    """One WorkerGone attempt; returns a pod_loss.GONE_* outcome."""
     core = _core()
     try:
-        master_pod = core.read_namespaced_pod(builders.master_name(experiment), namespace)
         secret = core.read_namespaced_secret(builders.token_secret_name(experiment), namespace)
     except ApiException as error:
         if error.status == 404:
-            return  # the experiment is over or going away: nobody to tell
+            return pod_loss.GONE_NOBODY  # the experiment is going away
         raise
-    import base64
-
+    if reason.startswith("pod unready"):
+        try:
+            current = core.read_namespaced_pod(pod_name, namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        else:
+            body = kubernetes.client.ApiClient().sanitize_for_serialization(current)
+            if body["metadata"].get("uid") == uid and pod_loss.ready_condition(body)[0]:
+                return pod_loss.GONE_RECOVERED
+    try:
+        master_pod = core.read_namespaced_pod(builders.master_name(experiment), namespace)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        master_pod = None
     address = _master_address(master_pod)
     if not address:
-        return
-    token = base64.b64decode(secret.data["token"]).decode()
-    memo["reported_unready" if unready else "reported_gone"] = True
-    pod_name = pod["metadata"]["name"]
+        # No master right now: restarting (a new pod resumes the journal) or gone for good.
+        return pod_loss.GONE_NOBODY if _experiment_over(experiment, namespace) else pod_loss.GONE_UNREACHABLE
     try:
-        reply = report_worker_gone(address, token, pod_name, decision.reason, SETTINGS.master_rpc_timeout_seconds)
+        reply = report_worker_gone(address, _secret_token(secret), pod_name, reason, SETTINGS.master_rpc_timeout_seconds)
     except MasterUnreachable as error:
-        logger.warning("could not tell the master that %s is gone: %s", pod_name, error)
-        return
-    logger.info("worker pod %s lost (%s): master requeued %s", pod_name, decision.reason, reply.get("requeued"))
+        logger.warning("could not tell the master that %s is gone (will retry): %s", pod_name, error)
+        return pod_loss.GONE_UNREACHABLE
+    logger.info("worker pod %s lost (%s): master requeued %s", pod_name, reason, reply.get("requeued"))
+    return pod_loss.GONE_ANSWERED
 
 
-def _schedule_recheck(uid: str, namespace: str, name: str, delay: float, memo: Any, logger: logging.Logger) -> None:
+def _experiment_over(experiment: str, namespace: str) -> bool:
+    """The experiment is deleted or finished (its master is not coming back)."""
+    try:
+        obj: Any = kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, experiment)
+    except ApiException as error:
+        if error.status == 404:
+            return True
+        raise
+    return (obj.get("status") or {}).get("phase") in TERMINAL_PHASES or bool(obj["metadata"].get("deletionTimestamp"))
+
+
+def _schedule_recheck(uid: str, namespace: str, name: str, delay: float, memo: Any, logger: Logger) -> None:
     def recheck() -> None:
         with _RECHECKS_LOCK:
             _RECHECKS.pop(uid, None)

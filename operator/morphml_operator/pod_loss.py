@@ -14,6 +14,9 @@ A worker pod is lost when:
   A pod that has never been Ready is starting, not lost. An unready pod not yet past the
   threshold gets `recheck_in`: the handler looks again then (no watch event would come).
 
+Telling the master can fail (it is restarting, frozen, cut off): `gone_retry_delay` says when to
+try again, with backoff, until the master answers or there is nobody left to tell.
+
 Imports: the standard library only (no kopf, no kubernetes client), so it is unit tested alone.
 """
 
@@ -83,3 +86,31 @@ def decide(event_type: str | None, pod: Mapping[str, Any], now: float, unready_a
             return PodLossDecision(reason=f"pod unready for {unready_for:.1f} s", ready=ready)
         return PodLossDecision(recheck_in=unready_after - unready_for, ready=ready)
     return PodLossDecision(ready=ready)
+
+
+# --------------------------------------------------------------------------- reporting a lost pod
+
+# Outcomes of one WorkerGone attempt (handlers._tell_master_gone).
+GONE_ANSWERED = "answered"  # the master replied: it knows (its reply says what it requeued)
+GONE_NOBODY = "nobody"  # the experiment is deleted or finished: no master will come back to tell
+GONE_RECOVERED = "recovered"  # the unready pod is Ready again before the master heard of it
+GONE_UNREACHABLE = "unreachable"  # no answer (frozen, restarting, cut off) or no master address yet
+
+GONE_FIRST_RETRY_SECONDS = 0.5
+GONE_MAX_RETRY_SECONDS = 5.0
+
+
+def gone_retry_delay(outcome: str, attempt: int, elapsed: float, give_up_after: float) -> float | None:
+    """Seconds until WorkerGone is tried again after attempt number `attempt` (0 = the first), or None: stop.
+
+    Only an unreachable master is retried: 0.5 s, 1 s, 2 s, 4 s, then every 5 s (a master back
+    from a restart hears of the pod within 5 s), until `give_up_after` seconds have passed since
+    the first attempt. Past that the master's heartbeat timeout has long declared the worker dead
+    if the master is running at all.
+    """
+    if outcome != GONE_UNREACHABLE:
+        return None
+    if elapsed >= give_up_after:
+        return None
+    delay = min(GONE_FIRST_RETRY_SECONDS * 2 ** max(0, attempt), GONE_MAX_RETRY_SECONDS)
+    return max(0.0, min(delay, give_up_after - elapsed))

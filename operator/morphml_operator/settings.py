@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 from .builders import PodDefaults
 
@@ -39,6 +39,9 @@ class OperatorSettings:
     # Seconds a worker pod that was Ready may stay unready before the operator tells the master
     # it is gone (pod_loss.decide); deleted, failed and evicted pods are reported at once.
     worker_unready_seconds: float = 5.0
+    # Seconds the operator keeps retrying WorkerGone (with backoff) while the master does not
+    # answer; after that the master's own heartbeat timeout is the only detection left.
+    worker_gone_retry_seconds: float = 300.0
     # Seconds a worker pod gets between SIGTERM and SIGKILL to hand its trial back.
     worker_grace_seconds: int = 60
     # kopf: the finalizer it puts on experiments (only while a handler needs one).
@@ -55,13 +58,13 @@ class OperatorSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorSettings":
         env = os.environ if env is None else env
-        values = {}
+        values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             variable = PREFIX + field.name.upper()
             if variable not in env:
                 continue
             raw = env[variable]
-            kind = type(field.default)
+            kind: type = type(field.default)
             try:
                 values[field.name] = kind(raw) if kind is not str else raw
             except ValueError:
@@ -76,7 +79,8 @@ class OperatorSettings:
         if self.posting_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(f"{PREFIX}POSTING_LEVEL={self.posting_level!r}: expected DEBUG, INFO, WARNING or ERROR")
         for name in ("status_interval_seconds", "master_rpc_timeout_seconds", "watch_timeout_seconds",
-                     "request_timeout_seconds", "worker_grace_seconds", "worker_unready_seconds"):
+                     "request_timeout_seconds", "worker_grace_seconds", "worker_unready_seconds",
+                     "worker_gone_retry_seconds"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be greater than 0")
         try:

@@ -5,6 +5,11 @@ not be reached), the worker Deployment's ready/desired counts, the previous stat
 reading, and returns the new status and the Events worth emitting (milestones only: started, new
 best, worker lost, finished, failed). No I/O: the timer handler feeds it and writes the result.
 
+Worker losses: `status.lastLossSeq` is the number of the last loss turned into an Event and
+`status.workersLost` counts them (every loss but a clean Deregister); both only grow, and are a
+function of the previous status and the losses after lastLossSeq, so recomputing them after a
+failed status patch gives the same answer.
+
 Rules that make the printer columns trustworthy:
 - a terminal phase (Succeeded, Failed) never changes again;
 - trial counts never go down (a master that restarts is unreachable for a while; then it resumes
@@ -32,6 +37,9 @@ class Event:
     type: str  # Normal or Warning
     reason: str
     message: str
+    # Set for an Event that must exist once however often it is posted (a worker loss, keyed by
+    # its seq): the handler names the Event after it, and the API server refuses a second copy.
+    key: str = ""
 
 
 def _condition(previous: list[dict], type_: str, status: bool, reason: str, message: str, now: str,
@@ -45,7 +53,7 @@ def _condition(previous: list[dict], type_: str, status: bool, reason: str, mess
         "status": value,
         "reason": reason,
         "message": message,
-        "lastTransitionTime": now if changed else old.get("lastTransitionTime", now),
+        "lastTransitionTime": now if changed or old is None else old.get("lastTransitionTime", now),
     }
     if generation is not None:
         condition["observedGeneration"] = generation
@@ -172,24 +180,33 @@ def compute_status(
     if best:
         status["best"] = best
 
-    # Worker losses the master saw since the last look.
-    losses = list((master or {}).get("losses", []))
-    seen = int(previous.get("workersLost", 0))
+    # Worker losses. The master numbers each loss (WorkerLoss.seq: journaled, never reused, kept
+    # across master restarts) and `master["losses"]` holds those after status.lastLossSeq (the
+    # handler asks for them page by page). Each new one is one Event, keyed by its seq so that
+    # posting it twice (the status patch that remembers the seq failed) makes one Event, not two.
+    last_seq = int(previous.get("lastLossSeq", 0))
+    lost = int(previous.get("workersLost", 0))
     # Pods the operator itself stopped (suspend, scale down, the end) are not losses worth a Warning.
     previously_registered = int((previous.get("workers") or {}).get("registered", 0))
     stopping_on_purpose = bool(spec.get("suspend")) or phase in TERMINAL_PHASES or workers_desired < previously_registered
-    if master is not None and len(losses) > seen:
-        for loss in losses[seen:]:
-            if loss.get("detected_by") == "deregister":
-                continue  # a clean exit (SIGTERM, nothing held) is not a loss at all
-            requeued = len(loss.get("requeued", []))
-            who = loss.get("worker_name") or loss.get("worker_id")
-            back = f"{requeued} trial{'s' if requeued != 1 else ''} back in the queue"
-            if stopping_on_purpose:
-                events.append(Event("Normal", "WorkerStopped", f"worker {who} stopped ({loss.get('detected_by')}); {back}"))
-            else:
-                events.append(Event("Warning", "WorkerLost", f"worker {who} lost (detected by {loss.get('detected_by')}); {back}"))
-    status["workersLost"] = max(seen, len(losses)) if master is not None else seen
+    for loss in sorted((master or {}).get("losses", []), key=lambda item: int(item.get("seq", 0))):
+        seq = int(loss.get("seq", 0))
+        if seq <= last_seq:
+            continue  # already turned into an Event (or older than what this status counted from)
+        last_seq = seq
+        if loss.get("detected_by") == "deregister":
+            continue  # a clean exit (SIGTERM) that handed its trials back is not a loss
+        lost += 1
+        requeued = len(loss.get("requeued", []))
+        who = loss.get("worker_name") or loss.get("worker_id")
+        back = f"{requeued} trial{'s' if requeued != 1 else ''} back in the queue"
+        key = f"worker-loss-{seq}"
+        if stopping_on_purpose:
+            events.append(Event("Normal", "WorkerStopped", f"worker {who} stopped ({loss.get('detected_by')}); {back}", key))
+        else:
+            events.append(Event("Warning", "WorkerLost", f"worker {who} lost (detected by {loss.get('detected_by')}); {back}", key))
+    status["workersLost"] = lost
+    status["lastLossSeq"] = last_seq
 
     # Terminal milestones.
     if phase != old_phase and phase == "Succeeded":

@@ -9,8 +9,13 @@
   process node bound the experiment's journal claim to, summarised for assertions: every lease,
   every re-lease with the path that fired (stream / heartbeat / pod_gone) and its timestamps, and
   every result with its disposition.
+- `FakeWorkerSession` / `lose_fake_workers`: worker sessions opened by the test process itself
+  with real gRPC (Register + Connect with the experiment's token) and broken on purpose, so the
+  master records a loss detected by the stream: as many losses as a test wants, in seconds.
+- `process_pid`: the host pid of a pod's container process (SIGSTOP / SIGCONT a master).
 
-Imports: the standard library only (workers import this module).
+Imports: the standard library only at module level (workers import this module); grpc and the
+generated protocol inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 EVALUATOR = "tests.cluster.operator_trials:sleep_epochs"
@@ -91,3 +98,126 @@ def finished_once(journal: dict) -> tuple[list[str], list[str]]:
             accepted[result["task_id"]] = accepted.get(result["task_id"], 0) + 1
     return sorted(accepted), sorted(t for t, n in accepted.items() if n > 1)
 
+
+
+class FakeWorkerSession:
+    """One worker registration held by the test process: Register, then a Connect stream kept open.
+
+    `connected()` waits until the master lists it as a live worker; `break_stream()` cancels the
+    stream (the master sees the session end: a loss detected by "stream"); `close()` ends it.
+    Heartbeats go out every `heartbeat_seconds` while the stream is open, so only the stream (or
+    the pod path) can declare it dead.
+    """
+
+    def __init__(self, address: str, token: str, name: str, slots: int = 1, heartbeat_seconds: float = 1.0):
+        import grpc
+
+        from morphml.distributed.proto import worker_pb2 as pb
+        from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+
+        self._pb = pb
+        self.address, self.name = address, name
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.MasterStub(self.channel)
+        reply = self.stub.Register(pb.RegisterRequest(worker_name=name, slots=slots, hostname="test-process",
+                                                      pid=os.getpid()), metadata=self.metadata, timeout=10)
+        self.worker_id = reply.worker_id
+        self.heartbeat_interval = reply.heartbeat_interval_seconds
+        self._closed = threading.Event()
+        self._heartbeat_seconds = heartbeat_seconds
+        self.call = self.stub.Connect(self._messages(), metadata=self.metadata)
+        self.leases: list[tuple[str, int]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _messages(self) -> Iterator[Any]:
+        pb = self._pb
+        yield pb.WorkerMessage(hello=pb.Hello(worker_id=self.worker_id))
+        sequence = 0
+        while not self._closed.wait(self._heartbeat_seconds):
+            sequence += 1
+            yield pb.WorkerMessage(heartbeat=pb.Heartbeat(
+                sequence=sequence, running=[pb.LeaseRef(task_id=t, attempt=a) for t, a in self.leases]))
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                for lease in message.leases.leases:
+                    self.leases.append((lease.task_id, lease.attempt))
+        except Exception:  # the stream ended (cancelled by us or closed by the master)
+            pass
+
+    def status(self, losses_after_seq: int = 0) -> Any:
+        pb = self._pb
+        return self.stub.GetStatus(pb.StatusRequest(include_dead_workers=True, losses_after_seq=losses_after_seq),
+                                   metadata=self.metadata, timeout=10)
+
+    def connected(self, timeout: float = 20.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            states = {w.worker_id: w.state for w in self.status().workers}
+            if states.get(self.worker_id) not in (None, "registering"):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{self.name} ({self.worker_id}) never connected to {self.address}")
+
+    def break_stream(self) -> None:
+        self._closed.set()
+        self.call.cancel()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.call.cancel()
+        self.channel.close()
+
+
+def lose_fake_workers(address: str, token: str, count: int, prefix: str,
+                      on_loss: Callable[[int], None] | None = None, timeout: float = 20.0) -> int:
+    """Open and break `count` worker sessions one after another; each becomes one loss on the master.
+
+    Waits for each loss to be recorded (GetStatus.loss_seq grows) before the next; returns the
+    master's loss_seq at the end. `on_loss(i)` runs after the i-th (1-based) loss is recorded.
+    """
+    latest = 0
+    for index in range(1, count + 1):
+        session = FakeWorkerSession(address, token, f"{prefix}-{index}")
+        try:
+            session.connected(timeout)
+            before = int(session.status().loss_seq)
+            session.break_stream()
+            deadline = time.time() + timeout
+            while (latest := int(session.status().loss_seq)) <= before:
+                if time.time() > deadline:
+                    raise AssertionError(f"the master recorded no loss for {session.name} within {timeout} s")
+                time.sleep(0.02)
+        finally:
+            session.close()
+        if on_loss is not None:
+            on_loss(index)
+    return latest
+
+
+def process_pid(pod: dict, container: str | None = None) -> int:
+    """The host pid of a pod's container: from the process node's "process://PID" container id,
+    else the process whose environment names the pod (POD_NAME and POD_NAMESPACE, as builders set)."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if container and status.get("name") != container:
+            continue
+        container_id = status.get("containerID") or ""
+        if container_id.startswith("process://"):
+            return int(container_id[len("process://"):])
+    wanted = {f"POD_NAME={pod['metadata']['name']}".encode(), f"POD_NAMESPACE={pod['metadata']['namespace']}".encode()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if wanted <= environ:
+            found.append(int(entry.name))
+    if not found:
+        raise AssertionError(f"no process of pod {pod['metadata']['name']} found")
+    return min(found)  # the container's first process (its children have higher pids, mostly)

@@ -205,8 +205,17 @@ def test_desired_worker_replicas(spec, suspend, phase, expected):
     assert builders.desired_worker_replicas(spec, phase) == expected
 
 
-def test_build_all_names_every_owned_object(spec):
-    objects = builders.build_all("digits", "ml", spec, token="t")
+def test_every_owned_object_is_named_after_the_experiment(spec):
+    objects = [
+        builders.build_service_account("digits", "ml"),
+        builders.build_token_secret("digits", "ml", "t"),
+        builders.build_experiment_configmap("digits", "ml", spec),
+        builders.build_journal_pvc("digits", "ml", spec),
+        builders.build_master_service("digits", "ml"),
+        builders.build_master_network_policy("digits", "ml"),
+        builders.build_master_pod("digits", "ml", spec),
+        builders.build_worker_deployment("digits", "ml", spec, 2),
+    ]
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [
         ("ServiceAccount", "digits-pods"),
         ("Secret", "digits-token"),
@@ -249,3 +258,50 @@ def test_master_network_policy_admits_only_workers_and_the_operator():
     }
     worker_labels = builders.build_worker_deployment("digits", "ml", {}, 1)["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"].items() <= worker_labels.items()
+
+
+def changed(spec: dict, **sections) -> dict:
+    spec = yaml.safe_load(yaml.safe_dump(spec))
+    for section, value in sections.items():
+        spec[section] = {**(spec.get(section) or {}), **value}
+    return spec
+
+
+def test_master_pod_records_the_spec_sections_it_was_started_with(spec):
+    pod = builders.build_master_pod("digits", "ml", spec)
+    annotation = pod["metadata"]["annotations"][builders.MASTER_SPEC_ANNOTATION]
+    assert set(yaml.safe_load(annotation)) == {"budget", "faultTolerance", "master"}
+    assert builders.changed_master_sections(annotation, spec) == []
+    # Fields that reach the workers or the Deployment do not restart the master.
+    scaled = changed(spec, workers={"replicas": 7, "image": "morphml-worker:0.2.0"})
+    scaled["suspend"] = True
+    assert builders.changed_master_sections(annotation, scaled) == []
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"budget": {"maxTrials": 99}}, ["budget"]),
+    ({"faultTolerance": {"heartbeatIntervalSeconds": 2}}, ["faultTolerance"]),
+    ({"master": {"image": "morphml-master:0.2.0"}}, ["master"]),
+    ({"master": {"resources": {"limits": {"memory": "8Gi"}}}, "budget": {"maxFailedTrials": 1}}, ["budget", "master"]),
+])
+def test_a_changed_master_section_is_named(spec, sections, expected):
+    annotation = builders.build_master_pod("digits", "ml", spec)["metadata"]["annotations"][builders.MASTER_SPEC_ANNOTATION]
+    assert builders.changed_master_sections(annotation, changed(spec, **sections)) == expected
+
+
+@pytest.mark.parametrize("annotation", [None, "", "not json", "[1, 2]"])
+def test_a_master_pod_without_a_readable_annotation_is_left_running(spec, annotation):
+    assert builders.changed_master_sections(annotation, changed(spec, budget={"maxTrials": 99})) == []
+
+
+def test_keyed_event_is_named_after_its_key_and_points_at_the_experiment():
+    event = builders.build_event("digits", "ml", "0123456789abcdef", "worker-loss-7", "Warning", "WorkerLost",
+                                 "worker digits-worker-x lost (detected by stream); 1 trial back in the queue",
+                                 "2026-12-01T10:00:00Z")
+    assert event["metadata"]["name"] == "digits.worker-loss-7.01234567"
+    assert event["involvedObject"] == {"apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "name": "digits",
+                                       "namespace": "ml", "uid": "0123456789abcdef"}
+    assert (event["type"], event["reason"], event["count"]) == ("Warning", "WorkerLost", 1)
+    assert event["firstTimestamp"] == event["lastTimestamp"] == "2026-12-01T10:00:00Z"
+    # Another experiment of the same name (a new uid) gets its own Event for its loss #7.
+    assert builders.event_name("digits", "fedcba98", "worker-loss-7") != event["metadata"]["name"]

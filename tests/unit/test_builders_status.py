@@ -109,17 +109,52 @@ def test_failure_is_a_warning_with_the_masters_reason():
     assert "maxFailedTrials" in events[0].message
 
 
-def test_each_worker_loss_is_one_warning_and_deregistration_is_none():
-    losses = [
-        {"worker_name": "digits-worker-a", "detected_by": "heartbeat", "requeued": [{"task_id": "t1", "attempt": 1}]},
-        {"worker_name": "digits-worker-b", "detected_by": "deregister", "requeued": []},
-    ]
-    status, events = step({"phase": "Running"}, master(losses=losses[:1]))
-    assert [(e.type, e.reason) for e in events] == [("Warning", "WorkerLost")]
+def loss(seq, detected_by="stream", name=None, requeued=1):
+    return {"seq": str(seq), "worker_name": name or f"digits-worker-{seq}", "detected_by": detected_by,
+            "requeued": [{"task_id": f"t{seq}", "attempt": 1}] * requeued}
+
+
+def test_each_worker_loss_is_one_keyed_warning_and_deregistration_is_none():
+    status, events = step({"phase": "Running"}, master(losses=[loss(1, "heartbeat", "digits-worker-a")]))
+    assert [(e.type, e.reason, e.key) for e in events] == [("Warning", "WorkerLost", "worker-loss-1")]
     assert "digits-worker-a" in events[0].message and "heartbeat" in events[0].message
     assert "1 trial back" in events[0].message
-    status, events = step(status, master(losses=losses))
-    assert events == [] and status["workersLost"] == 2
+    assert (status["workersLost"], status["lastLossSeq"]) == (1, 1)
+    # A clean Deregister (seq 2) moves the number on but is neither an Event nor counted.
+    status, events = step(status, master(losses=[loss(2, "deregister", requeued=0), loss(3, "pod_gone")]))
+    assert [e.key for e in events] == ["worker-loss-3"]
+    assert (status["workersLost"], status["lastLossSeq"]) == (2, 3)
+
+
+def test_losses_at_or_below_last_loss_seq_are_not_posted_again():
+    previous = {"phase": "Running", "workersLost": 4, "lastLossSeq": 5}
+    status, events = step(previous, master(losses=[loss(4), loss(5), loss(6)]))
+    assert [e.key for e in events] == ["worker-loss-6"]
+    assert (status["workersLost"], status["lastLossSeq"]) == (5, 6)
+
+
+def test_a_failed_status_patch_recomputes_the_same_losses_and_keys():
+    previous = {"phase": "Running", "workersLost": 2, "lastLossSeq": 2}
+    page = master(losses=[loss(3), loss(4)])
+    first, first_events = step(previous, page)
+    again, again_events = step(previous, page)  # the patch of `first` never landed
+    assert first_events == again_events and [e.key for e in again_events] == ["worker-loss-3", "worker-loss-4"]
+    assert (again["workersLost"], again["lastLossSeq"]) == (first["workersLost"], first["lastLossSeq"]) == (4, 4)
+
+
+def test_one_hundred_and_fifty_losses_across_a_master_restart_count_one_hundred_and_fifty():
+    status, posted = {"phase": "Running"}, []
+    for first, last in ((1, 60), (61, 100), (101, 150)):  # pages as the master returns them
+        status, events = step(status, master(losses=[loss(seq) for seq in range(first, last + 1)]))
+        posted += [e.key for e in events]
+    # The restarted master answers with nothing new until more losses come, and counts never drop.
+    status, events = step(status, master(losses=[]))
+    assert events == []
+    assert posted == [f"worker-loss-{seq}" for seq in range(1, 151)]
+    assert (status["workersLost"], status["lastLossSeq"]) == (150, 150)
+    # An unreachable master keeps what was counted.
+    status, events = step(status, None, error="restarting")
+    assert (status["workersLost"], status["lastLossSeq"], events) == (150, 150, [])
 
 
 def test_suspend_shows_suspended_and_resume_announces():
@@ -170,11 +205,12 @@ def test_restarted_master_saying_pending_does_not_send_running_back():
 
 
 def test_workers_stopped_by_suspend_or_scale_down_are_not_warnings():
-    loss = {"worker_name": "digits-worker-a", "detected_by": "pod_gone", "requeued": [{"task_id": "t1", "attempt": 1}]}
+    stopped = loss(1, "pod_gone", "digits-worker-a")
     previous = {"phase": "Running", "workers": {"registered": 2}}
-    _, events = step(previous, master(losses=[loss]), ready=1, desired=1)  # scaled 2 -> 1
+    status, events = step(previous, master(losses=[stopped]), ready=1, desired=1)  # scaled 2 -> 1
     assert [(e.type, e.reason) for e in events] == [("Normal", "WorkerStopped")]
-    _, events = step(previous, master(losses=[loss]), ready=0, desired=0, spec={**SPEC, "suspend": True})
+    assert status["workersLost"] == 1  # counted all the same: the master lost a registration
+    _, events = step(previous, master(losses=[stopped]), ready=0, desired=0, spec={**SPEC, "suspend": True})
     assert ("Normal", "WorkerStopped") in [(e.type, e.reason) for e in events]
-    _, events = step(previous, master(losses=[loss]), ready=1, desired=2)  # a pod died under a steady count
+    _, events = step(previous, master(losses=[stopped]), ready=1, desired=2)  # a pod died under a steady count
     assert [(e.type, e.reason) for e in events] == [("Warning", "WorkerLost")]

@@ -1,7 +1,9 @@
-"""pod_loss.decide: when the operator reports a worker pod gone to its master (issue 6).
+"""pod_loss.decide: when the operator reports a worker pod gone to its master (issue 6), and
+pod_loss.gone_retry_delay: when it tries again while the master does not answer (issue 10).
 
-Pure function, no cluster: every path (deleted, terminating, failed, evicted, unready past the
-threshold, starting, healthy) spelled out. Imports: pytest, morphml_operator.pod_loss.
+Pure functions, no cluster: every path (deleted, terminating, failed, evicted, unready past the
+threshold, starting, healthy; answered, nobody left, recovered, unreachable) spelled out.
+Imports: pytest, morphml_operator.pod_loss.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import datetime
 
 import pytest
 
-from morphml_operator.pod_loss import PodLossDecision, decide, ready_condition
+from morphml_operator import pod_loss
+from morphml_operator.pod_loss import PodLossDecision, decide, gone_retry_delay, ready_condition
 
 pytestmark = pytest.mark.unit
 
@@ -93,3 +96,20 @@ def test_the_threshold_is_a_typed_operator_setting():
     for bad in ("0", "-1", "soon"):
         with pytest.raises(SettingsError, match="MORPHML_OPERATOR_WORKER_UNREADY_SECONDS"):
             OperatorSettings.from_env({"MORPHML_OPERATOR_WORKER_UNREADY_SECONDS": bad})
+
+
+@pytest.mark.parametrize("outcome", [pod_loss.GONE_ANSWERED, pod_loss.GONE_NOBODY, pod_loss.GONE_RECOVERED])
+def test_worker_gone_is_not_retried_once_the_master_knows_or_nobody_is_left(outcome):
+    assert gone_retry_delay(outcome, attempt=0, elapsed=0.0, give_up_after=300) is None
+
+
+def test_worker_gone_to_an_unreachable_master_backs_off_to_every_five_seconds():
+    delays = [gone_retry_delay(pod_loss.GONE_UNREACHABLE, attempt, elapsed=1.0, give_up_after=300)
+              for attempt in range(7)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+
+
+def test_worker_gone_retries_stop_at_the_deadline_and_never_sleep_past_it():
+    assert gone_retry_delay(pod_loss.GONE_UNREACHABLE, attempt=9, elapsed=298.0, give_up_after=300) == 2.0
+    assert gone_retry_delay(pod_loss.GONE_UNREACHABLE, attempt=9, elapsed=300.0, give_up_after=300) is None
+    assert gone_retry_delay(pod_loss.GONE_UNREACHABLE, attempt=0, elapsed=0.0, give_up_after=0) is None
