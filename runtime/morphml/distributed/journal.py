@@ -383,9 +383,11 @@ class Journal:
         self._next_op_seq = self._op_seq_at_begin
         if self._begun:
             self._begun = False
+            if not self._db.in_transaction:  # SQLite rolled back itself (e.g. SQLITE_FULL at COMMIT)
+                return
             try:
                 self._db.execute("ROLLBACK")
-            except sqlite3.Error as exc:  # SQLite may have rolled back itself (e.g. disk full)
+            except sqlite3.Error as exc:
                 log.warning("journal %s: ROLLBACK: %s", self.path, exc)
 
     @contextlib.contextmanager
