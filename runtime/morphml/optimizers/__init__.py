@@ -6,13 +6,15 @@
             optimizer.tell(candidate.id, evaluate(candidate.graph))
     candidate, metrics = optimizer.best()
 
-or `optimizer.optimize(evaluate)`. State round-trips through JSON with `state_dict()` /
+or `best = optimizer.optimize(evaluate)` (`evaluate(graph)` returns a metrics dict or a fitness
+number; `best.graph`, `best.fitness`, or `candidate, metrics = best`). Every optimizer also takes
+MorphML 1.0's `search_space=` / `config={...}` forms (docs/optimizers.md). State round-trips through JSON with `state_dict()` /
 `load_state_dict()`; `build_optimizer(spec, space, objective)` reads the manifest's form.
 
-Imports: the standard library, `morphml.space`, `morphml.graph`. No torch.
+Imports: the standard library, `morphml.ops`, `morphml.graph`, `morphml.space`, `morphml.mutation`. No torch.
 """
 
-from morphml.optimizers.base import Candidate, Optimizer, OptimizerError
+from morphml.optimizers.base import BestResult, Candidate, Optimizer, OptimizerError
 from morphml.optimizers.evolution import RegularizedEvolution
 from morphml.optimizers.factory import ALGORITHMS, build_optimizer
 from morphml.optimizers.genetic import GeneticAlgorithm
@@ -20,6 +22,7 @@ from morphml.optimizers.random_search import RandomSearch
 
 __all__ = [
     "ALGORITHMS",
+    "BestResult",
     "Candidate",
     "GeneticAlgorithm",
     "Optimizer",

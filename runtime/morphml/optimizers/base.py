@@ -2,8 +2,14 @@
 
 What lives here: `Candidate` (an architecture proposed for evaluation, with a deterministic id),
 `Optimizer` (the base class: `ask`/`tell`/`is_finished`/`best`/`optimize`/`state_dict`/
-`load_state_dict`, dedup of architectures by `arch_hash` with result reuse, the fitness rule) and
-`OptimizerError`.
+`load_state_dict`, dedup of architectures by `arch_hash` with result reuse, the fitness rule),
+`BestResult` (what `best()` and `optimize()` return), `OptimizerError`, and
+`morphml1_call_forms` (the constructor decorator that also takes MorphML 1.0's `search_space=`
+and `config={...}`).
+
+MorphML 1.0 compatibility: `GeneticAlgorithm(search_space=space, population_size=...)`,
+`best = optimizer.optimize(evaluator=f)` with `f(graph)` returning a number, and `best.graph` /
+`best.fitness`. A number told as a result is the value of the optimizer's objective metric.
 
 Determinism: every random decision goes through the optimizer's own seeded `random.Random`
 (`self.rng`), never the global `random` module, and nothing iterates over a set or a dict keyed
@@ -15,13 +21,15 @@ Imports: the standard library, `morphml.space`, `morphml.graph`. No torch.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self, TypeVar
 
 from morphml.graph import ArchitectureGraph, GraphError
 from morphml.space import SearchSpace
@@ -65,6 +73,45 @@ class OptimizerError(ValueError):
     """Bad optimizer settings, an unknown candidate id, or state that does not fit this optimizer."""
 
 
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def morphml1_call_forms(init: _Init) -> _Init:
+    """Let an optimizer constructor also take MorphML 1.0's call forms.
+
+    - ``search_space=space`` in place of the first argument (``space``);
+    - ``config={"population_size": 50, ...}``: constructor keywords as a dict (the form of the 1.0
+      README). A key the constructor does not take, or one also given as an argument, is an
+      `OptimizerError` naming it.
+    """
+    signature = inspect.signature(init)
+    settings = [name for name in signature.parameters if name not in ("self", "space")]
+
+    @functools.wraps(init)
+    def wrapper(self: Any, *args: Any, search_space: Any = None, config: Mapping[str, Any] | None = None,
+                **kwargs: Any) -> None:
+        cls = type(self).__name__
+        if search_space is not None:
+            if args or "space" in kwargs:
+                raise OptimizerError(f"{cls}: the search space is given twice (first argument and search_space=); pass one")
+            kwargs["space"] = search_space
+        elif not args and "space" not in kwargs:
+            raise OptimizerError(f"{cls}: no search space; pass it first or as search_space=")
+        if config is not None:
+            if not isinstance(config, Mapping):
+                raise OptimizerError(f"config: expected a dict of {cls} settings, got {type(config).__name__}")
+            given = signature.bind_partial(self, *args, **kwargs).arguments
+            for key, value in config.items():
+                if key not in settings:
+                    raise OptimizerError(f"config.{key}: unknown setting for {cls}; allowed: {', '.join(settings)}")
+                if key in given:
+                    raise OptimizerError(f"config.{key}: also given as an argument; pass it once")
+                kwargs[key] = value
+        init(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @dataclass
 class Candidate:
     """An architecture proposed for evaluation.
@@ -100,6 +147,44 @@ class Candidate:
         if expected is not None and expected != graph.arch_hash:
             raise OptimizerError(f"candidate {data['id']}: arch_hash {expected} does not match its graph ({graph.arch_hash})")
         return cls(str(data["id"]), graph, int(data.get("generation", 0)), tuple(data.get("parents", ())))
+
+
+class BestResult(tuple):  # type: ignore[type-arg]
+    """The best candidate and its metrics, as `best()` and `optimize()` return them.
+
+    Unpacks as ``candidate, metrics = result`` (the ask/tell API's form) and has MorphML 1.0's
+    attributes: ``.graph`` (the `ArchitectureGraph`), ``.fitness`` (larger is better: the
+    objective's value, negated when the goal is minimize), ``.candidate``, ``.metrics``, ``.id``.
+    """
+
+    fitness: float
+
+    def __new__(cls, candidate: Candidate, metrics: dict[str, Any], fitness: float) -> Self:
+        result = super().__new__(cls, (candidate, metrics))
+        result.fitness = fitness
+        return result
+
+    def __getnewargs__(self) -> tuple[Candidate, dict[str, Any], float]:  # type: ignore[override]
+        return self[0], self[1], self.fitness
+
+    @property
+    def candidate(self) -> Candidate:
+        return self[0]  # type: ignore[no-any-return]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self[1]  # type: ignore[no-any-return]
+
+    @property
+    def graph(self) -> ArchitectureGraph:
+        return self.candidate.graph
+
+    @property
+    def id(self) -> str:
+        return self.candidate.id
+
+    def __repr__(self) -> str:
+        return f"BestResult(id={self.id!r}, fitness={self.fitness!r}, metrics={self.metrics!r})"
 
 
 def _rng_state_to_json(rng: random.Random) -> list[Any]:
@@ -197,8 +282,9 @@ class Optimizer:
             return []
         return self._propose(n)
 
-    def tell(self, candidate_id: str | Candidate, metrics: Mapping[str, Any] | None) -> None:
-        """Report a result. None, or metrics with status failed/error, or no finite objective
+    def tell(self, candidate_id: str | Candidate, metrics: Mapping[str, Any] | float | None) -> None:
+        """Report a result: a metrics dict, a number (the objective metric's value, MorphML 1.0's
+        fitness float), or None. None, metrics with status failed/error, or no finite objective
         value, is a failed trial (worst fitness). Telling a candidate twice is ignored."""
         if isinstance(candidate_id, Candidate):
             candidate_id = candidate_id.id
@@ -209,8 +295,13 @@ class Optimizer:
         if self._status[candidate_id] != "pending":
             logger.info("ignoring a second result for candidate %s", candidate_id)
             return
+        if isinstance(metrics, (int, float)) and not isinstance(metrics, bool):
+            metrics = {self.objective: float(metrics)}
         if metrics is not None and not isinstance(metrics, Mapping):
-            raise OptimizerError(f"tell: metrics for {candidate_id} must be a dict or None, got {type(metrics).__name__}")
+            raise OptimizerError(
+                f"tell: the result for {candidate_id} must be a metrics dict, a number (the {self.objective} value) "
+                f"or None, got {type(metrics).__name__}"
+            )
         fitness = self._fitness_of(metrics)
         self._status[candidate_id] = "failed" if fitness is None else "done"
         self._metrics[candidate_id] = _json_safe(metrics)
@@ -220,8 +311,8 @@ class Optimizer:
     def is_finished(self) -> bool:
         return self._exhausted or self._finished()
 
-    def best(self) -> tuple[Candidate, dict[str, Any]] | None:
-        """The best told candidate and its metrics (earliest wins a tie), or None."""
+    def best(self) -> BestResult | None:
+        """The best told candidate and its metrics (earliest wins a tie), or None if none succeeded."""
         best_id: str | None = None
         for candidate_id in self._candidates:
             fitness = self._fitness.get(candidate_id)
@@ -231,7 +322,9 @@ class Optimizer:
                 best_id = candidate_id
         if best_id is None:
             return None
-        return self._candidates[best_id], dict(self._metrics[best_id] or {})
+        fitness = self._fitness[best_id]
+        assert fitness is not None  # only told successes carry a fitness
+        return BestResult(self._candidates[best_id], dict(self._metrics[best_id] or {}), fitness)
 
     def outstanding(self) -> list[Candidate]:
         """Candidates asked but not yet told, in ask order."""
@@ -262,15 +355,23 @@ class Optimizer:
 
     def optimize(
         self,
-        evaluator: Callable[[ArchitectureGraph], Mapping[str, Any]],
+        evaluator: Callable[[ArchitectureGraph], Mapping[str, Any] | float | None] | None = None,
         max_trials: int | None = None,
         batch_size: int = 1,
-    ) -> tuple[Candidate, dict[str, Any]] | None:
+    ) -> BestResult | None:
         """Run ask -> evaluate -> tell in this process until finished (or ``max_trials``).
 
-        An evaluator exception is a failed trial (logged with its message), not a crash.
-        Returns `best()`.
+        ``evaluator(graph)`` returns a metrics dict or a number (MorphML 1.0's fitness: the value
+        of the objective metric). An evaluator exception is a failed trial (logged with its
+        message), not a crash. Returns `best()`: ``best.graph``, ``best.fitness``, or
+        ``candidate, metrics = best``; None when no trial succeeded.
         """
+        if evaluator is None or not callable(evaluator):
+            raise OptimizerError(
+                f"optimize: evaluator={evaluator!r} is not allowed; pass evaluator=f where f(graph) returns a "
+                "fitness number or a metrics dict (to train on a dataset, use morphml.evaluation.evaluate_architecture "
+                "in f, or run a manifest with `morphml run`)"
+            )
         trials = 0
         while not self.is_finished() and (max_trials is None or trials < max_trials):
             room = batch_size if max_trials is None else min(batch_size, max_trials - trials)
@@ -281,7 +382,7 @@ class Optimizer:
                 break
             for candidate in candidates:
                 try:
-                    metrics: Mapping[str, Any] | None = evaluator(candidate.graph)
+                    metrics: Mapping[str, Any] | float | None = evaluator(candidate.graph)
                 except Exception as exc:  # noqa: BLE001 - a failing trial must not end the search
                     logger.warning("candidate %s failed: %s: %s", candidate.id, type(exc).__name__, exc)
                     metrics = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from morphml.mutation import mutate
-from morphml.optimizers.base import NOVELTY_ATTEMPTS, Candidate, Optimizer, check_setting
+from morphml.optimizers.base import NOVELTY_ATTEMPTS, Candidate, Optimizer, check_setting, morphml1_call_forms
 from morphml.space import SearchSpace
 
 
@@ -28,6 +28,7 @@ class RegularizedEvolution(Optimizer):
     algorithm = "regularizedEvolution"
     setting_names = ("population_size", "sample_size", "max_trials", "seed", "objective", "goal")
 
+    @morphml1_call_forms
     def __init__(
         self,
         space: SearchSpace,
@@ -56,6 +57,7 @@ class RegularizedEvolution(Optimizer):
 
     def _propose(self, n: int) -> list[Candidate]:
         proposed: list[Candidate] = []
+        parents: tuple[str, ...]
         while len(proposed) < n:
             room = self._room()
             if room is not None and room <= 0:

@@ -99,7 +99,7 @@ def build_optimizer(
         if trials is None and isinstance(population, int) and isinstance(generations, int):
             trials = population * generations
         if algorithm == "regularizedEvolution":
-            sample_size = spec.get("sampleSize")
+            sample_size: Any = spec.get("sampleSize")
             if sample_size is None and isinstance(population, int):
                 sample_size = min(population, max(2, population // 4))
             return RegularizedEvolution(

@@ -25,7 +25,14 @@ from typing import Any
 
 from morphml.graph import ArchitectureGraph
 from morphml.mutation import crossover, mutate
-from morphml.optimizers.base import NOVELTY_ATTEMPTS, Candidate, Optimizer, OptimizerError, check_setting
+from morphml.optimizers.base import (
+    NOVELTY_ATTEMPTS,
+    Candidate,
+    Optimizer,
+    OptimizerError,
+    check_setting,
+    morphml1_call_forms,
+)
 from morphml.space import SearchSpace
 
 
@@ -43,6 +50,7 @@ class GeneticAlgorithm(Optimizer):
         "goal",
     )
 
+    @morphml1_call_forms
     def __init__(
         self,
         space: SearchSpace,

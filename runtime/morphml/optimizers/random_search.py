@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from morphml.optimizers.base import Candidate, Optimizer, check_setting
+from morphml.optimizers.base import Candidate, Optimizer, check_setting, morphml1_call_forms
 from morphml.space import SearchSpace
 
 
@@ -18,6 +18,7 @@ class RandomSearch(Optimizer):
     algorithm = "random"
     setting_names = ("max_trials", "seed", "objective", "goal")
 
+    @morphml1_call_forms
     def __init__(
         self,
         space: SearchSpace,
