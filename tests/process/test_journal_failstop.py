@@ -224,3 +224,42 @@ def test_the_master_on_a_foreign_sqlite_file_exits_naming_it(procs, tmp_path):
     text = proc.log_path.read_text()
     assert f"morphml master: journal {journal}: an SQLite database but not a MorphML journal (its tables: photos)" in text
     assert "Traceback" not in text and journal.read_bytes() == before
+
+
+@pytest.mark.timeout(240)
+def test_morphml_run_on_a_disk_that_fills_exits_naming_the_journal_and_the_same_command_finishes(tmp_path,
+                                                                                                small_disk):
+    budget = 1200
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:instant", max_trials=budget)
+    out = small_disk / "out"
+    journal = out / "journal.db"
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    command = [sys.executable, "-m", "morphml.cli", "run", str(manifest), "--workers", "2", "--output", str(out)]
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        def finished_trials() -> int:
+            try:
+                return len(journal_view(journal)[2])
+            except Exception:  # not created yet
+                return 0
+
+        wait_for(lambda: finished_trials() >= 50 or run.poll() is not None, 90, "50 finished trials")
+        filler = fill(small_disk)
+        stdout, stderr = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, 9)
+            run.wait()
+    assert run.returncode == 3, stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.match(re.escape(f"morphml run: journal {journal}: ") + r"(commit|a write) failed: \w+: .*(full|space)",
+                    last), stderr[-3000:]
+    done_at_halt = len(journal_view(journal)[2])
+    assert done_at_halt < budget
+    filler.unlink()
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming: {done_at_halt} trials already finished" in again.stdout
+    rows = (out / "trials.csv").read_text().strip().splitlines()
+    assert len(rows) == budget + 1 and len({r.split(",")[0] for r in rows[1:]}) == budget
