@@ -285,26 +285,36 @@ def test_auto_prefetch_queues_two_leases_while_trials_are_shorter_than_a_round_t
 
 def test_grouped_results_are_each_acknowledged_after_their_commit(tmp_path):
     import threading
+    import time
 
     coord, _ = make(tmp_path, max_trials=40)
     ids = [join(coord, f"w{i}", slots=1) for i in range(8)]
-    got = {}
     msgs = [(w, leases(box)[0]) for w, box in ids]
+    journal = coord.journal
+    got, durable_on_return = {}, {}
 
     def report(m):
         got[m.task_id] = coord.report_result(m.task_id, m.attempt, True, {"val_accuracy": 0.2}, duration=1.0)
+        durable_on_return[m.task_id] = journal._synced  # commits fsynced when this result was answered
 
-    threads = [threading.Thread(target=report, args=(m,)) for _, m in msgs]
+    threads = [threading.Thread(target=report, args=(m,), daemon=True) for _, m in msgs]
     with coord._lock:  # results queue up behind the lock, then go in one transaction
+        commits_before = journal._commits
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 10
         while len(coord._result_queue) < len(threads):
-            pass
+            assert time.monotonic() < deadline, f"only {len(coord._result_queue)} of 8 results queued after 10 s"
+            time.sleep(0.001)
     for t in threads:
         t.join(10)
+        assert not t.is_alive(), "a report_result call did not return within 10 s"
     assert set(got.values()) == {"accepted"} and len(got) == 8
-    rows = coord.journal.count_results("accepted")
-    assert rows == 8 and coord.succeeded == 8
+    # One commit for all eight (one transaction each would make eight), and every caller was
+    # answered only once that commit was fsynced.
+    assert journal._commits - commits_before == 1
+    assert all(synced >= commits_before + 1 for synced in durable_on_return.values()), durable_on_return
+    assert journal.count_results("accepted") == 8 and coord.succeeded == 8
 
 
 def test_result_without_the_lease_key_is_refused_and_never_counted(tmp_path):
