@@ -150,3 +150,28 @@ def test_state_counts_are_kept_in_step_through_leases_losses_successes_and_failu
     table.fail("t000001", 2, "exception", "boom", "w2", 1.0, 0, 4.0)
     check()
     assert table.count(TaskState.LEASED) == 0 and table.count(TaskState.FAILED) == 1
+
+
+def test_the_transition_diagram_in_the_states_docstring_is_the_transition_table():
+    import re
+
+    from morphml.distributed import states
+
+    tables = {"Task": states.TASK_TRANSITIONS, "Attempt": states.ATTEMPT_TRANSITIONS,
+              "Worker": states.WORKER_TRANSITIONS}
+    drawn: dict[str, set] = {name: set() for name in tables}
+    section = None
+    for line in states.__doc__.splitlines():
+        header = re.match(r"^(Task|Attempt|Worker) \(", line)
+        if header:
+            section = header.group(1)
+        arrow = re.match(r"^\s+([A-Z/]+) --.+?--> ([A-Z]+)\s*$", line)
+        if arrow:
+            assert section is not None, line
+            enum = type(next(iter(tables[section])))
+            for source in arrow.group(1).split("/"):
+                drawn[section].add((enum[source], enum[arrow.group(2)]))
+    for name, table in tables.items():
+        allowed = {(a, b) for a, targets in table.items() for b in targets}
+        assert drawn[name] == allowed, f"{name}: drawn but not allowed {drawn[name] - allowed}, " \
+                                       f"allowed but not drawn {allowed - drawn[name]}"

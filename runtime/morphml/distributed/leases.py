@@ -264,9 +264,6 @@ class LeaseTable:
             task.held_until = None
             self.track(task)
 
-    def record_stale(self, task_id: str, attempt: int) -> Attempt | None:
-        return self.attempts.get((task_id, attempt))
-
     # --- losing workers -----------------------------------------------------------------------
     def release_worker(self, worker_id: str, reason: str, now_wall: float) -> list[tuple[str, int]]:
         """The worker is gone: its live attempts become STALE and their tasks go back to the

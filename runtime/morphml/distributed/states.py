@@ -1,24 +1,35 @@
 r"""The explicit state machines of the distributed runtime, in one place.
 
+Each arrow below is one allowed transition of the tables in this module (A/B: from each of
+them); tests/unit/test_leases_state_machines.py checks that the arrows and the tables agree.
+
 Task (one trial of one candidate architecture):
 
-    PENDING --lease--> LEASED --ok--> SUCCEEDED
-       ^                 |  \--failed, retries left / worker lost--> PENDING
-       |                 \--failed, no retries left--> FAILED
-       \-------------------------------------------------/ (back to PENDING)
+    PENDING --leased to a worker--> LEASED
+    LEASED --result ok--> SUCCEEDED
+    LEASED --failed with retries left / worker lost / master restarted--> PENDING
+    LEASED --failed, no retries left--> FAILED
+
+SUCCEEDED and FAILED are final. A task orphaned by a master restart is PENDING with its
+attempt held for the old worker; a result for it passes through LEASED on its way to the end.
 
 Attempt (one lease of a task, identified by (task id, attempt number)):
 
-    LEASED --> SUCCEEDED | FAILED | STALE
+    LEASED --result ok--> SUCCEEDED
+    LEASED --result failed--> FAILED
+    LEASED --worker declared dead / orphan re-leased elsewhere--> STALE
 
-An attempt becomes STALE when its worker is declared dead (or the lease is revoked); a
-result that arrives later for it is recorded against the STALE attempt and never counted.
+An attempt becomes STALE when its worker is declared dead (or the task it was orphaned from
+is leased again after a restart); a result that arrives later for it is recorded as stale and
+never counted.
 
 Worker (one registration):
 
-    REGISTERING --hello--> IDLE <--> BUSY
-    IDLE/BUSY --drain--> DRAINING
-    any --stream broken / heartbeat timeout / pod gone / deregister--> DEAD
+    REGISTERING --session stream opened--> IDLE
+    IDLE --holds a lease--> BUSY
+    BUSY --holds none--> IDLE
+    REGISTERING/IDLE/BUSY --drain--> DRAINING
+    REGISTERING/IDLE/BUSY/DRAINING --stream broken / heartbeat timeout / pod gone / deregister--> DEAD
 
 Imports: enum only.
 """
