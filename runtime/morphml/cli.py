@@ -24,6 +24,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # typing only: each command imports what it needs when it runs
+    from morphml.distributed.coordinator import ExperimentCoordinator, ExperimentSettings
+    from morphml.distributed.master import MasterServer
+    from morphml.experiment import Experiment
+    from morphml.optimizers import Optimizer
 
 log = logging.getLogger("morphml")
 
@@ -33,14 +40,15 @@ class CliError(Exception):
 
 
 # --- manifest -> master ------------------------------------------------------------------------
-def load_experiment(manifest: str):
+def load_experiment(manifest: str) -> Experiment:
     from morphml.experiment import load_manifest
 
     return load_manifest(manifest)
 
 
-def build_search(experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
-                 restart_hold_seconds: float | None = None, min_workers: int = 0, prefetch: int | None = None):
+def build_search(experiment: Experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
+                 restart_hold_seconds: float | None = None, min_workers: int = 0,
+                 prefetch: int | None = None) -> tuple[Optimizer, ExperimentSettings]:
     """(optimizer, ExperimentSettings) for a loaded Experiment: the optimizer from
     `Experiment.build_optimizer`, the settings from the one manifest -> settings mapping
     (`morphml.distributed.settings`); the overrides win over the manifest (sub-second heartbeats
@@ -54,7 +62,7 @@ def build_search(experiment, heartbeat_interval: float | None = None, missed_hea
     return optimizer, settings
 
 
-def search_from_args(args: argparse.Namespace):
+def search_from_args(args: argparse.Namespace) -> tuple[Experiment, Optimizer, ExperimentSettings]:
     """(experiment, optimizer, settings) that `morphml run` or `morphml master` serves, from its arguments.
 
     Both commands come through here, so one manifest gives both the same search. They differ only
@@ -71,8 +79,8 @@ def search_from_args(args: argparse.Namespace):
     return experiment, optimizer, settings
 
 
-def start_master(optimizer, settings, journal_path: str, port: int, host: str | None, token: str | None,
-                 journal_sync: str):
+def start_master(optimizer: Optimizer, settings: ExperimentSettings, journal_path: str, port: int, host: str | None,
+                 token: str | None, journal_sync: str) -> tuple[ExperimentCoordinator, MasterServer]:
     """Open the journal, resume from it, and serve; returns (coordinator, server)."""
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
@@ -86,12 +94,13 @@ def start_master(optimizer, settings, journal_path: str, port: int, host: str | 
 
 
 # --- commands ----------------------------------------------------------------------------------
-def cmd_master(args) -> int:
+def cmd_master(args: argparse.Namespace) -> int:
     from morphml.distributed.auth import read_token
 
     token = read_token(args.token_file)
     _, optimizer, settings = search_from_args(args)
-    coordinator, server = start_master(optimizer, settings, args.journal, args.port, args.host, token, args.journal_sync)
+    coordinator, server = start_master(optimizer, settings, args.journal, args.port, args.host, token,
+                                       args.journal_sync)
     print(f"morphml master: serving on port {server.port} (journal {args.journal})", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,7 +114,7 @@ def cmd_master(args) -> int:
     return 0 if coordinator.phase != "Failed" else 1
 
 
-def cmd_worker(args) -> int:
+def cmd_worker(args: argparse.Namespace) -> int:
     from morphml.distributed.auth import read_token
     from morphml.distributed.worker import WorkerConfig, WorkerNode
 
@@ -119,7 +128,7 @@ def cmd_worker(args) -> int:
     if args.exit_with_parent:
         parent = os.getppid()
 
-        def watch_parent():
+        def watch_parent() -> None:
             while not node.wait(1.0):
                 if os.getppid() != parent:
                     node.drain("parent exited")
@@ -129,7 +138,7 @@ def cmd_worker(args) -> int:
     return node.start()
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
@@ -164,7 +173,7 @@ def progress_line(st: dict, started: float, done_at_start: int) -> str:
             f"failed {st['failed']} | workers {st['workers_alive']} | {best_text} | ETA {_format_eta(eta)}")
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from morphml.results import write_results
 
     experiment, optimizer, settings = search_from_args(args)
@@ -188,13 +197,14 @@ def cmd_run(args) -> int:
     slots = args.slots or experiment.workers.trials_per_worker
     if not coordinator.done:
         for i in range(args.workers):
-            log_file = open(output / "logs" / f"worker-{i}.log", "ab")
             cmd = [sys.executable, "-m", "morphml.cli", "worker", "--master", f"127.0.0.1:{server.port}",
                    "--slots", str(slots), "--name", f"local-{i}", "--exit-with-parent", "--give-up-after", "60",
                    "--grace-seconds", "5"]
-            # Own process group: a terminal Ctrl-C reaches only us; we stop the workers ourselves.
-            workers.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=log_file, start_new_session=True))
-            log_file.close()
+            # The worker keeps its own copy of the log's file descriptor; ours closes at once.
+            with open(output / "logs" / f"worker-{i}.log", "ab") as log_file:
+                # Own process group: a terminal Ctrl-C reaches only us; we stop the workers ourselves.
+                workers.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=log_file,
+                                                start_new_session=True))
     started = time.monotonic()
     done_at_start = st["succeeded"] + st["failed"]
     last_line, last_print = "", 0.0
@@ -234,7 +244,8 @@ def cmd_run(args) -> int:
         print(summary["plot_skipped"], flush=True)
     best = summary["best"]
     print(f"{final['phase']}: {final['message']}. {summary['succeeded']} succeeded, {summary['failed']} failed; "
-          + (f"best {final['metric']} {best['value']:.4f} ({best['trial_id']}: {best['summary']})" if best else "no best")
+          + (f"best {final['metric']} {best['value']:.4f} ({best['trial_id']}: {best['summary']})"
+             if best else "no best")
           + f"\nwrote {output}/trials.csv, best.json, convergence.png, journal.db", flush=True)
     return 0 if final["phase"] == "Succeeded" else 1
 
@@ -257,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="morphml", description="Neural architecture search: local or on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def heartbeat_overrides(p):
+    def heartbeat_overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument("--heartbeat-interval", type=float, default=None,
                        help="seconds between worker heartbeats (overrides spec.faultTolerance; may be < 1)")
         p.add_argument("--missed-heartbeats", type=int, default=None,
@@ -316,11 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from morphml.distributed.auth import TokenError
     from morphml.distributed.journal import JournalError
+    from morphml.experiment import ManifestError
 
-    try:
-        from morphml.experiment import ManifestError
-    except ImportError:  # pragma: no cover
-        ManifestError = ValueError
     try:
         return args.func(args)
     except (TokenError, ManifestError, CliError) as exc:

@@ -24,10 +24,15 @@ import dataclasses
 import functools
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:  # typing only: loading a manifest imports none of these
+    from morphml.optimizers import Optimizer
+    from morphml.space import SearchSpace
 
 API_VERSION = "morphml.io/v1alpha1"
 KIND = "NASExperiment"
@@ -58,7 +63,7 @@ class ManifestError(ValueError):
 # --------------------------------------------------------------------------- the CRD schema
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_crd(path: str | os.PathLike[str] | None = None) -> dict:
     """The CustomResourceDefinition as a dict (the packaged copy unless `path` is given)."""
     with open(path or CRD_FILE, encoding="utf-8") as handle:
@@ -160,7 +165,8 @@ def _strict_schema(schema: Any) -> Any:
         return [_strict_schema(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    result = {key: _strict_schema(item) for key, item in schema.items() if key not in ("default", "x-kubernetes-validations")}
+    dropped = ("default", "x-kubernetes-validations")
+    result = {key: _strict_schema(item) for key, item in schema.items() if key not in dropped}
     if (
         "properties" in schema
         and "additionalProperties" not in schema
@@ -172,14 +178,14 @@ def _strict_schema(schema: Any) -> Any:
     return result
 
 
-@functools.lru_cache(maxsize=None)
-def _validator():
+@functools.cache
+def _validator() -> Any:  # a jsonschema.Draft4Validator
     import jsonschema
 
     return jsonschema.Draft4Validator(_strict_schema(crd_schema()))
 
 
-def _describe_schema_error(error) -> tuple[str, str]:
+def _describe_schema_error(error: Any) -> tuple[str, str]:  # error: a jsonschema.ValidationError
     """(field path, message) for one jsonschema error, in the API server's terms."""
     path = list(error.absolute_path)
     value = error.instance
@@ -202,10 +208,12 @@ def _describe_schema_error(error) -> tuple[str, str]:
         return field, f"Invalid value {_show(value)}: must be of type {wanted}, not {_type_name(value)}"
     if rule == "minimum":
         strict = error.schema.get("exclusiveMinimum") is True
-        return field, f"Invalid value {_show(value)}: must be {'greater than' if strict else 'greater than or equal to'} {limit}"
+        relation = "greater than" if strict else "greater than or equal to"
+        return field, f"Invalid value {_show(value)}: must be {relation} {limit}"
     if rule == "maximum":
         strict = error.schema.get("exclusiveMaximum") is True
-        return field, f"Invalid value {_show(value)}: must be {'less than' if strict else 'less than or equal to'} {limit}"
+        relation = "less than" if strict else "less than or equal to"
+        return field, f"Invalid value {_show(value)}: must be {relation} {limit}"
     if rule == "minItems":
         return field, f"Invalid value: must have at least {limit} item{'s' if limit != 1 else ''}"
     if rule == "maxItems":
@@ -245,8 +253,8 @@ def _set_duplicates(value: Any, schema: Mapping[str, Any], path: tuple) -> list[
 # --------------------------------------------------------------------------- CEL rules
 
 
-@functools.lru_cache(maxsize=None)
-def _cel_program(rule: str):
+@functools.cache
+def _cel_program(rule: str) -> Any:  # a celpy Runner
     import celpy
 
     environment = celpy.Environment()
@@ -267,7 +275,9 @@ def _single_reference(rule: str) -> tuple:
     The API server reports such a rule at the object that carries it (for the root rule on
     metadata.name, at no path at all); naming the field it reads is more use to a reader.
     """
-    references = set(re.findall(r"self((?:\.[A-Za-z_][A-Za-z0-9_]*)+?)(?=\.[A-Za-z_][A-Za-z0-9_]*\(|[^A-Za-z0-9_.]|$)", rule))
+    field_chain = r"self((?:\.[A-Za-z_][A-Za-z0-9_]*)+?)"
+    until = r"(?=\.[A-Za-z_][A-Za-z0-9_]*\(|[^A-Za-z0-9_.]|$)"  # a method call, an operator or the end
+    references = set(re.findall(field_chain + until, rule))
     return _field_path_parts(references.pop()) if len(references) == 1 else ()
 
 
@@ -334,11 +344,14 @@ def validate_manifest(manifest: Mapping[str, Any], source: str | None = None) ->
     patterns, required and unknown fields, list sets), then the CEL rules.
     """
     if not isinstance(manifest, Mapping):
-        raise ManifestError([("", f"a manifest is a mapping (apiVersion, kind, metadata, spec), not {_type_name(manifest)}")], source)
+        what = f"a manifest is a mapping (apiVersion, kind, metadata, spec), not {_type_name(manifest)}"
+        raise ManifestError([("", what)], source)
     document = copy.deepcopy(dict(manifest))
     problems: list[tuple[str, str]] = []
     if document.get("apiVersion") != API_VERSION:
-        problems.append(("apiVersion", f"Unsupported value {_show(document.get('apiVersion'))}: supported values: {API_VERSION!r}"))
+        problems.append(
+            ("apiVersion", f"Unsupported value {_show(document.get('apiVersion'))}: supported values: {API_VERSION!r}")
+        )
     if document.get("kind") != KIND:
         problems.append(("kind", f"Unsupported value {_show(document.get('kind'))}: supported values: {KIND!r}"))
     metadata = document.get("metadata")
@@ -497,7 +510,7 @@ class Experiment:
     _search_space: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_manifest(cls, document: dict) -> "Experiment":
+    def from_manifest(cls, document: dict) -> Experiment:
         """An Experiment from an already validated, defaulted manifest."""
         spec = document["spec"]
         budget = spec["budget"]
@@ -539,7 +552,7 @@ class Experiment:
         return dataset_shape(self.evaluation["dataset"])
 
     @property
-    def search_space(self):
+    def search_space(self) -> SearchSpace:
         """The morphml.space.SearchSpace the manifest declares (built once, on first use).
 
         Not bound to the dataset: `build_optimizer()` binds it (that needs the dataset's shape).
@@ -550,7 +563,7 @@ class Experiment:
             self._search_space = SearchSpace.from_spec(self.search_space_spec, path="spec.searchSpace")
         return self._search_space
 
-    def build_optimizer(self):
+    def build_optimizer(self) -> Optimizer:
         """A fresh optimizer over this experiment's search space, bound to its dataset's shape."""
         from morphml.optimizers import build_optimizer
 
@@ -582,7 +595,8 @@ def load_manifest(source: str | os.PathLike[str] | Mapping[str, Any]) -> Experim
             try:
                 text = Path(text_source).read_text(encoding="utf-8")
             except OSError as error:
-                raise ManifestError([("", f"cannot read the manifest file: {error.strerror or error}")], label) from error
+                what = f"cannot read the manifest file: {error.strerror or error}"
+                raise ManifestError([("", what)], label) from error
         try:
             documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
         except yaml.YAMLError as error:

@@ -15,10 +15,11 @@ conv without bias followed by a 1x1 pointwise conv with bias.
 
 Shape rules (pure Python, what ``infer_shapes()`` computes and what the built model must match):
 conv2d/sepconv2d/depthwise_conv2d use TensorFlow-style "same" padding (an even kernel gets the
-extra row/column after), output [filters, ceil(H/stride), ceil(W/stride)]; depthwise_conv2d needs filters to be a multiple of the
-input channels. maxpool/avgpool use no padding: out = (H - pool_size) // stride + 1, refused when
-pool_size > H (a dimension would shrink below 1). global_avgpool: [C, H, W] -> [C]. flatten:
-[C, H, W] -> [C*H*W]. dense/output flatten an image input first. batchnorm works on both ranks.
+extra row/column after), output [filters, ceil(H/stride), ceil(W/stride)]; depthwise_conv2d needs
+filters to be a multiple of the input channels. maxpool/avgpool use no padding:
+out = (H - pool_size) // stride + 1, refused when pool_size > H (a dimension would shrink below 1).
+global_avgpool: [C, H, W] -> [C]. flatten: [C, H, W] -> [C*H*W]. dense/output flatten an image
+input first. batchnorm works on both ranks.
 
 Canonical labelling: nodes are numbered by a depth-first walk from the output node that follows
 each node's inputs in edge order, numbering a node once all its inputs are numbered. That walk
@@ -204,7 +205,9 @@ class ArchitectureGraph:
         if not isinstance(input_shape, (list, tuple)) or len(input_shape) not in (1, 3) or any(
             isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in input_shape
         ):
-            raise GraphError(f"input_shape: {input_shape!r} is not allowed; expected [C, H, W] or [F] of positive integers")
+            raise GraphError(
+                f"input_shape: {input_shape!r} is not allowed; expected [C, H, W] or [F] of positive integers"
+            )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise GraphError(f"num_classes: {num_classes!r} is not allowed; expected a positive integer")
         self.input_shape: Shape = tuple(input_shape)
@@ -227,7 +230,10 @@ class ArchitectureGraph:
                 raise GraphError(f"nodes[{index}].id: {node_id!r} is not allowed; expected a non-empty string")
             if node_id in by_id:
                 raise GraphError(f"nodes[{index}].id: duplicate node id {node_id!r}")
-            node = raw if _normalized and isinstance(raw, Node) else Node(node_id, op, normalize_params(op, params, node=node_id))
+            if _normalized and isinstance(raw, Node):
+                node = raw
+            else:
+                node = Node(node_id, op, normalize_params(op, params, node=node_id))
             built.append(node)
             by_id[node_id] = node
         edge_list: list[tuple[str, str]] = []
@@ -265,7 +271,9 @@ class ArchitectureGraph:
             except json.JSONDecodeError as exc:
                 raise GraphError(f"not JSON: {exc}") from None
         if not isinstance(data, Mapping):
-            raise GraphError(f"expected an object with input_shape, num_classes, nodes, edges; got {type(data).__name__}")
+            raise GraphError(
+                f"expected an object with input_shape, num_classes, nodes, edges; got {type(data).__name__}"
+            )
         missing = [key for key in ("input_shape", "num_classes", "nodes", "edges") if key not in data]
         if missing:
             raise GraphError(f"{missing[0]}: missing; an architecture has input_shape, num_classes, nodes, edges")
@@ -400,7 +408,9 @@ class ArchitectureGraph:
         output = next(n for n in self.nodes if n.op == "output")
         if output.params["units"] != self.num_classes:
             raise GraphError(
-                f"units {output.params['units']} differs from num_classes {self.num_classes}", node=output.id, op="output"
+                f"units {output.params['units']} differs from num_classes {self.num_classes}",
+                node=output.id,
+                op="output",
             )
         self._shapes = shapes
         return dict(shapes)
@@ -479,7 +489,9 @@ class ArchitectureGraph:
         shapes = self.infer_shapes()
         preds = self._pred_map()
         return {
-            node.id: (0, 0) if node.op == "input" else _node_cost(node, [shapes[x] for x in preds[node.id]], shapes[node.id])
+            node.id: (0, 0)
+            if node.op == "input"
+            else _node_cost(node, [shapes[x] for x in preds[node.id]], shapes[node.id])
             for node in self.nodes
         }
 
@@ -552,7 +564,9 @@ def _token(node: Node) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def build_graph_from_choices(program: Sequence[tuple], input_shape: Sequence[int], num_classes: int) -> ArchitectureGraph:
+def build_graph_from_choices(
+    program: Sequence[tuple[Any, ...]], input_shape: Sequence[int], num_classes: int
+) -> ArchitectureGraph:
     """Turn a drawn layer program (see `SearchSpace._draw`) into a validated canonical graph.
 
     Shapes are tracked while building so that a depthwise conv without a filter count gets the

@@ -159,7 +159,9 @@ class Layer:
         return Layer("output", {} if units is None else {"units": units})
 
     @staticmethod
-    def conv2d(filters: Any, kernel_size: Any = 3, stride: Any = 1, activation: Any = "relu", optional: bool = False) -> Layer:
+    def conv2d(
+        filters: Any, kernel_size: Any = 3, stride: Any = 1, activation: Any = "relu", optional: bool = False
+    ) -> Layer:
         return Layer(
             "conv2d",
             {"filters": filters, "kernel_size": kernel_size, "stride": stride, "activation": activation},
@@ -167,7 +169,9 @@ class Layer:
         )
 
     @staticmethod
-    def sepconv2d(filters: Any, kernel_size: Any = 3, stride: Any = 1, activation: Any = "relu", optional: bool = False) -> Layer:
+    def sepconv2d(
+        filters: Any, kernel_size: Any = 3, stride: Any = 1, activation: Any = "relu", optional: bool = False
+    ) -> Layer:
         """Depthwise separable convolution: a k x k depthwise conv, then a 1 x 1 conv to ``filters``."""
         return Layer(
             "sepconv2d",
@@ -295,7 +299,9 @@ class Block:
             low, high = bounds
         for label, value in (("min", low), ("max", high)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 32:
-                raise SearchSpaceError(f"{where}.repeat.{label}: {value!r} is not allowed; expected an integer in [0, 32]")
+                raise SearchSpaceError(
+                    f"{where}.repeat.{label}: {value!r} is not allowed; expected an integer in [0, 32]"
+                )
         if low > high:
             raise SearchSpaceError(f"{where}.repeat: min {low} is greater than max {high}")
         skips = _as_choices(skip, f"{where}.skip")
@@ -403,10 +409,12 @@ class SearchSpace:
     def bind(self, input_shape: Sequence[int] | None, num_classes: int | None) -> SearchSpace:
         """Set the dataset's input shape and class count (in place; returns self for chaining)."""
         if input_shape is not None:
-            shape = _check_input_shape(list(input_shape) if isinstance(input_shape, tuple) else input_shape, "input_shape")
+            given = list(input_shape) if isinstance(input_shape, tuple) else input_shape
+            shape = _check_input_shape(given, "input_shape")
             if self._input_layer is not None and self._input_layer.shape != shape:
                 raise SearchSpaceError(
-                    f"input_shape: {list(shape)} conflicts with the space's input layer shape {list(self._input_layer.shape or ())}"
+                    f"input_shape: {list(shape)} conflicts with the space's input layer shape "
+                    f"{list(self._input_layer.shape or ())}"
                 )
             self._input_shape = shape
         if num_classes is not None:
@@ -463,7 +471,11 @@ class SearchSpace:
 
     def fingerprint(self) -> str:
         """A digest of the space and its data binding; optimizer state records it to refuse a mismatch."""
-        payload = {"space": self.to_spec(), "input_shape": list(self.input_shape or ()), "num_classes": self.num_classes}
+        payload = {
+            "space": self.to_spec(),
+            "input_shape": list(self.input_shape or ()),
+            "num_classes": self.num_classes,
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- what mutations may use -----------------------------------------------------------------
@@ -582,7 +594,10 @@ class SearchSpace:
         return program
 
     def __repr__(self) -> str:
-        return f"SearchSpace({self.name!r}, {len(self.items)} items, input_shape={self.input_shape}, num_classes={self.num_classes})"
+        return (
+            f"SearchSpace({self.name!r}, {len(self.items)} items, input_shape={self.input_shape}, "
+            f"num_classes={self.num_classes})"
+        )
 
 
 def _item_from_spec(entry: Any, where: str) -> Layer | Block:
@@ -612,7 +627,9 @@ def _item_from_spec(entry: Any, where: str) -> Layer | Block:
             allowed = ", ".join(snake_to_camel(n) for n in rules) or "no parameters"
             raise SearchSpaceError(f"{where}.{key}: unknown parameter for {op}; allowed: {allowed}")
         if not isinstance(value, list):
-            raise SearchSpaceError(f"{where}.{key}: {value!r} is not allowed; in a manifest every parameter is a list of choices")
+            raise SearchSpaceError(
+                f"{where}.{key}: {value!r} is not allowed; in a manifest every parameter is a list of choices"
+            )
         params[name] = value
     try:
         return Layer(op, params, optional=optional, where=where)

@@ -8,8 +8,9 @@
 
 or `best = optimizer.optimize(evaluate)` (`evaluate(graph)` returns a metrics dict or a fitness
 number; `best.graph`, `best.fitness`, or `candidate, metrics = best`). Every optimizer also takes
-MorphML 1.0's `search_space=` / `config={...}` forms (docs/optimizers.md). State round-trips through JSON with `state_dict()` /
-`load_state_dict()`; `build_optimizer(spec, space, objective)` reads the manifest's form.
+MorphML 1.0's `search_space=` / `config={...}` forms (docs/optimizers.md). State round-trips
+through JSON with `state_dict()` / `load_state_dict()`; `build_optimizer(spec, space, objective)`
+reads the manifest's form.
 
 Imports: the standard library, `morphml.ops`, `morphml.graph`, `morphml.space`, `morphml.mutation`. No torch.
 """

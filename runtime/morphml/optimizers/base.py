@@ -93,7 +93,9 @@ def morphml1_call_forms(init: _Init) -> _Init:
         cls = type(self).__name__
         if search_space is not None:
             if args or "space" in kwargs:
-                raise OptimizerError(f"{cls}: the search space is given twice (first argument and search_space=); pass one")
+                raise OptimizerError(
+                    f"{cls}: the search space is given twice (first argument and search_space=); pass one"
+                )
             kwargs["space"] = search_space
         elif not args and "space" not in kwargs:
             raise OptimizerError(f"{cls}: no search space; pass it first or as search_space=")
@@ -145,11 +147,13 @@ class Candidate:
         graph = ArchitectureGraph.from_json(data["graph"])
         expected = data.get("arch_hash")
         if expected is not None and expected != graph.arch_hash:
-            raise OptimizerError(f"candidate {data['id']}: arch_hash {expected} does not match its graph ({graph.arch_hash})")
+            raise OptimizerError(
+                f"candidate {data['id']}: arch_hash {expected} does not match its graph ({graph.arch_hash})"
+            )
         return cls(str(data["id"]), graph, int(data.get("generation", 0)), tuple(data.get("parents", ())))
 
 
-class BestResult(tuple):  # type: ignore[type-arg]
+class BestResult(tuple[Candidate, dict[str, Any]]):
     """The best candidate and its metrics, as `best()` and `optimize()` return them.
 
     Unpacks as ``candidate, metrics = result`` (the ask/tell API's form) and has MorphML 1.0's
@@ -164,16 +168,16 @@ class BestResult(tuple):  # type: ignore[type-arg]
         result.fitness = fitness
         return result
 
-    def __getnewargs__(self) -> tuple[Candidate, dict[str, Any], float]:  # type: ignore[override]
+    def __getnewargs__(self) -> tuple[Candidate, dict[str, Any], float]:
         return self[0], self[1], self.fitness
 
     @property
     def candidate(self) -> Candidate:
-        return self[0]  # type: ignore[no-any-return]
+        return self[0]
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return self[1]  # type: ignore[no-any-return]
+        return self[1]
 
     @property
     def graph(self) -> ArchitectureGraph:
@@ -252,7 +256,9 @@ class Optimizer:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise OptimizerError(f"seed: {seed!r} is not allowed; expected an integer or None")
         if not isinstance(objective, str) or not objective:
-            raise OptimizerError(f"objective: {objective!r} is not allowed; expected a metric name such as val_accuracy")
+            raise OptimizerError(
+                f"objective: {objective!r} is not allowed; expected a metric name such as val_accuracy"
+            )
         if goal not in GOALS:
             raise OptimizerError(f"goal: {goal!r} is not allowed; expected one of {', '.join(GOALS)}")
         if input_shape is not None or num_classes is not None:
@@ -383,7 +389,7 @@ class Optimizer:
             for candidate in candidates:
                 try:
                     metrics: Mapping[str, Any] | float | None = evaluator(candidate.graph)
-                except Exception as exc:  # noqa: BLE001 - a failing trial must not end the search
+                except Exception as exc:
                     logger.warning("candidate %s failed: %s: %s", candidate.id, type(exc).__name__, exc)
                     metrics = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
                 self.tell(candidate.id, metrics)
@@ -443,7 +449,9 @@ class Optimizer:
         if not isinstance(state, Mapping):
             raise OptimizerError(f"state: expected a dict from state_dict(), got {type(state).__name__}")
         if state.get("algorithm") != self.algorithm:
-            raise OptimizerError(f"state: saved by algorithm {state.get('algorithm')!r}, this optimizer is {self.algorithm!r}")
+            raise OptimizerError(
+                f"state: saved by algorithm {state.get('algorithm')!r}, this optimizer is {self.algorithm!r}"
+            )
         if state.get("version") != STATE_VERSION:
             raise OptimizerError(f"state: version {state.get('version')!r} is not supported; expected {STATE_VERSION}")
         fingerprint = self.space.fingerprint()

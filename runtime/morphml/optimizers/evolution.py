@@ -42,7 +42,9 @@ class RegularizedEvolution(Optimizer):
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
     ) -> None:
-        super().__init__(space, seed=seed, objective=objective, goal=goal, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            space, seed=seed, objective=objective, goal=goal, input_shape=input_shape, num_classes=num_classes
+        )
         self.population_size = check_setting("population_size", population_size, "int", 1)
         self.sample_size = check_setting("sample_size", sample_size, "int", 1)
         self.max_trials = None if max_trials is None else check_setting("max_trials", max_trials, "int", 1)

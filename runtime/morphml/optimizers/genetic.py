@@ -67,7 +67,9 @@ class GeneticAlgorithm(Optimizer):
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
     ) -> None:
-        super().__init__(space, seed=seed, objective=objective, goal=goal, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            space, seed=seed, objective=objective, goal=goal, input_shape=input_shape, num_classes=num_classes
+        )
         self.population_size = check_setting("population_size", population_size, "int", 1)
         self.num_generations = check_setting("num_generations", num_generations, "int", 1)
         self.mutation_rate = check_setting("mutation_rate", mutation_rate, "number", 0, 1)

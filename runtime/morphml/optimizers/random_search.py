@@ -30,7 +30,9 @@ class RandomSearch(Optimizer):
         input_shape: Sequence[int] | None = None,
         num_classes: int | None = None,
     ) -> None:
-        super().__init__(space, seed=seed, objective=objective, goal=goal, input_shape=input_shape, num_classes=num_classes)
+        super().__init__(
+            space, seed=seed, objective=objective, goal=goal, input_shape=input_shape, num_classes=num_classes
+        )
         self.max_trials = None if max_trials is None else check_setting("max_trials", max_trials, "int", 1)
 
     def _finished(self) -> bool:
