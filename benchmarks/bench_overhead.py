@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.evaluators for Dask's workers
 
-from harness import Cluster, median, table  # noqa: E402
+from harness import Cluster, median, table
 
 
 def morphml_run(workers: int, trials: int, prefetch: str) -> float:

@@ -115,9 +115,9 @@ class Cluster:
 
     def add_worker(self) -> subprocess.Popen:
         return self._spawn(["worker", "--master", f"127.0.0.1:{self.port}", "--name", f"w{next(self._names)}",
-                            "--give-up-after", "120"], f"worker.log")
+                            "--give-up-after", "120"], "worker.log")
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         self.start_master()
         self.workers = [self.add_worker() for _ in range(self.n_workers)]
         return self

@@ -169,7 +169,7 @@ class ControlPlane:
         raise ControlPlaneError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
 
     # -- start / stop ----------------------------------------------------------------------------
-    def start(self, timeout: float = 120.0) -> "ControlPlane":
+    def start(self, timeout: float = 120.0) -> ControlPlane:
         started = time.monotonic()
         try:
             self._start(timeout)
@@ -317,7 +317,7 @@ class ControlPlane:
     def log_tails(self, lines: int = 30) -> str:
         return "\n".join(f"----- {name} ({path}) -----\n{tail(path, lines)}" for name, path in self.logs.items())
 
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc) -> None:

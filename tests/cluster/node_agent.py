@@ -50,11 +50,11 @@ def log(msg: str) -> None:
 
 
 def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now_micro() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,7 +352,7 @@ def _pod_key(pod: dict) -> str:
 class PodRunner(threading.Thread):
     """Runs one pod bound to this node until it is deleted."""
 
-    def __init__(self, agent: "NodeAgent", pod: dict):
+    def __init__(self, agent: NodeAgent, pod: dict):
         super().__init__(name=f"pod-{_pod_key(pod)}", daemon=True)
         self.agent = agent
         self.client = agent.client
@@ -1052,7 +1052,7 @@ class ServiceResolver:
     Only used to rewrite strings (command, args, env values) when a container starts.
     """
 
-    def __init__(self, agent: "NodeAgent", namespace: str):
+    def __init__(self, agent: NodeAgent, namespace: str):
         self.agent, self.namespace = agent, namespace
         self._names: list[tuple[re.Pattern, dict]] | None = None
 
@@ -1108,7 +1108,7 @@ class ServiceResolver:
 class LogServer:
     """HTTPS server for GET /containerLogs/<ns>/<pod>/<container> (follow, previous, tailLines)."""
 
-    def __init__(self, agent: "NodeAgent", cert: str, key: str, port: int):
+    def __init__(self, agent: NodeAgent, cert: str, key: str, port: int):
         import http.server
         import socketserver
 

@@ -26,8 +26,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 EVALUATOR = "tests.cluster.operator_trials:sleep_epochs"

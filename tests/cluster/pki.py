@@ -43,7 +43,7 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
 
 
 def _builder(subject, issuer, public_key):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))

@@ -9,10 +9,10 @@ import queue
 import grpc
 import pytest
 
-from proc_helpers import TOKEN, finished, free_port, health_ok, journal_rows, status, wait_for, write_manifest
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+from proc_helpers import TOKEN, finished, free_port, health_ok, journal_rows, status, wait_for, write_manifest
 
 pytestmark = pytest.mark.process
 
@@ -28,9 +28,8 @@ def test_worker_with_wrong_token_is_refused_with_a_clear_message(procs, tmp_path
     assert worker.wait(timeout=30) == 2
     log = worker.log_path.read_text()
     assert "UNAUTHENTICATED" in log and "invalid token" in log and "--token-file" in log
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.MasterStub(ch).GetStatus(pb.StatusRequest(), timeout=5)  # no token at all
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.MasterStub(ch).GetStatus(pb.StatusRequest(), timeout=5)  # no token at all
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "missing token" in err.value.details()
     assert status(port).workers == []  # the intruder never registered
 

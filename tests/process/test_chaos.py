@@ -11,11 +11,19 @@ import time
 import grpc
 import pytest
 
-from proc_helpers import (TOKEN, assert_each_trial_once, finished, free_port, journal_rows, status, wait_for,
-                      write_manifest)
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+from proc_helpers import (
+    TOKEN,
+    assert_each_trial_once,
+    finished,
+    free_port,
+    journal_rows,
+    status,
+    wait_for,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.process
 

@@ -14,8 +14,17 @@ import time
 
 import pytest
 
-from proc_helpers import (REPO, finished, free_port, health_ok, journal_rows, pids_with_torch, status, wait_for,
-                      write_manifest)
+from proc_helpers import (
+    REPO,
+    finished,
+    free_port,
+    health_ok,
+    journal_rows,
+    pids_with_torch,
+    status,
+    wait_for,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.process
 

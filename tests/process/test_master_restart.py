@@ -8,8 +8,16 @@ import time
 
 import pytest
 
-from proc_helpers import (assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
-                      write_manifest)
+from proc_helpers import (
+    assert_each_trial_once,
+    finished,
+    free_port,
+    journal_events,
+    journal_rows,
+    status,
+    wait_for,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.process
 

@@ -22,9 +22,9 @@ import pytest
 from proc_helpers import TOKEN, free_port, write_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "operator"))
-from morphml_operator.master_client import get_master_status  # noqa: E402
-from morphml_operator.status import compute_status  # noqa: E402
-from tests.cluster.operator_trials import lose_fake_workers  # noqa: E402
+from morphml_operator.master_client import get_master_status
+from morphml_operator.status import compute_status
+from tests.cluster.operator_trials import lose_fake_workers
 
 pytestmark = pytest.mark.process
 

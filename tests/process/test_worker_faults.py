@@ -10,11 +10,20 @@ import time
 import grpc
 import pytest
 
-from proc_helpers import (TOKEN, assert_each_trial_once, finished, free_port, journal_events, journal_rows, status, wait_for,
-                      write_manifest)
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+from proc_helpers import (
+    TOKEN,
+    assert_each_trial_once,
+    finished,
+    free_port,
+    journal_events,
+    journal_rows,
+    status,
+    wait_for,
+    write_manifest,
+)
 
 pytestmark = pytest.mark.process
 

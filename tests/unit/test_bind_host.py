@@ -24,8 +24,9 @@ def test_pod_ip_v6_is_bracketed_for_grpc(monkeypatch):
 
 
 def test_two_servers_on_one_port_coexist_on_different_pod_ips(monkeypatch):
-    import grpc
     from concurrent import futures
+
+    import grpc
 
     servers = []
     try:

@@ -40,7 +40,7 @@ def test_copies_are_byte_identical_to_crds_dir(copy: Path):
 
 
 def test_runtime_reads_the_packaged_copy():
-    assert CRD_FILE == COPIES[0]
+    assert COPIES[0] == CRD_FILE
 
 
 def test_names_and_version():
@@ -107,7 +107,7 @@ def test_defaults_satisfy_their_own_schema_and_rules():
             if "oldSelf" in rule["rule"]:
                 continue  # transition rules apply to updates only
             result = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(node["default"])})
-            assert result is True or bool(result) is True and isinstance(result, celpy.celtypes.BoolType), (
+            assert result is True or (bool(result) is True and isinstance(result, celpy.celtypes.BoolType)), (
                 f"{path}: default {node['default']!r} fails {rule['rule']}: {result!r}")
 
 

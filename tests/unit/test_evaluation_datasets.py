@@ -3,7 +3,6 @@ errors that name the field. dataset_shape and `import morphml.evaluation` never 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -43,7 +42,7 @@ def test_digits_is_scaled_split_80_20_stratified_and_fixed():
     assert data.input_shape == (1, 8, 8) and data.num_classes == 10
     assert data.x_train.shape[1:] == (1, 8, 8) and data.x_train.dtype == np.float32
     assert data.y_train.dtype == np.int64
-    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
     total = len(data.x_train) + len(data.x_val)
     assert total == 1797
     assert abs(len(data.x_val) / total - 0.2) < 0.01

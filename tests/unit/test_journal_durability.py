@@ -66,6 +66,5 @@ def test_normal_mode_never_fsyncs_and_a_deferred_transaction_must_be_outermost(t
         journal.set_meta("a", 1)
     pending.finish()
     assert fsyncs == [] and journal.get_meta("a") == 1
-    with journal.transaction(), pytest.raises(RuntimeError, match="outermost"):
-        with journal.deferred_transaction():
-            pass
+    with journal.transaction(), pytest.raises(RuntimeError, match="outermost"), journal.deferred_transaction():
+        pass

@@ -17,7 +17,7 @@ from morphml_operator.pod_loss import PodLossDecision, decide, gone_retry_delay,
 
 pytestmark = pytest.mark.unit
 
-T0 = datetime.datetime(2026, 11, 29, 10, 0, 0, tzinfo=datetime.timezone.utc)
+T0 = datetime.datetime(2026, 11, 29, 10, 0, 0, tzinfo=datetime.UTC)
 
 
 def pod(ready: str | None = "True", since: datetime.datetime = T0, phase: str = "Running", **extra) -> dict:
