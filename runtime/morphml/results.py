@@ -77,7 +77,8 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
     try:
         plot_convergence(trials, metric, goal, out / "convergence.png")
     except ImportError:  # matplotlib comes with the `worker` extra
-        summary["plot_skipped"] = "convergence.png not written: matplotlib is not installed (pip install 'morphml[worker]')"
+        summary["plot_skipped"] = ("convergence.png not written: matplotlib is not installed "
+                                   "(pip install 'morphml[worker]')")
     return summary
 
 

@@ -93,7 +93,8 @@ def fill(directory: Path) -> Path:
             while True:
                 fh.write(block)
         except OSError as exc:
-            assert exc.errno == errno.ENOSPC, exc
+            if exc.errno != errno.ENOSPC:
+                raise
     return path
 
 
@@ -101,7 +102,8 @@ def fill(directory: Path) -> Path:
 def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     assert done.returncode == 0, f"mount tmpfs (the process tier runs as root): {done.stderr}"
     try:
         yield mount
@@ -222,7 +224,8 @@ def test_the_master_on_a_foreign_sqlite_file_exits_naming_it(procs, tmp_path):
                         "127.0.0.1", "--journal", str(journal), "--token-file", str(procs.token_file)], "master.log")
     assert proc.wait(timeout=30) == 3
     text = proc.log_path.read_text()
-    assert f"morphml master: journal {journal}: an SQLite database but not a MorphML journal (its tables: photos)" in text
+    assert f"morphml master: journal {journal}: an SQLite database but not a MorphML journal (its tables: photos)" \
+        in text
     assert "Traceback" not in text and journal.read_bytes() == before
 
 

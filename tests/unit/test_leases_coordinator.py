@@ -148,7 +148,7 @@ def test_failures_are_retried_then_counted_and_too_many_fail_the_experiment(tmp_
         coord.report_result(m.task_id, m.attempt, False, None, "exception", "boom")
     assert coord.phase == "Failed" and coord.failed == 2 and coord.retries == 2
     assert "maxFailedTrials=1" in coord.message
-    assert [t for t in opt.told] == [("c0", None), ("c1", None)]
+    assert list(opt.told) == [("c0", None), ("c1", None)]
 
 
 def test_metrics_without_the_objective_or_with_nan_are_failures(tmp_path):
@@ -163,7 +163,7 @@ def test_metrics_without_the_objective_or_with_nan_are_failures(tmp_path):
 
 def test_restart_restores_finished_trials_optimizer_state_and_holds_orphaned_leases(tmp_path):
     opt = CountingOptimizer()
-    coord, clock = make(tmp_path, opt, max_trials=4)
+    coord, _ = make(tmp_path, opt, max_trials=4)
     _, box = join(coord, "a", slots=2)
     m1, m2 = leases(box)
     coord.report_result(m1.task_id, 1, True, {"val_accuracy": 0.7})
@@ -366,9 +366,9 @@ def test_worker_losses_are_numbered_from_one_and_the_numbers_survive_a_restart(t
 
 
 def test_status_pages_losses_after_a_number_beyond_the_recent_ones_kept_in_memory(tmp_path):
-    from morphml.distributed import coordinator as coordinator_module
     import asyncio
 
+    from morphml.distributed import coordinator as coordinator_module
     from morphml.distributed.master import MasterServicer, status_to_proto
     from morphml.distributed.proto import worker_pb2 as pb
 

@@ -6,8 +6,7 @@ import pytest
 from morphml.distributed.clock import ManualClock
 from morphml.distributed.leases import LeaseTable, ResultMatch, Task
 from morphml.distributed.registry import WorkerRegistry
-from morphml.distributed.states import (
-    AttemptState, IllegalTransition, TaskState, WorkerState, check_transition)
+from morphml.distributed.states import AttemptState, IllegalTransition, TaskState, WorkerState, check_transition
 
 pytestmark = pytest.mark.unit
 
@@ -173,5 +172,5 @@ def test_the_transition_diagram_in_the_states_docstring_is_the_transition_table(
                 drawn[section].add((enum[source], enum[arrow.group(2)]))
     for name, table in tables.items():
         allowed = {(a, b) for a, targets in table.items() for b in targets}
-        assert drawn[name] == allowed, f"{name}: drawn but not allowed {drawn[name] - allowed}, " \
-                                       f"allowed but not drawn {allowed - drawn[name]}"
+        assert drawn[name] == allowed, (f"{name}: drawn but not allowed {drawn[name] - allowed}, "
+                                        f"allowed but not drawn {allowed - drawn[name]}")

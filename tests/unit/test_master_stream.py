@@ -52,7 +52,8 @@ def test_end_of_stream_ends_the_session_and_nothing_after_it_is_sent():
 @pytest.mark.parametrize("result, error", [
     (pb.TrialResult(ok=True, metrics_json="{}"), "lease.task_id must be set"),
     (pb.TrialResult(lease=pb.LeaseRef(task_id="t1", attempt=0), ok=True), "lease.attempt must be >= 1"),
-    (pb.TrialResult(lease=pb.LeaseRef(task_id="t1", attempt=1), ok=True, metrics_json="{nope"), "metrics_json is not JSON"),
+    (pb.TrialResult(lease=pb.LeaseRef(task_id="t1", attempt=1), ok=True, metrics_json="{nope"),
+     "metrics_json is not JSON"),
     (pb.TrialResult(lease=pb.LeaseRef(task_id="t1", attempt=1), ok=False, failure_kind="gremlins"),
      "failure_kind='gremlins'; allowed exception"),
 ])

@@ -24,8 +24,9 @@ import secrets
 import statistics
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .clock import SystemClock
 from .journal import Journal, JournalError
@@ -145,7 +146,8 @@ def describe_candidate(candidate: Any) -> tuple[str, str, str, str, int]:
     arch_hash = arch_hash() if callable(arch_hash) else arch_hash
     summary = getattr(graph, "summary", "")
     summary = summary() if callable(summary) else summary
-    return str(candidate.id), arch_text, str(arch_hash), str(summary or ""), int(getattr(candidate, "generation", 0) or 0)
+    generation = int(getattr(candidate, "generation", 0) or 0)
+    return str(candidate.id), arch_text, str(arch_hash), str(summary or ""), generation
 
 
 class ExperimentCoordinator:
@@ -211,7 +213,8 @@ class ExperimentCoordinator:
                     task.set_state(TaskState.PENDING)
                     task.orphan_attempt = task.attempt
                     task.held_until = mono + hold
-                    self.journal.event(now, "requeued", task.task_id, task.attempt, detected_by=LossReason.RESTART.value,
+                    self.journal.event(now, "requeued", task.task_id, task.attempt,
+                                       detected_by=LossReason.RESTART.value,
                                        detected_at=now, hold_seconds=hold)
                 self.leases.add(task)
                 self._seq += 1
@@ -470,7 +473,7 @@ class ExperimentCoordinator:
                     self._halt(exc)
                     self._release(batch, exc)
                     raise
-                for queued, disposition in zip(batch, dispositions):
+                for queued, disposition in zip(batch, dispositions, strict=True):
                     queued.disposition = disposition
                 self.changed.notify_all()
         if pending is not None:  # this caller committed the batch: make it durable, then release it
@@ -663,7 +666,8 @@ class ExperimentCoordinator:
             return
         s = self.settings
         if self.failed > s.max_failed_trials:
-            self._finish(FAILED, f"{self.failed} failed trials exceed spec.budget.maxFailedTrials={s.max_failed_trials}")
+            self._finish(FAILED,
+                         f"{self.failed} failed trials exceed spec.budget.maxFailedTrials={s.max_failed_trials}")
         elif self.succeeded + self.failed >= s.max_trials:
             self._finish(SUCCEEDED, f"{self.succeeded + self.failed} trials finished (budget {s.max_trials})")
         elif self._exhausted and len(self.leases.tasks) == self.succeeded + self.failed:

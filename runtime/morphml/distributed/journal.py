@@ -49,8 +49,9 @@ import os
 import sqlite3
 import threading
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .leases import Attempt, Task
 from .states import AttemptState, TaskState
@@ -157,7 +158,7 @@ def loss_dict(seq: int, worker_id: str, worker_name: str, detected_by: str, dete
 class PendingCommit:
     """A commit from Journal.deferred_transaction(): written, durable only after finish()."""
 
-    def __init__(self, journal: "Journal"):
+    def __init__(self, journal: Journal):
         self.journal = journal
         self.commit = 0
         self.callbacks: list = []
@@ -207,7 +208,8 @@ class Journal:
             if read_only:
                 if version != SCHEMA_VERSION:
                     raise JournalError(f"journal {self.path}: schema version {version}, this MorphML reads "
-                                       f"{SCHEMA_VERSION}; open it once read-write (e.g. restart the master) to upgrade it")
+                                       f"{SCHEMA_VERSION}; open it once read-write (e.g. restart the master) "
+                                       f"to upgrade it")
                 self._own_sync = False
             else:
                 wal = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
@@ -222,7 +224,7 @@ class Journal:
             raise
 
     @classmethod
-    def open_read_only(cls, path: str | Path) -> "Journal":
+    def open_read_only(cls, path: str | Path) -> Journal:
         """A journal another process may be writing, opened for reads only (tests, reports)."""
         return cls(path, read_only=True)
 
@@ -579,7 +581,7 @@ class Journal:
             params = tuple(s.value for s in states)
         tasks = []
         for r in self._read(sql + " ORDER BY seq", params):
-            row = dict(zip(TASK_COLUMNS, r))
+            row = dict(zip(TASK_COLUMNS, r, strict=True))
             tasks.append(Task(
                 task_id=row["task_id"], candidate_id=row["candidate_id"], arch_json=row["arch_json"],
                 arch_hash=row["arch_hash"], summary=row["summary"], generation=row["generation"], seed=row["seed"],
@@ -599,10 +601,11 @@ class Journal:
             sql, params = sql + " WHERE task_id = ?", (task_id,)
         out = []
         for r in self._read(sql + " ORDER BY leased_at, attempt", params):
-            row = dict(zip(ATTEMPT_COLUMNS, r))
+            row = dict(zip(ATTEMPT_COLUMNS, r, strict=True))
             out.append(Attempt(task_id=row["task_id"], attempt=row["attempt"], worker_id=row["worker_id"],
                                worker_name=row["worker_name"], leased_at=row["leased_at"],
-                               state=AttemptState(row["state"]), ended_at=row["ended_at"], outcome=row["outcome"] or ""))
+                               state=AttemptState(row["state"]), ended_at=row["ended_at"],
+                               outcome=row["outcome"] or ""))
         return out
 
     def results(self, disposition: str | None = None) -> list[dict]:
@@ -613,7 +616,7 @@ class Journal:
             sql, params = sql + " WHERE disposition = ?", (disposition,)
         out = []
         for r in self._read(sql + " ORDER BY id", params):
-            row = dict(zip(("id",) + RESULT_COLUMNS, r))
+            row = dict(zip(("id",) + RESULT_COLUMNS, r, strict=True))
             row["ok"] = bool(row["ok"])
             row["metrics"] = json.loads(row.pop("metrics_json")) if row["metrics_json"] else None
             out.append(row)

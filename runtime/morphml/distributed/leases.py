@@ -11,8 +11,8 @@ Imports: morphml.distributed.states only.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from .states import AttemptState, TaskState, check_transition
 
@@ -87,10 +87,10 @@ class LeaseTable:
     """Tasks in proposal order, their attempts, and the leases each worker holds."""
 
     def __init__(self) -> None:
-        self.tasks: "OrderedDict[str, Task]" = OrderedDict()
+        self.tasks: OrderedDict[str, Task] = OrderedDict()
         # Pending task ids in queue order (oldest first); kept in step with task states so that
         # choosing a task does not scan every finished trial.
-        self._pending: "OrderedDict[str, None]" = OrderedDict()
+        self._pending: OrderedDict[str, None] = OrderedDict()
         self._leased: set[str] = set()  # ids of LEASED tasks, kept by track() like _pending
         self.attempts: dict[tuple[str, int], Attempt] = {}
         self._by_worker: dict[str, set[tuple[str, int]]] = {}

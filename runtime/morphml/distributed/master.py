@@ -29,8 +29,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .auth import TOKEN_ENV, TokenInterceptor
 from .clock import SystemClock
-from .coordinator import (END_OF_STREAM, FAILURE_KINDS, ExperimentCoordinator, ExperimentSettings, LeaseMessage,
-                          ResultReport, ShutdownMessage)
+from .coordinator import (
+    END_OF_STREAM,
+    FAILURE_KINDS,
+    ExperimentCoordinator,
+    ExperimentSettings,
+    LeaseMessage,
+    ResultReport,
+    ShutdownMessage,
+)
 from .journal import Journal, JournalError
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
@@ -315,7 +322,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         and recorded nowhere; the others still count."""
         acks = [pb.ResultAck(lease=r.lease) for r in results]
         reports, slots = [], []
-        for ack, result in zip(acks, results):
+        for ack, result in zip(acks, results, strict=True):
             try:
                 reports.append(result_report(result))
                 slots.append(ack)
@@ -323,7 +330,7 @@ class MasterServicer(pb_grpc.MasterServicer):
                 ack.disposition, ack.detail = "invalid", f"TrialResult: {exc}"
 
         def fill(dispositions: list[str]) -> list[pb.ResultAck]:
-            for ack, disposition in zip(slots, dispositions):
+            for ack, disposition in zip(slots, dispositions, strict=True):
                 ack.disposition = disposition
                 if disposition == "refused":
                     ack.detail = f"{ack.lease.task_id} attempt {ack.lease.attempt} {REFUSED_DETAIL}"
