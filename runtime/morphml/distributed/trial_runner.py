@@ -10,6 +10,10 @@ Protocol: one JSON object per line. Request on stdin:
 Reply on the original stdout (the user's prints go to stderr so they cannot corrupt it):
   {"ok": true, "metrics": {...}, "duration": s} or
   {"ok": false, "kind": "exception|nan|timeout|oom|invalid", "message": "...", "duration": s}
+Started with `--beat-seconds S`, the runner also writes {"beat": n} on the same channel every S
+seconds, from a thread of its own, idle or training: the worker's liveness check (see
+morphml.distributed.liveness) tells a busy runner, which keeps beating, from a wedged one
+(SIGSTOPped, stuck in the kernel), which falls silent. Readers skip beat lines.
 
 Evaluation goes through morphml.evaluation.evaluate_architecture: a `module:function` evaluator
 runs without torch; the built-in trainer imports torch on first use.
@@ -17,22 +21,27 @@ runs without torch; the built-in trainer imports torch on first use.
 Signals: SIGTERM/SIGINT are ignored (the worker decides when a trial ends) and the runner dies
 with its worker (PR_SET_PDEATHSIG on Linux).
 
-Imports: json, signal; morphml.evaluation lazily. No pickle.
+Imports: argparse, json, signal, threading; morphml.evaluation lazily. No pickle.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable
+from typing import Any
 
 MAX_MESSAGE = 4000
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _jsonable(value):
+def _jsonable(value: Any) -> float | str:
     # numpy / torch scalars and the like
     try:
         return float(value)
@@ -72,7 +81,6 @@ def _die_with_parent() -> None:
         try:
             import ctypes
 
-            PR_SET_PDEATHSIG = 1
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         except (OSError, AttributeError):
             return
@@ -80,19 +88,46 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def main() -> int:
+def _beat(write: Callable[[dict], None], period: float) -> None:
+    """Beats until the channel closes. Needs only the GIL now and then, which a training loop
+    releases (torch ops, sleeps, I/O); a process that is stopped beats no more."""
+    n = 0
+    while True:
+        time.sleep(period)
+        n += 1
+        try:
+            write({"beat": n})
+        except (OSError, ValueError):  # the worker is gone (its end of the pipe closed)
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m morphml.distributed.trial_runner")
+    parser.add_argument("--beat-seconds", type=float, default=0.0,
+                        help="write a beat line every this many seconds (default 0: never)")
+    args = parser.parse_args(argv)
+    if args.beat_seconds < 0:
+        parser.error(f"--beat-seconds {args.beat_seconds}: must be >= 0")
     # Keep the protocol channel private: user code printing to stdout writes to stderr instead.
     reply_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     replies = os.fdopen(reply_fd, "w", buffering=1)
+    write_lock = threading.Lock()  # a beat never lands inside a reply line
+
+    def write(obj: dict) -> None:
+        line = json.dumps(obj, default=_jsonable) + "\n"
+        with write_lock:
+            replies.write(line)
+            replies.flush()
+
     _die_with_parent()
+    if args.beat_seconds > 0:
+        threading.Thread(target=_beat, args=(write, args.beat_seconds), name="beat", daemon=True).start()
     for line in sys.stdin:
         if not line.strip():
             continue
-        reply = run_one(json.loads(line))
-        replies.write(json.dumps(reply, default=_jsonable) + "\n")
-        replies.flush()
+        write(run_one(json.loads(line)))
     return 0
 
 

@@ -12,7 +12,14 @@ the results it finished meanwhile, or sent but never saw acknowledged, with Repo
 SIGTERM (drain()): no new leases, the running trials get `grace_seconds` to finish and be
 reported, the rest are handed back, then Deregister.
 
-Imports: grpc, grpc_health, morphml.distributed.{proto, auth, master (options only)}. No torch.
+Liveness: the worker's gRPC health (services "" and "morphml.Worker", what the kubelet's
+probes call) is SERVING only while the session loop and every runner make progress; a part
+silent past its bound turns it NOT_SERVING until it recovers, and a runner stuck past the
+replacement bound is killed (its trial reported failed, kind "timeout") and replaced. The
+decision is morphml.distributed.liveness; docs/reliability.md ("A wedged worker") has the why.
+
+Imports: grpc, grpc_health, morphml.distributed.{proto, auth, clock, liveness, master (options
+only)}. No torch.
 """
 
 from __future__ import annotations
@@ -28,13 +35,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .auth import token_metadata
+from .clock import SystemClock
+from .liveness import SESSION, Clock, LivenessMonitor, Verdict, liveness_bounds, runner_part
 from .master import DEFAULT_MAX_MESSAGE_BYTES, default_bind_host, grpc_options
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
@@ -71,6 +82,11 @@ class WorkerConfig:
     reconnect_max_seconds: float = 2.0
     give_up_after_seconds: float | None = 600.0  # exit when the master is unreachable this long
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # Liveness (see morphml.distributed.liveness): a part silent this long is stuck (health
+    # NOT_SERVING); a runner stuck this long is replaced. None: derived from the master's
+    # heartbeat interval (3 intervals, at least 10 s; replaced after twice that).
+    stuck_after_seconds: float | None = None
+    replace_after_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if ":" not in self.master:
@@ -79,6 +95,7 @@ class WorkerConfig:
             raise ValueError(f"--gpus {self.gpus}: must be >= 0")
         if self.slots < 1:
             raise ValueError(f"--slots {self.slots}: must be >= 1")
+        liveness_bounds(10.0, self.stuck_after_seconds, self.replace_after_seconds)  # validates both
         self.name = self.name or default_worker_name()
         if self.gpus > 0:
             self.slots = self.gpus  # one trial per GPU
@@ -87,29 +104,73 @@ class WorkerConfig:
         return f"cuda:{slot}" if self.gpus > 0 else "cpu"
 
 
-class RunnerProcess:
-    """One persistent trial_runner child; kill() ends a running trial at once."""
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all its threads (Linux /proc); None elsewhere or
+    when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
-    def __init__(self, slot: int):
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of a process (R, S, D, T, Z, ...), "?" when unknown: for
+    the log line that says why a runner counts as stuck."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return "?"
+
+
+class RunnerProcess:
+    """One persistent trial_runner child; kill() ends a running trial at once.
+
+    The runner beats on its reply pipe every `beat_seconds`; every line read from it (beat or
+    reply) is reported to `on_progress`, the slot's liveness evidence."""
+
+    def __init__(self, slot: int, beat_seconds: float = 0.0, on_progress: Callable[[], None] | None = None):
         self.slot = slot
-        self.proc: subprocess.Popen | None = None
+        self.beat_seconds = beat_seconds
+        self.on_progress = on_progress or (lambda: None)
+        self.proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
+        self._replies: list[dict] = []
         self._lock = threading.Lock()
+        # Why a process was killed (kept until its end of file is read): cancel or wedged.
+        self._killed_on_purpose: set[subprocess.Popen[bytes]] = set()
+        self._wedged: dict[subprocess.Popen[bytes], str] = {}
+
+    def _started(self) -> subprocess.Popen[bytes]:
+        self.ensure_started()
+        assert self.proc is not None
+        return self.proc
 
     def ensure_started(self) -> None:
         with self._lock:
             if self.proc is None or self.proc.poll() is not None:
                 self._buffer = b""
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "morphml.distributed.trial_runner"], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=None, start_new_session=False)
+                self._replies = []
+                command = [sys.executable, "-m", "morphml.distributed.trial_runner"]
+                if self.beat_seconds > 0:
+                    command += ["--beat-seconds", f"{self.beat_seconds:g}"]
+                self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
+                                             start_new_session=False)
+
+    @property
+    def pid(self) -> int | None:
+        proc = self.proc
+        return None if proc is None else proc.pid
 
     def send(self, request: dict) -> None:
         """Queues one trial on the runner's stdin; it starts when the runner is free."""
-        self.ensure_started()
+        stdin = self._started().stdin
+        assert stdin is not None
         try:
-            self.proc.stdin.write((json.dumps(request) + "\n").encode())
-            self.proc.stdin.flush()
+            stdin.write((json.dumps(request) + "\n").encode())
+            stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the runner died: receive() reports it
 
@@ -124,42 +185,94 @@ class RunnerProcess:
         if status != "reply":
             log.warning("trial runner %d: no reply to the warm-up request (%s)", self.slot, status)
 
-    def receive(self, deadline: float | None, wake_fd: int | None = None):
+    def receive(self, deadline: float | None, wake_fd: int | None = None) -> tuple[str, Any]:
         """Waits for the next reply. Returns ("reply", dict), ("timeout", None) at the deadline,
-        ("exited", exit code or None when killed by kill()), or ("wake", None) when wake_fd
-        became readable first."""
-        proc = self.proc
+        ("exited", exit code or None when killed by kill()), ("wedged", reason) when killed by
+        kill_wedged(), or ("wake", None) when wake_fd became readable first. Beat lines are
+        consumed on the way."""
+        proc = self._started()
+        assert proc.stdout is not None
         fd = proc.stdout.fileno()
         watch = [fd] if wake_fd is None else [fd, wake_fd]
-        while b"\n" not in self._buffer:
+        while not self._replies:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select(watch, [], [], wait)
             if not ready:
                 return "timeout", None
             if fd not in ready:
                 return "wake", None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                code = proc.wait()
-                return "exited", (None if getattr(proc, "killed_on_purpose", False) else code)
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return "reply", json.loads(line)
+            if not self._read(fd):
+                return self._exit_status(proc)
+        return "reply", self._replies.pop(0)
+
+    def poll(self) -> tuple[str, Any] | None:
+        """Consumes what the runner wrote without waiting (an idle slot's beats). Returns None,
+        or the ("exited" | "wedged", ...) of receive() when the runner is gone."""
+        proc = self.proc
+        if proc is None or proc.stdout is None:
+            return None
+        fd = proc.stdout.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            if not self._read(fd):
+                return self._exit_status(proc)
+        return None
+
+    def _read(self, fd: int) -> bool:
+        """One read from the reply pipe: beats reported, replies queued. False at end of file."""
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return False
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if "beat" not in message:
+                self._replies.append(message)
+        self.on_progress()
+        return True
+
+    def _exit_status(self, proc: subprocess.Popen[bytes]) -> tuple[str, Any]:
+        code = proc.wait()
+        with self._lock:
+            reason = self._wedged.pop(proc, None)
+            on_purpose = proc in self._killed_on_purpose
+            self._killed_on_purpose.discard(proc)
+        if reason is not None:
+            return "wedged", reason
+        return "exited", (None if on_purpose else code)
 
     def kill(self, on_purpose: bool = False) -> None:
         with self._lock:
             proc = self.proc
             if proc is not None and proc.poll() is None:
-                proc.killed_on_purpose = on_purpose
+                if on_purpose:
+                    self._killed_on_purpose.add(proc)
                 proc.kill()
                 proc.wait()
+
+    def kill_wedged(self, reason: str) -> None:
+        """SIGKILLs a runner that stopped making progress, without waiting for it (a process
+        stuck in the kernel may never die; the slot thread reaps it when its pipe closes, and
+        receive() then answers ("wedged", reason))."""
+        with self._lock:
+            proc = self.proc
+            if proc is None or proc.poll() is not None:
+                return
+            self._wedged[proc] = reason
+        try:
+            proc.kill()
+        except OSError:
+            pass
 
     def close(self) -> None:
         with self._lock:
             proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             try:
-                proc.stdin.close()
+                if proc.stdin is not None:
+                    proc.stdin.close()
                 proc.wait(timeout=2)
             except (OSError, subprocess.TimeoutExpired):
                 proc.kill()
@@ -171,7 +284,7 @@ class WorkerNode:
     (the seed's keys) or `WorkerNode(WorkerConfig(...))`; start() blocks until the experiment is
     over, the worker drained, or the master stayed away past give_up_after_seconds."""
 
-    def __init__(self, config: dict | WorkerConfig):
+    def __init__(self, config: dict | WorkerConfig, clock: Clock | None = None):
         if isinstance(config, dict):
             c = config
             config = WorkerConfig(
@@ -184,7 +297,15 @@ class WorkerNode:
         self._metadata = token_metadata(config.token)
         self._channel = grpc.insecure_channel(config.master, options=grpc_options(config.max_message_bytes))
         self._stub = pb_grpc.MasterStub(self._channel)
-        self._runners = [RunnerProcess(i) for i in range(config.slots)]
+        self._clock = clock or SystemClock()
+        # Bounds for the default heartbeat interval until the master tells the real one.
+        self._bounds = liveness_bounds(10.0, config.stuck_after_seconds, config.replace_after_seconds)
+        self._liveness = LivenessMonitor(self._clock, self._bounds.check_period)
+        self._liveness.add_part(SESSION, self._bounds.stuck_after, active=False)
+        for slot in range(config.slots):
+            self._liveness.add_part(runner_part(slot), self._bounds.stuck_after, self._bounds.replace_after)
+        self._runners = [RunnerProcess(i, self._bounds.beat_period, self._progress_callback(runner_part(i)))
+                         for i in range(config.slots)]
         # Per slot, a pipe that wakes the slot thread out of its wait on the runner when a lease
         # arrives, so it can queue the lease behind the running trial.
         self._wake = [os.pipe() for _ in range(config.slots)]
@@ -206,8 +327,11 @@ class WorkerNode:
         self._done = threading.Event()
         self._leaving = threading.Event()  # deregistering: never register again
         self._send: queue.Queue | None = None
-        self._stream = None
-        self._health_server = None
+        self._stream: Any = None  # the live Connect call (cancelled on drain)
+        self._health_server: grpc.Server | None = None
+        self._heartbeat_interval = 10.0
+        self._health: health.HealthServicer | None = None
+        self._serving = True
 
     # --- public ---------------------------------------------------------------------------------
     def start(self, block: bool = True) -> int:
@@ -219,6 +343,7 @@ class WorkerNode:
         for slot in range(self.config.slots):
             threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot}", daemon=True).start()
         threading.Thread(target=self._redeliver_loop, name="redeliver", daemon=True).start()
+        threading.Thread(target=self._liveness_loop, name="liveness", daemon=True).start()
         if not block:
             threading.Thread(target=self._main_loop, name="worker-main", daemon=True).start()
             return 0
@@ -300,6 +425,7 @@ class WorkerNode:
             raise
         self._worker_id = reply.worker_id
         self._heartbeat_interval = reply.heartbeat_interval_seconds or 10.0
+        self._set_liveness_bounds(self._heartbeat_interval)
         adopted = {(r.task_id, r.attempt) for r in reply.adopted}
         # Leases the master did not re-adopt keep running: their results are reported and
         # recorded as stale (a record of what happened), never counted.
@@ -313,13 +439,16 @@ class WorkerNode:
         stop = object()
         interval = self._heartbeat_interval
 
-        def outgoing():
+        def outgoing() -> Iterator[pb.WorkerMessage]:
             yield pb.WorkerMessage(hello=pb.Hello(worker_id=self._worker_id))
             if self._draining.is_set():
                 yield pb.WorkerMessage(drain=pb.DrainNotice(reason="draining"))
             sequence = 0
             next_beat = time.monotonic() + interval
             while True:
+                # Resumed: gRPC took the last message and asked for the next one. A loop that
+                # stops coming here (blocked on a lock, or gRPC no longer pulling) stops beating.
+                self._liveness.progress(SESSION)
                 try:
                     item = send.get(timeout=max(0.0, next_beat - time.monotonic()))
                 except queue.Empty:
@@ -355,6 +484,7 @@ class WorkerNode:
                 yield pb.WorkerMessage(heartbeat=pb.Heartbeat(
                     sequence=sequence, running=[pb.LeaseRef(task_id=t, attempt=a) for t, a in running]))
 
+        self._liveness.activate(SESSION)
         stream = self._stub.Connect(outgoing(), metadata=self._metadata)
         self._stream = stream
         try:
@@ -387,6 +517,7 @@ class WorkerNode:
             if not self._done.is_set():
                 log.warning("session broken (%s: %s); reconnecting", exc.code(), exc.details())
         finally:
+            self._liveness.deactivate(SESSION)  # no session, nothing to beat for
             with self._lock:
                 self._send = None
                 # Sent on this stream but never acknowledged: the master may or may not have
@@ -396,7 +527,7 @@ class WorkerNode:
             send.put(stop)
             stream.cancel()
 
-    def _acknowledged(self, acks) -> None:
+    def _acknowledged(self, acks: Iterable[pb.ResultAck]) -> None:
         with self._lock:
             for ack in acks:
                 self._unacked.pop((ack.lease.task_id, ack.lease.attempt), None)
@@ -436,6 +567,9 @@ class WorkerNode:
                     head_started = time.monotonic()
                 inflight.append(item)
             if not inflight:
+                if runner.poll() is not None:  # died or was replaced while idle: start the next one now
+                    runner.ensure_started()
+                    runner.warm_up(60)
                 continue
             head = inflight[0]
             deadline = None if head["timeout"] is None else head_started + head["timeout"]
@@ -449,6 +583,18 @@ class WorkerNode:
             if self._done.is_set():
                 break  # shutting down: the runners were killed on purpose
             now = time.monotonic()
+            if status == "wedged":
+                # The liveness check killed the runner (no progress past replace_after): the
+                # running trial failed, as when a runner crashes under a live worker; the master
+                # decides (a retry on another worker, or failed for good). The trial queued behind
+                # it never started and goes to the replacement, whose first beat ends the episode.
+                head = inflight.pop(0)
+                reply = {"ok": False, "kind": "timeout", "duration": now - head_started, "message": reply}
+                head_started = now
+                runner.ensure_started()
+                inflight = self._resend_to_new_runner(runner, inflight)
+                self._finish_trial(head, reply)
+                continue
             if status == "exited" and reply is None:
                 with self._lock:
                     head_cancelled = head["ref"] in self._cancelled
@@ -487,7 +633,7 @@ class WorkerNode:
             runner.send(item["request"])
         return kept
 
-    def _prepare(self, lease, slot: int) -> dict:
+    def _prepare(self, lease: pb.Lease, slot: int) -> dict:
         """The runner request for a lease (or an "invalid" reply when the lease is malformed)."""
         ref = (lease.task_id, lease.attempt)
         try:
@@ -567,6 +713,73 @@ class WorkerNode:
         for result in pending:
             self._deliver(result)
 
+    # --- liveness ------------------------------------------------------------------------------
+    def _progress_callback(self, part: str) -> Callable[[], None]:
+        return lambda: self._liveness.progress(part)
+
+    def _set_liveness_bounds(self, heartbeat_interval: float) -> None:
+        bounds = liveness_bounds(heartbeat_interval, self.config.stuck_after_seconds,
+                                 self.config.replace_after_seconds)
+        self._bounds = bounds
+        self._liveness.set_bounds(SESSION, bounds.stuck_after)
+        for slot in range(self.config.slots):
+            self._liveness.set_bounds(runner_part(slot), bounds.stuck_after, bounds.replace_after)
+
+    def _liveness_loop(self) -> None:
+        """Every check period: read each runner's CPU time (busy counts as progress), judge every
+        part, set the health status, and replace a runner stuck past its bound."""
+        while not self._done.wait(self._liveness.check_period):
+            for slot, runner in enumerate(self._runners):
+                pid = runner.pid
+                if pid is not None:
+                    self._liveness.observe_cpu(runner_part(slot), pid, process_cpu_seconds(pid))
+            self._apply_verdict(self._liveness.check())
+
+    def _apply_verdict(self, verdict: Verdict) -> None:
+        if verdict.forgiven:
+            log.info("liveness: no check for %.1f s (this worker was stopped or starved); not blamed on its parts",
+                     verdict.forgiven)
+        for part in verdict.newly_stuck:
+            log.error("%s made no progress for %.1f s (bound %g s)%s: health NOT_SERVING", part,
+                      verdict.stuck[part], self._bounds.stuck_after, self._describe(part))
+        for part in verdict.recovered:
+            log.warning("%s makes progress again", part)
+        self._set_serving(verdict.serving)
+        for part in verdict.replace:
+            slot = int(part.rsplit("-", 1)[1])
+            self._replace_runner(slot, verdict.stuck[part])
+
+    def _describe(self, part: str) -> str:
+        if part == SESSION:
+            return " (the session loop that sends heartbeats)"
+        runner = self._runners[int(part.rsplit("-", 1)[1])]
+        pid = runner.pid
+        return "" if pid is None else f" (trial runner pid {pid}, state {process_state(pid)})"
+
+    def _set_serving(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        if self._health is not None:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            self._health.set("", status)
+            self._health.set("morphml.Worker", status)
+        if serving:
+            log.warning("every part makes progress: health SERVING")
+
+    def _replace_runner(self, slot: int, silent: float) -> None:
+        """A runner stuck past replace_after is SIGKILLed; its slot thread reports the running
+        trial as failed and starts the next runner. (Not given back as an infrastructure loss:
+        a trial that wedges every runner it meets would then be re-leased for ever without
+        using its retries; and the protocol's only hand-back, Deregister, requeues the other
+        slots' trials too.)"""
+        runner = self._runners[slot]
+        pid = runner.pid
+        reason = (f"trial runner {slot} (pid {pid}, state {process_state(pid) if pid else '?'}) made no progress "
+                  f"for {silent:.1f} s (liveness bound {self._bounds.replace_after:g} s); its process was killed")
+        log.error("%s", reason)
+        runner.kill_wedged(reason)
+
     # --- draining and exit ---------------------------------------------------------------------
     def _finish_drain(self, reason: str) -> None:
         deadline = time.monotonic() + self.config.grace_seconds
@@ -605,7 +818,7 @@ class WorkerNode:
         if not self.config.health_port:
             return
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        servicer = health.HealthServicer()
+        servicer = LivenessHealthServicer(self._liveness, lambda: self._bounds.stuck_after)
         health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         host = self.config.health_host or default_bind_host()
         if not server.add_insecure_port(f"{host}:{self.config.health_port}"):
@@ -613,7 +826,26 @@ class WorkerNode:
         server.start()
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         servicer.set("morphml.Worker", health_pb2.HealthCheckResponse.SERVING)
+        self._health = servicer
         self._health_server = server
+
+
+class LivenessHealthServicer(health.HealthServicer):
+    """grpc.health.v1 whose SERVING also requires the liveness checker itself to be checking:
+    a checker thread that died or hung would otherwise leave its last SERVING behind."""
+
+    def __init__(self, liveness: LivenessMonitor, bound: Callable[[], float]):
+        super().__init__()
+        self._liveness_monitor = liveness
+        self._bound = bound
+
+    def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext  # noqa: N802 (the RPC)
+              ) -> health_pb2.HealthCheckResponse:
+        reply = super().Check(request, context)
+        age = self._liveness_monitor.check_age()
+        if reply.status == health_pb2.HealthCheckResponse.SERVING and age is not None and age > self._bound():
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return reply
 
 
 def _version() -> str:

@@ -1,0 +1,152 @@
+"""Process tests: the worker's gRPC health tracks the liveness of its parts.
+
+Real master and worker processes on loopback; the health is read with grpc.health.v1 Check on
+the worker's --health-port, the same call the kubelet's gRPC readiness probe makes. A runner is
+wedged by SIGSTOP on that child only (found through /proc children of the worker pid): the
+worker keeps heartbeating, so the master's own loss paths never fire, and only the worker's
+liveness check can notice. With --heartbeat-interval 1 the bounds are the defaults' floor:
+stuck after 10 s (NOT_SERVING), replaced after 20 s (morphml.distributed.liveness).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from proc_helpers import (
+    assert_each_trial_once,
+    finished,
+    free_port,
+    journal_events,
+    journal_rows,
+    status,
+    wait_for,
+    write_manifest,
+)
+
+pytestmark = pytest.mark.process
+
+STUCK_AFTER = 10.0  # liveness_bounds(1.0): max(3 x 1 s, 10 s)
+REPLACE_AFTER = 20.0
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health(port: int, service: str = "morphml.Worker") -> int | None:
+    """The worker's grpc.health.v1 Check answer (None: no answer)."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Child processes of `pid` (any of its threads may have started them)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def running_worker(port: int):
+    """(worker name, task id, attempt) of some live worker holding a lease."""
+    st = status(port)
+    for w in st.workers if st else []:
+        if w.state != "dead" and w.running:
+            return w.worker_name, w.running[0].task_id, w.running[0].attempt
+    return None
+
+
+@pytest.mark.timeout(150)
+def test_sigstopped_runner_turns_health_not_serving_and_its_trial_is_rerun_elsewhere_once(procs, tmp_path):
+    # Budget 2, three workers: one stays idle, so the wedged runner's trial can go there.
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "1", "--missed-heartbeats", "3"])
+    health_ports = {name: free_port() for name in ("wa", "wb", "wc")}
+    workers = {name: procs.worker(port, name, extra=["--health-port", str(hp)], env={"MORPHML_TEST_SLEEP": "4"})
+               for name, hp in health_ports.items()}
+    victim, task_id, attempt = wait_for(lambda: running_worker(port), 40, "a running trial")
+    assert attempt == 1
+    victim_health = health_ports[victim]
+    assert health(victim_health) == SERVING
+    time.sleep(0.5)  # the lease has reached the runner
+    [runner] = children(workers[victim].pid)
+    os.kill(runner, signal.SIGSTOP)  # the runner only: the worker itself keeps heartbeating
+    stopped_at = time.monotonic()
+    try:
+        # (a) NOT_SERVING once the runner has been silent past the bound, on both services
+        wait_for(lambda: health(victim_health) == NOT_SERVING, STUCK_AFTER + 8, "the wedged worker's NOT_SERVING")
+        detected_s = time.monotonic() - stopped_at
+        assert health(victim_health, "") == NOT_SERVING
+        print(f"\nrunner SIGSTOP -> NOT_SERVING {detected_s:.2f} s (bound {STUCK_AFTER:g} s)")
+        # last beat at most one beat period (1 s) before the stop, one check period (1 s) late
+        assert STUCK_AFTER - 1.5 <= detected_s <= STUCK_AFTER + 3.0, detected_s
+        assert all(health(hp) == SERVING for name, hp in health_ports.items() if name != victim)
+        st = status(port)
+        assert not st.losses, "the master saw a loss: only the worker's liveness check should see this one"
+
+        # (b) past the replacement bound the worker kills the runner and reports the trial failed;
+        # the master retries it on another worker
+        journal = tmp_path / "journal.db"
+        relet = wait_for(lambda: [e for e in journal_events(journal, "leased")
+                                  if e["task_id"] == task_id and e["attempt"] == 2],
+                         REPLACE_AFTER + 15, "the wedged trial's re-lease")
+        relet_s = time.monotonic() - stopped_at
+        print(f"runner SIGSTOP -> trial re-leased {relet_s:.2f} s (replace after {REPLACE_AFTER:g} s)")
+        assert relet[0]["worker_name"] != victim
+        assert REPLACE_AFTER - 1.5 <= relet_s <= REPLACE_AFTER + 8.0, relet_s
+        wait_for(lambda: not alive(runner), 10, "the wedged runner to be killed")
+        # a new runner answers, and the worker is SERVING again
+        wait_for(lambda: health(victim_health) == SERVING, 30, "SERVING after the runner was replaced")
+        assert children(workers[victim].pid) and runner not in children(workers[victim].pid)
+    finally:
+        if alive(runner):
+            os.kill(runner, signal.SIGCONT)
+    st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to finish")
+    assert st.phase == "Succeeded" and st.succeeded == 2
+    assert_each_trial_once(journal, 2)
+    task = journal_rows(journal, "SELECT finished_attempt, finished_by, retries_used FROM tasks WHERE task_id = ?",
+                        (task_id,))[0]
+    assert task[0] == 2 and task[1] != victim and task[2] == 1  # counted once, on another worker, one retry
+    [(ok, kind, message)] = journal_rows(journal, "SELECT ok, failure_kind, failure_message FROM results"
+                                                  " WHERE task_id = ? AND attempt = 1", (task_id,))
+    assert not ok and kind == "timeout" and "trial runner 0" in message and "state T" in message, message
+    assert not st.losses and st.retries == 1  # the worker itself was never lost
+
+
+@pytest.mark.timeout(120)
+def test_a_runner_training_longer_than_the_bounds_keeps_the_worker_serving(procs, tmp_path):
+    # One trial that sleeps past both bounds (stuck 10 s, replace 20 s): its runner keeps beating.
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=1)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "1", "--missed-heartbeats", "3"])
+    hp = free_port()
+    procs.worker(port, "wa", extra=["--health-port", str(hp)], env={"MORPHML_TEST_SLEEP": str(REPLACE_AFTER + 4)})
+    wait_for(lambda: running_worker(port), 40, "the trial to start")
+    answers = []
+    while not finished(status(port)):
+        answers.append(health(hp))
+        assert len(answers) < 1000, "the trial never finished"
+        time.sleep(0.1)
+    assert answers and all(a == SERVING for a in answers), sorted(set(answers))
+    st = status(port)
+    assert st.phase == "Succeeded" and st.succeeded == 1 and not st.losses and st.retries == 0
+    assert journal_rows(tmp_path / "journal.db", "SELECT finished_attempt FROM tasks") == [(1,)]
