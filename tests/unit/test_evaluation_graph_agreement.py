@@ -21,13 +21,25 @@ pytestmark = pytest.mark.unit
 # Every layer type, optional layers, and repeated blocks with add and concat skips.
 EVERY_OP_SPACE = {
     "layers": [
-        {"type": "conv2d", "filters": [4, 8], "kernelSize": [1, 3, 5], "stride": [1, 2], "activation": ["relu", "gelu", "none"]},
+        {
+            "type": "conv2d",
+            "filters": [4, 8],
+            "kernelSize": [1, 3, 5],
+            "stride": [1, 2],
+            "activation": ["relu", "gelu", "none"],
+        },
         {"type": "batchnorm", "optional": True},
-        {"block": {"repeat": {"min": 0, "max": 2}, "skip": ["none", "add", "concat"], "layers": [
-            {"type": "sepconv2d", "filters": [4, 6], "kernelSize": [3], "activation": ["silu"]},
-            {"type": "depthwise_conv2d", "kernelSize": [3], "activation": ["tanh"], "optional": True},
-            {"type": "relu", "optional": True},
-        ]}},
+        {
+            "block": {
+                "repeat": {"min": 0, "max": 2},
+                "skip": ["none", "add", "concat"],
+                "layers": [
+                    {"type": "sepconv2d", "filters": [4, 6], "kernelSize": [3], "activation": ["silu"]},
+                    {"type": "depthwise_conv2d", "kernelSize": [3], "activation": ["tanh"], "optional": True},
+                    {"type": "relu", "optional": True},
+                ],
+            }
+        },
         {"type": "maxpool", "poolSize": [2], "optional": True},
         {"type": "avgpool", "poolSize": [2, 3], "stride": [1], "optional": True},
         {"type": "gelu", "optional": True},
@@ -36,10 +48,16 @@ EVERY_OP_SPACE = {
         {"type": "identity", "optional": True},
         {"type": "global_avgpool", "optional": True},
         {"type": "flatten", "optional": True},
-        {"block": {"repeat": {"min": 0, "max": 2}, "skip": ["none", "add", "concat"], "layers": [
-            {"type": "dense", "units": [8, 12], "activation": ["relu", "none"]},
-            {"type": "dropout", "rate": [0.0, 0.3], "optional": True},
-        ]}},
+        {
+            "block": {
+                "repeat": {"min": 0, "max": 2},
+                "skip": ["none", "add", "concat"],
+                "layers": [
+                    {"type": "dense", "units": [8, 12], "activation": ["relu", "none"]},
+                    {"type": "dropout", "rate": [0.0, 0.3], "optional": True},
+                ],
+            }
+        },
     ]
 }
 

@@ -48,7 +48,7 @@ def relabelled(graph: ArchitectureGraph, seed: int) -> ArchitectureGraph:
     ids = [n.id for n in graph.nodes]
     fresh = [f"node-{rng.randrange(10**9)}-{i}" for i in range(len(ids))]
     rng.shuffle(fresh)
-    rename = dict(zip(ids, fresh))
+    rename = dict(zip(ids, fresh, strict=True))
     nodes = [{"id": rename[n.id], "op": n.op, "params": dict(n.params)} for n in graph.nodes]
     rng.shuffle(nodes)
     by_target: dict[str, list[list[str]]] = {}
@@ -95,11 +95,17 @@ def test_dropout_rate_zero_int_and_float_hash_equal() -> None:
 
 
 def test_relabelled_copies_hash_equal() -> None:
-    space = SearchSpace("h").add_layers(
-        Layer.conv2d(filters=[8, 16]),
-        Block([Layer.conv2d(filters=[8, 16]), Layer.batchnorm(optional=True)], repeat=(1, 3), skip=["add", "concat"]),
-        Layer.global_avgpool(),
-    ).bind([3, 8, 8], 4)
+    space = (
+        SearchSpace("h")
+        .add_layers(
+            Layer.conv2d(filters=[8, 16]),
+            Block(
+                [Layer.conv2d(filters=[8, 16]), Layer.batchnorm(optional=True)], repeat=(1, 3), skip=["add", "concat"]
+            ),
+            Layer.global_avgpool(),
+        )
+        .bind([3, 8, 8], 4)
+    )
     rng = random.Random(0)
     for seed in range(30):
         graph = space.sample(rng)
@@ -147,11 +153,19 @@ def test_shared_layer_and_two_identical_parallel_layers_hash_different() -> None
 
 
 def test_equal_hash_exactly_when_equal_canonical_form_over_many_samples() -> None:
-    space = SearchSpace("many").add_layers(
-        Layer.conv2d(filters=[4, 8], kernel_size=[1, 3]),
-        Block([Layer.conv2d(filters=[4, 8], kernel_size=[3]), Layer.relu(optional=True)], repeat=(0, 2), skip=["none", "add", "concat"]),
-        Layer.global_avgpool(optional=True),
-    ).bind([2, 4, 4], 3)
+    space = (
+        SearchSpace("many")
+        .add_layers(
+            Layer.conv2d(filters=[4, 8], kernel_size=[1, 3]),
+            Block(
+                [Layer.conv2d(filters=[4, 8], kernel_size=[3]), Layer.relu(optional=True)],
+                repeat=(0, 2),
+                skip=["none", "add", "concat"],
+            ),
+            Layer.global_avgpool(optional=True),
+        )
+        .bind([2, 4, 4], 3)
+    )
     rng = random.Random(0)
     by_hash: dict[str, str] = {}
     by_form: dict[str, str] = {}
@@ -184,29 +198,87 @@ OUT = {"id": "o", "op": "output", "params": {"units": 2}}
 @pytest.mark.parametrize(
     ("data", "mentions"),
     [
-        (raw([IN, {"id": "a", "op": "relu", "params": {}}, {"id": "b", "op": "relu", "params": {}}, OUT],
-             [["i", "a"], ["a", "b"], ["b", "a"], ["b", "o"]]), "a"),
-        (raw([IN, {"id": "a", "op": "relu", "params": {}}, {"id": "b", "op": "relu", "params": {}}, OUT],
-             [["i", "a"], ["b", "a"], ["a", "b"], ["b", "o"]]), "needs exactly 1 input"),
+        (
+            raw(
+                [IN, {"id": "a", "op": "relu", "params": {}}, {"id": "b", "op": "relu", "params": {}}, OUT],
+                [["i", "a"], ["a", "b"], ["b", "a"], ["b", "o"]],
+            ),
+            "a",
+        ),
+        (
+            raw(
+                [IN, {"id": "a", "op": "relu", "params": {}}, {"id": "b", "op": "relu", "params": {}}, OUT],
+                [["i", "a"], ["b", "a"], ["a", "b"], ["b", "o"]],
+            ),
+            "needs exactly 1 input",
+        ),
         (raw([IN, dict(IN, id="j"), OUT], [["i", "o"]]), "exactly one input node"),
-        (raw([IN, {"id": "a", "op": "relu", "params": {}}, OUT], [["i", "o"], ["i", "a"]]), "node a (relu): does not lead to the output"),
-        (raw([IN, {"id": "p", "op": "maxpool", "params": {"pool_size": 3}}, OUT], [["i", "p"], ["p", "o"]], shape=(1, 2, 2)),
-         "node p (maxpool): pool_size 3 on a 2x2 input shrinks a dimension below 1"),
-        (raw([IN, {"id": "f", "op": "flatten", "params": {}}, {"id": "c", **conv()}, OUT], [["i", "f"], ["f", "c"], ["c", "o"]]),
-         "node c (conv2d): needs an image input"),
-        (raw([IN, {"id": "c", "op": "conv3d", "params": {}}, OUT], [["i", "c"], ["c", "o"]]), "node c: unknown op 'conv3d'"),
-        (raw([IN, {"id": "c", "op": "conv2d", "params": {"filters": 8, "padding": 1}}, OUT], [["i", "c"], ["c", "o"]]),
-         "node c (conv2d): unknown param 'padding'"),
-        (raw([IN, {"id": "c", "op": "conv2d", "params": {"filters": 8, "kernel_size": 17}}, OUT], [["i", "c"], ["c", "o"]]),
-         "node c (conv2d): param 'kernel_size': 17 is not allowed"),
-        (raw([IN, dict(OUT, params={"units": 3})], [["i", "o"]]), "node o (output): units 3 differs from num_classes 2"),
-        (raw([IN, {"id": "m", "op": "add", "params": {}}, OUT], [["i", "m"], ["m", "o"]]), "node m (add): needs at least 2 inputs"),
-        (raw([IN, {"id": "p", "op": "maxpool", "params": {}}, {"id": "m", "op": "concat", "params": {}}, OUT],
-             [["i", "p"], ["p", "m"], ["i", "m"], ["m", "o"]]), "node m (concat): inputs have different spatial sizes"),
-        (raw([IN, {"id": "f", "op": "flatten", "params": {}}, {"id": "m", "op": "add", "params": {}}, OUT],
-             [["i", "f"], ["f", "m"], ["i", "m"], ["m", "o"]]), "node m (add): inputs mix image"),
-        (raw([IN, {"id": "d", "op": "depthwise_conv2d", "params": {"filters": 3}}, OUT], [["i", "d"], ["d", "o"]], shape=(2, 8, 8)),
-         "not a multiple of the 2 input channels"),
+        (
+            raw([IN, {"id": "a", "op": "relu", "params": {}}, OUT], [["i", "o"], ["i", "a"]]),
+            "node a (relu): does not lead to the output",
+        ),
+        (
+            raw(
+                [IN, {"id": "p", "op": "maxpool", "params": {"pool_size": 3}}, OUT],
+                [["i", "p"], ["p", "o"]],
+                shape=(1, 2, 2),
+            ),
+            "node p (maxpool): pool_size 3 on a 2x2 input shrinks a dimension below 1",
+        ),
+        (
+            raw(
+                [IN, {"id": "f", "op": "flatten", "params": {}}, {"id": "c", **conv()}, OUT],
+                [["i", "f"], ["f", "c"], ["c", "o"]],
+            ),
+            "node c (conv2d): needs an image input",
+        ),
+        (
+            raw([IN, {"id": "c", "op": "conv3d", "params": {}}, OUT], [["i", "c"], ["c", "o"]]),
+            "node c: unknown op 'conv3d'",
+        ),
+        (
+            raw(
+                [IN, {"id": "c", "op": "conv2d", "params": {"filters": 8, "padding": 1}}, OUT], [["i", "c"], ["c", "o"]]
+            ),
+            "node c (conv2d): unknown param 'padding'",
+        ),
+        (
+            raw(
+                [IN, {"id": "c", "op": "conv2d", "params": {"filters": 8, "kernel_size": 17}}, OUT],
+                [["i", "c"], ["c", "o"]],
+            ),
+            "node c (conv2d): param 'kernel_size': 17 is not allowed",
+        ),
+        (
+            raw([IN, dict(OUT, params={"units": 3})], [["i", "o"]]),
+            "node o (output): units 3 differs from num_classes 2",
+        ),
+        (
+            raw([IN, {"id": "m", "op": "add", "params": {}}, OUT], [["i", "m"], ["m", "o"]]),
+            "node m (add): needs at least 2 inputs",
+        ),
+        (
+            raw(
+                [IN, {"id": "p", "op": "maxpool", "params": {}}, {"id": "m", "op": "concat", "params": {}}, OUT],
+                [["i", "p"], ["p", "m"], ["i", "m"], ["m", "o"]],
+            ),
+            "node m (concat): inputs have different spatial sizes",
+        ),
+        (
+            raw(
+                [IN, {"id": "f", "op": "flatten", "params": {}}, {"id": "m", "op": "add", "params": {}}, OUT],
+                [["i", "f"], ["f", "m"], ["i", "m"], ["m", "o"]],
+            ),
+            "node m (add): inputs mix image",
+        ),
+        (
+            raw(
+                [IN, {"id": "d", "op": "depthwise_conv2d", "params": {"filters": 3}}, OUT],
+                [["i", "d"], ["d", "o"]],
+                shape=(2, 8, 8),
+            ),
+            "not a multiple of the 2 input channels",
+        ),
         (raw([IN, IN, OUT], [["i", "o"]]), "duplicate node id 'i'"),
         (raw([IN, OUT], [["i", "o"], ["i", "o"]]), "duplicate edge"),
         (raw([IN, OUT], [["i", "x"]]), "unknown node 'x'"),
@@ -225,7 +297,7 @@ def test_cycle_is_reported() -> None:
         [IN, {"id": "m", "op": "add", "params": {}}, {"id": "a", "op": "relu", "params": {}}, OUT],
         [["i", "m"], ["a", "m"], ["m", "a"], ["a", "o"]],
     )
-    with pytest.raises(GraphError, match="cycle|does not lead|needs exactly"):
+    with pytest.raises(GraphError, match=r"cycle|does not lead|needs exactly"):
         ArchitectureGraph.from_json(data)
 
 
@@ -258,8 +330,16 @@ def test_strided_conv_uses_same_padding_and_flat_input_works() -> None:
 
 
 def test_summary_is_one_short_line() -> None:
-    graph = chain_graph(conv(32), {"op": "batchnorm", "params": {}}, conv(32), conv(32), {"op": "maxpool", "params": {}},
-                        {"op": "dense", "params": {"units": 64}}, {"op": "dropout", "params": {"rate": 0.2}}, skips=[(3, 1)])
+    graph = chain_graph(
+        conv(32),
+        {"op": "batchnorm", "params": {}},
+        conv(32),
+        conv(32),
+        {"op": "maxpool", "params": {}},
+        {"op": "dense", "params": {"units": 64}},
+        {"op": "dropout", "params": {"rate": 0.2}},
+        skips=[(3, 1)],
+    )
     assert graph.summary() == "conv32k3-bn-conv32k3x2-add-maxpool2-fc64-drop0.2"
     big = chain_graph(*[conv(8, k) for k in (1, 3, 5, 7, 9, 11, 13, 15)] * 4)
     assert len(big.summary()) <= 120 and "\n" not in big.summary()
@@ -269,13 +349,17 @@ def test_summary_is_one_short_line() -> None:
 
 
 def small_space() -> SearchSpace:
-    return SearchSpace("m").add_layers(
-        Layer.conv2d(filters=[8, 16, 32], kernel_size=[3, 5]),
-        Block([Layer.conv2d(filters=[8, 16])], repeat=(1, 2), skip=["none", "add"]),
-        Layer.maxpool(pool_size=[2]),
-        Layer.flatten(),
-        Layer.dense(units=[16, 32]),
-    ).bind([1, 8, 8], 10)
+    return (
+        SearchSpace("m")
+        .add_layers(
+            Layer.conv2d(filters=[8, 16, 32], kernel_size=[3, 5]),
+            Block([Layer.conv2d(filters=[8, 16])], repeat=(1, 2), skip=["none", "add"]),
+            Layer.maxpool(pool_size=[2]),
+            Layer.flatten(),
+            Layer.dense(units=[16, 32]),
+        )
+        .bind([1, 8, 8], 10)
+    )
 
 
 @pytest.mark.parametrize("kind", ["change_param", "add_layer", "remove_layer", "add_skip", "remove_skip"])

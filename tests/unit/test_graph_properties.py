@@ -21,39 +21,53 @@ MANY = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthC
 
 def rich_space() -> SearchSpace:
     """Every layer kind, optional layers, nested repeated blocks with add/concat skips."""
-    return SearchSpace("rich").add_layers(
-        Layer.conv2d(filters=[8, 16], kernel_size=[1, 2, 3, 5], stride=[1, 2], activation=["relu", "gelu", "none"]),
-        Layer.batchnorm(optional=True),
-        Block(
-            [
-                Layer.sepconv2d(filters=[8, 16], kernel_size=[3, 4]),
-                Layer.depthwise_conv2d(kernel_size=[3], optional=True),
-                Layer.silu(optional=True),
-                Block([Layer.conv2d(filters=[8], kernel_size=[3]), Layer.tanh()], repeat=(0, 1), skip=["none", "add"]),
-            ],
-            repeat=(0, 3),
-            skip=["none", "add", "concat"],
-        ),
-        Layer.maxpool(pool_size=[2, 3], optional=True),
-        Layer.avgpool(pool_size=[2], stride=[1, 2], optional=True),
-        Layer.relu(optional=True),
-        Layer.identity(optional=True),
-        Layer.global_avgpool(optional=True),
-        Layer.flatten(optional=True),
-        Block([Layer.dense(units=[16, 32], activation=["relu", "gelu"]), Layer.dropout(rate=[0.0, 0.3])], repeat=(0, 2), skip=["none", "add", "concat"]),
-    ).bind([1, 8, 8], 10)
+    return (
+        SearchSpace("rich")
+        .add_layers(
+            Layer.conv2d(filters=[8, 16], kernel_size=[1, 2, 3, 5], stride=[1, 2], activation=["relu", "gelu", "none"]),
+            Layer.batchnorm(optional=True),
+            Block(
+                [
+                    Layer.sepconv2d(filters=[8, 16], kernel_size=[3, 4]),
+                    Layer.depthwise_conv2d(kernel_size=[3], optional=True),
+                    Layer.silu(optional=True),
+                    Block(
+                        [Layer.conv2d(filters=[8], kernel_size=[3]), Layer.tanh()], repeat=(0, 1), skip=["none", "add"]
+                    ),
+                ],
+                repeat=(0, 3),
+                skip=["none", "add", "concat"],
+            ),
+            Layer.maxpool(pool_size=[2, 3], optional=True),
+            Layer.avgpool(pool_size=[2], stride=[1, 2], optional=True),
+            Layer.relu(optional=True),
+            Layer.identity(optional=True),
+            Layer.global_avgpool(optional=True),
+            Layer.flatten(optional=True),
+            Block(
+                [Layer.dense(units=[16, 32], activation=["relu", "gelu"]), Layer.dropout(rate=[0.0, 0.3])],
+                repeat=(0, 2),
+                skip=["none", "add", "concat"],
+            ),
+        )
+        .bind([1, 8, 8], 10)
+    )
 
 
 SPACE = rich_space()
 
 # Flat feature input ([F]): only dense-side layers make sense; mutations that insert image layers
 # must be refused and retried.
-FLAT_SPACE = SearchSpace("flat").add_layers(
-    Layer.dense(units=[8, 16]),
-    Layer.batchnorm(optional=True),
-    Block([Layer.dense(units=[8, 16]), Layer.gelu(optional=True)], repeat=(0, 2), skip=["none", "add", "concat"]),
-    Layer.dropout(rate=[0.0, 0.5], optional=True),
-).bind([12], 3)
+FLAT_SPACE = (
+    SearchSpace("flat")
+    .add_layers(
+        Layer.dense(units=[8, 16]),
+        Layer.batchnorm(optional=True),
+        Block([Layer.dense(units=[8, 16]), Layer.gelu(optional=True)], repeat=(0, 2), skip=["none", "add", "concat"]),
+        Layer.dropout(rate=[0.0, 0.5], optional=True),
+    )
+    .bind([12], 3)
+)
 
 
 def _chain(seed: int, length: int) -> list[ArchitectureGraph]:

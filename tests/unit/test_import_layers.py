@@ -105,7 +105,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
                 continue
             nxt = pending.pop(0)
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)

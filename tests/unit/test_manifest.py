@@ -126,7 +126,7 @@ def test_load_from_path_text_and_dict_agree(tmp_path):
 
 
 def test_missing_file_is_a_manifest_error_naming_the_file(tmp_path):
-    with pytest.raises(ManifestError, match="nope.yaml"):
+    with pytest.raises(ManifestError, match=r"nope\.yaml"):
         load_manifest(tmp_path / "nope.yaml")
 
 

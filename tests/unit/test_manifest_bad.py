@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import yaml
@@ -67,29 +68,59 @@ def _delete(path: str) -> Callable[[dict], None]:
 BAD_MANIFESTS: list[BadManifest] = [
     BadManifest("missing_search_space", _delete("spec.searchSpace"), "spec.searchSpace"),
     BadManifest("empty_layer_list", _set("spec.searchSpace.layers", []), "spec.searchSpace.layers"),
-    BadManifest("unknown_layer_type", _set("spec.searchSpace.layers.0.type", "conv3d"), "spec.searchSpace.layers[0].type"),
-    BadManifest("scalar_instead_of_choice_list", _set("spec.searchSpace.layers.0.filters", 16), "spec.searchSpace.layers[0].filters"),
-    BadManifest("parameter_on_wrong_layer_type", _set("spec.searchSpace.layers.0.units", [64]), "spec.searchSpace.layers[0].units"),
+    BadManifest(
+        "unknown_layer_type", _set("spec.searchSpace.layers.0.type", "conv3d"), "spec.searchSpace.layers[0].type"
+    ),
+    BadManifest(
+        "scalar_instead_of_choice_list",
+        _set("spec.searchSpace.layers.0.filters", 16),
+        "spec.searchSpace.layers[0].filters",
+    ),
+    BadManifest(
+        "parameter_on_wrong_layer_type",
+        _set("spec.searchSpace.layers.0.units", [64]),
+        "spec.searchSpace.layers[0].units",
+    ),
     BadManifest("dense_without_units", _delete("spec.searchSpace.layers.5.units"), "spec.searchSpace.layers[5].type"),
-    BadManifest("layer_with_type_and_block", _set("spec.searchSpace.layers.2.type", "conv2d"), "spec.searchSpace.layers[2]"),
-    BadManifest("repeat_min_above_max", _set("spec.searchSpace.layers.2.block.repeat", {"min": 3, "max": 2}), "spec.searchSpace.layers[2].block.repeat.min"),
-    BadManifest("dropout_rate_one", _set("spec.searchSpace.layers.6.rate", [1.0]), "spec.searchSpace.layers[6].rate[0]"),
-    BadManifest("duplicate_choice", _set("spec.searchSpace.layers.0.filters", [16, 16]), "spec.searchSpace.layers[0].filters[1]"),
+    BadManifest(
+        "layer_with_type_and_block", _set("spec.searchSpace.layers.2.type", "conv2d"), "spec.searchSpace.layers[2]"
+    ),
+    BadManifest(
+        "repeat_min_above_max",
+        _set("spec.searchSpace.layers.2.block.repeat", {"min": 3, "max": 2}),
+        "spec.searchSpace.layers[2].block.repeat.min",
+    ),
+    BadManifest(
+        "dropout_rate_one", _set("spec.searchSpace.layers.6.rate", [1.0]), "spec.searchSpace.layers[6].rate[0]"
+    ),
+    BadManifest(
+        "duplicate_choice", _set("spec.searchSpace.layers.0.filters", [16, 16]), "spec.searchSpace.layers[0].filters[1]"
+    ),
     BadManifest("unknown_optimizer", _set("spec.optimizer.algorithm", "bayesian"), "spec.optimizer.algorithm"),
     BadManifest("population_size_one", _set("spec.optimizer.populationSize", 1), "spec.optimizer.populationSize"),
     BadManifest("elitism_not_below_population", _set("spec.optimizer.elitism", 8), "spec.optimizer.elitism"),
-    BadManifest("tournament_larger_than_population", _set("spec.optimizer.tournamentSize", 9), "spec.optimizer.tournamentSize"),
+    BadManifest(
+        "tournament_larger_than_population", _set("spec.optimizer.tournamentSize", 9), "spec.optimizer.tournamentSize"
+    ),
     BadManifest("mutation_rate_above_one", _set("spec.optimizer.mutationRate", 1.5), "spec.optimizer.mutationRate"),
     BadManifest("epochs_wrong_type", _set("spec.evaluation.epochs", "many"), "spec.evaluation.epochs"),
     BadManifest("unknown_dataset", _set("spec.evaluation.dataset.name", "imagenet"), "spec.evaluation.dataset.name"),
-    BadManifest("npz_dataset_without_path", _set("spec.evaluation.dataset.name", "npz"), "spec.evaluation.dataset.path"),
-    BadManifest("evaluator_not_module_function", _set("spec.evaluation.evaluator", "my evaluator"), "spec.evaluation.evaluator"),
+    BadManifest(
+        "npz_dataset_without_path", _set("spec.evaluation.dataset.name", "npz"), "spec.evaluation.dataset.path"
+    ),
+    BadManifest(
+        "evaluator_not_module_function", _set("spec.evaluation.evaluator", "my evaluator"), "spec.evaluation.evaluator"
+    ),
     BadManifest("missing_evaluation", _delete("spec.evaluation"), "spec.evaluation"),
     BadManifest("val_loss_maximized", _set("spec.objective.metric", "val_loss"), "spec.objective.goal"),
     BadManifest("max_failed_above_max_trials", _set("spec.budget.maxFailedTrials", 30), "spec.budget.maxFailedTrials"),
     BadManifest("negative_replicas", _set("spec.workers.replicas", -1), "spec.workers.replicas"),
     BadManifest("negative_gpus", _set("spec.workers.gpusPerWorker", -1), "spec.workers.gpusPerWorker"),
-    BadManifest("missed_heartbeats_zero", _set("spec.faultTolerance.missedHeartbeats", 0), "spec.faultTolerance.missedHeartbeats"),
+    BadManifest(
+        "missed_heartbeats_zero",
+        _set("spec.faultTolerance.missedHeartbeats", 0),
+        "spec.faultTolerance.missedHeartbeats",
+    ),
     BadManifest("suspend_wrong_type", _set("spec.suspend", "yes"), "spec.suspend"),
     BadManifest("name_too_long_for_pod_names", _set("metadata.name", "d" * 51), "metadata.name"),
 ]

@@ -51,7 +51,9 @@ def command_search(argv: list[str]):
 
 def test_run_and_master_get_identical_settings_and_optimizer_from_one_manifest(manifest_file, tmp_path):
     _, run_optimizer, run_settings = command_search(["run", manifest_file])
-    _, master_optimizer, master_settings = command_search(["master", manifest_file, "--journal", str(tmp_path / "j.db")])
+    _, master_optimizer, master_settings = command_search(
+        ["master", manifest_file, "--journal", str(tmp_path / "j.db")]
+    )
     run_fields, master_fields = dataclasses.asdict(run_settings), dataclasses.asdict(master_settings)
     # The one documented difference: a local run's workers are all new processes, so a restarted
     # run holds no leases for old ones; the master pod holds them one heartbeat timeout (None).
@@ -72,7 +74,9 @@ def test_run_and_master_apply_the_same_overrides(manifest_file, tmp_path):
 
 
 def test_every_mapped_field_comes_from_the_manifest(manifest_file, tmp_path):
-    _, _, settings = command_search(["master", manifest_file, "--journal", str(tmp_path / "j.db"), "--min-workers", "3"])
+    _, _, settings = command_search(
+        ["master", manifest_file, "--journal", str(tmp_path / "j.db"), "--min-workers", "3"]
+    )
     assert settings.name == "mapped"
     assert (settings.max_trials, settings.max_failed_trials) == (13, 4)
     assert (settings.heartbeat_interval, settings.missed_heartbeats, settings.max_task_retries) == (4.0, 5, 1)
@@ -87,13 +91,16 @@ def test_every_mapped_field_comes_from_the_manifest(manifest_file, tmp_path):
 def test_the_seed_master_node_takes_the_crd_defaults(tmp_path):
     from morphml.distributed.master import MasterNode
 
-    minimal = {k: v for k, v in MANIFEST.items()}
+    minimal = dict(MANIFEST)
     minimal["spec"] = {"searchSpace": MANIFEST["spec"]["searchSpace"], "evaluation": MANIFEST["spec"]["evaluation"]}
     path = tmp_path / "minimal.yaml"
     path.write_text(yaml.safe_dump(minimal))
-    experiment, optimizer, manifest_settings = command_search(["master", str(path), "--journal", str(tmp_path / "j.db")])
-    node = MasterNode(optimizer, {"name": "mapped", "max_trials": experiment.budget.max_trials,
-                                  "evaluation": experiment.evaluation})
+    experiment, optimizer, manifest_settings = command_search(
+        ["master", str(path), "--journal", str(tmp_path / "j.db")]
+    )
+    node = MasterNode(
+        optimizer, {"name": "mapped", "max_trials": experiment.budget.max_trials, "evaluation": experiment.evaluation}
+    )
     # Budget, fault tolerance, objective and seed defaults: the CRD's, through the same mapping.
     assert node._settings() == manifest_settings
     # Without max_trials the seed API runs population x generations.

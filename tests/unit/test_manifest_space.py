@@ -19,13 +19,22 @@ pytestmark = pytest.mark.unit
 DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.yaml"
 LAYER = crd_schema()["properties"]["spec"]["properties"]["searchSpace"]["properties"]["layers"]["items"]
 PARAMS = ["filters", "kernelSize", "stride", "poolSize", "units", "rate", "activation"]
-SAMPLE_CHOICES = {"filters": [8], "kernelSize": [3], "stride": [1], "poolSize": [2], "units": [8], "rate": [0.1],
-                  "activation": ["relu"]}
+SAMPLE_CHOICES = {
+    "filters": [8],
+    "kernelSize": [3],
+    "stride": [1],
+    "poolSize": [2],
+    "units": [8],
+    "rate": [0.1],
+    "activation": ["relu"],
+}
 
 
 def manifest_with(layer: dict) -> dict:
     return {
-        "apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "metadata": {"name": "one-layer"},
+        "apiVersion": "morphml.io/v1alpha1",
+        "kind": "NASExperiment",
+        "metadata": {"name": "one-layer"},
         "spec": {"searchSpace": {"layers": [layer]}, "evaluation": {"dataset": {"name": "digits"}}},
     }
 

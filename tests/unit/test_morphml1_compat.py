@@ -72,7 +72,9 @@ def test_the_1_0_readme_config_dict_sets_the_constructor_keywords():
     )
     assert (optimizer.population_size, optimizer.num_generations) == (5, 2)
     assert (optimizer.mutation_rate, optimizer.crossover_rate) == (0.1, 0.8)
-    with pytest.raises(OptimizerError, match=r"config\.selection_method: unknown setting for GeneticAlgorithm; allowed: "):
+    with pytest.raises(
+        OptimizerError, match=r"config\.selection_method: unknown setting for GeneticAlgorithm; allowed: "
+    ):
         GeneticAlgorithm(search_space=morphml1_space(), config={"selection_method": "roulette"})
     with pytest.raises(OptimizerError, match=r"config\.population_size: also given as an argument"):
         GeneticAlgorithm(search_space=morphml1_space(), population_size=4, config={"population_size": 5})
@@ -129,5 +131,5 @@ def test_failed_float_results_and_missing_evaluators_are_named():
         RandomSearch(search_space=morphml1_space(), max_trials=3).optimize()
     asked = RandomSearch(search_space=morphml1_space(), max_trials=3, seed=1)
     (candidate,) = asked.ask(1)
-    with pytest.raises(OptimizerError, match="a metrics dict, a number .* or None, got bool"):
+    with pytest.raises(OptimizerError, match=r"a metrics dict, a number .* or None, got bool"):
         asked.tell(candidate.id, True)

@@ -25,7 +25,9 @@ def digits_python_space() -> SearchSpace:
     return SearchSpace("search_space").add_layers(
         Layer.conv2d(filters=[16, 32], kernel_size=[3, 5], activation=["relu", "gelu"]),
         Layer.batchnorm(optional=True),
-        Block([Layer.conv2d(filters=[16, 32], kernel_size=[3], activation=["relu"])], repeat=(0, 2), skip=["none", "add"]),
+        Block(
+            [Layer.conv2d(filters=[16, 32], kernel_size=[3], activation=["relu"])], repeat=(0, 2), skip=["none", "add"]
+        ),
         Layer.maxpool(pool_size=[2]),
         Layer.flatten(),
         Layer.dense(units=[32, 64, 128], activation=["relu"]),
@@ -79,12 +81,16 @@ def test_sample_accepts_the_data_binding_per_call_and_an_int_seed() -> None:
 
 
 def test_optional_layers_repeats_and_skips_change_the_topology() -> None:
-    space = SearchSpace("s").add_layers(
-        Layer.conv2d(filters=[8]),
-        Layer.batchnorm(optional=True),
-        Block([Layer.conv2d(filters=[8, 16])], repeat=(0, 3), skip=["none", "add", "concat"]),
-        Layer.flatten(),
-    ).bind([1, 8, 8], 3)
+    space = (
+        SearchSpace("s")
+        .add_layers(
+            Layer.conv2d(filters=[8]),
+            Layer.batchnorm(optional=True),
+            Block([Layer.conv2d(filters=[8, 16])], repeat=(0, 3), skip=["none", "add", "concat"]),
+            Layer.flatten(),
+        )
+        .bind([1, 8, 8], 3)
+    )
     rng = random.Random(1)
     seen_bn, seen_ops, conv_counts = set(), set(), set()
     for _ in range(200):
@@ -99,9 +105,11 @@ def test_optional_layers_repeats_and_skips_change_the_topology() -> None:
 
 
 def test_residual_add_takes_the_body_output_first() -> None:
-    space = SearchSpace("r").add_layers(
-        Layer.conv2d(filters=[8]), Block([Layer.conv2d(filters=[16])], repeat=1, skip="add")
-    ).bind([1, 8, 8], 2)
+    space = (
+        SearchSpace("r")
+        .add_layers(Layer.conv2d(filters=[8]), Block([Layer.conv2d(filters=[16])], repeat=1, skip="add"))
+        .bind([1, 8, 8], 2)
+    )
     graph = space.sample(0)
     merge = next(n for n in graph.nodes if n.op == "add")
     inputs = [src for src, dst in graph.edges if dst == merge.id]
@@ -129,19 +137,39 @@ def spec_with(layer: dict) -> dict:
     ("layer", "where", "mentions"),
     [
         ({"type": "conv3d", "filters": [8]}, "searchSpace.layers[1].type", ["conv3d", "conv2d"]),
-        ({"type": "conv2d", "filters": [8], "kernelSize": []}, "searchSpace.layers[1].kernelSize", ["empty choice list"]),
-        ({"type": "conv2d", "filters": [8], "kernelSize": [3, 16]}, "searchSpace.layers[1].kernelSize[1]", ["16", "[1, 15]"]),
+        (
+            {"type": "conv2d", "filters": [8], "kernelSize": []},
+            "searchSpace.layers[1].kernelSize",
+            ["empty choice list"],
+        ),
+        (
+            {"type": "conv2d", "filters": [8], "kernelSize": [3, 16]},
+            "searchSpace.layers[1].kernelSize[1]",
+            ["16", "[1, 15]"],
+        ),
         ({"type": "conv2d", "filters": [8], "kernal": [3]}, "searchSpace.layers[1].kernal", ["kernelSize"]),
         ({"type": "conv2d", "filters": [8], "kernel_size": [3]}, "searchSpace.layers[1].kernel_size", ["kernelSize"]),
         ({"type": "conv2d"}, "searchSpace.layers[1].filters", ["required"]),
         ({"type": "dense", "units": 64}, "searchSpace.layers[1].units", ["64", "list"]),
         ({"type": "dense", "units": [0]}, "searchSpace.layers[1].units", ["0", "integer"]),
         ({"type": "dropout", "rate": [1.5]}, "searchSpace.layers[1].rate", ["1.5", "[0, 1)"]),
-        ({"type": "dense", "units": [8], "activation": ["swish"]}, "searchSpace.layers[1].activation", ["swish", "gelu"]),
+        (
+            {"type": "dense", "units": [8], "activation": ["swish"]},
+            "searchSpace.layers[1].activation",
+            ["swish", "gelu"],
+        ),
         ({"type": "batchnorm", "optional": "yes"}, "searchSpace.layers[1].optional", ["yes"]),
         ({"type": "output", "units": [10]}, "searchSpace.layers[1].type", ["dataset"]),
-        ({"block": {"repeat": {"min": 3, "max": 1}, "layers": [{"type": "relu"}]}}, "searchSpace.layers[1].block.repeat", ["min 3"]),
-        ({"block": {"skip": ["residual"], "layers": [{"type": "relu"}]}}, "searchSpace.layers[1].block.skip[0]", ["residual", "concat"]),
+        (
+            {"block": {"repeat": {"min": 3, "max": 1}, "layers": [{"type": "relu"}]}},
+            "searchSpace.layers[1].block.repeat",
+            ["min 3"],
+        ),
+        (
+            {"block": {"skip": ["residual"], "layers": [{"type": "relu"}]}},
+            "searchSpace.layers[1].block.skip[0]",
+            ["residual", "concat"],
+        ),
         ({"block": {"layers": []}}, "searchSpace.layers[1].block.layers", ["non-empty"]),
         (
             {"block": {"layers": [{"type": "conv2d", "filters": [8], "kernelSize": []}]}},
@@ -179,8 +207,14 @@ def test_empty_layer_list_and_unknown_top_level_field_are_refused() -> None:
         (lambda: Layer.output(units=[10, 20]), "output.units: [10, 20] is not allowed"),
         (lambda: Block([], repeat=1), "block.layers"),
         (lambda: Block([Layer.relu()], repeat=(2, 1)), "min 2 is greater than max 1"),
-        (lambda: SearchSpace("s").add_layers(Layer.relu(), Layer.input(shape=(1, 8, 8))), "layers[1]: the input layer must be the first"),
-        (lambda: SearchSpace("s").add_layers(Layer.output(units=3), Layer.relu()), "layers[1]: nothing can follow the output"),
+        (
+            lambda: SearchSpace("s").add_layers(Layer.relu(), Layer.input(shape=(1, 8, 8))),
+            "layers[1]: the input layer must be the first",
+        ),
+        (
+            lambda: SearchSpace("s").add_layers(Layer.output(units=3), Layer.relu()),
+            "layers[1]: nothing can follow the output",
+        ),
     ],
 )
 def test_bad_python_api_definitions_are_refused(build, mentions: str) -> None:
