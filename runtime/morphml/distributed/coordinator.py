@@ -14,6 +14,7 @@ any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -28,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .clock import SystemClock
+from .clock import ManualClock, SystemClock
 from .journal import Journal, JournalError
 from .leases import LeaseTable, ResultMatch, Task
 from .registry import WorkerRecord, WorkerRegistry
@@ -153,7 +154,8 @@ def describe_candidate(candidate: Any) -> tuple[str, str, str, str, int]:
 class ExperimentCoordinator:
     """All master decisions, under one lock, each journaled as one transaction."""
 
-    def __init__(self, optimizer: Any, settings: ExperimentSettings, journal: Journal, clock=None):
+    def __init__(self, optimizer: Any, settings: ExperimentSettings, journal: Journal,
+                 clock: SystemClock | ManualClock | None = None):
         self.optimizer = optimizer
         self.settings = settings
         self.journal = journal
@@ -488,7 +490,7 @@ class ExperimentCoordinator:
             items[0].durable.wait()
         if items[0].error is not None:
             raise items[0].error
-        return [item.disposition for item in items]
+        return [str(item.disposition) for item in items]
 
     @staticmethod
     def _release(batch: list[_QueuedResult], error: BaseException | None = None) -> None:
@@ -523,6 +525,7 @@ class ExperimentCoordinator:
         task = self.leases.tasks[task_id]
         self._recent_durations.append(max(0.0, float(duration or 0.0)))
         if ok:
+            assert metrics is not None  # _check_metrics made ok mean "a dict with the objective"
             self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now)
             self.succeeded += 1
             self._tell(task.candidate_id, metrics)
@@ -658,7 +661,7 @@ class ExperimentCoordinator:
         # Sent once the lease is durable: a worker never runs a lease a master crash could forget.
         message = LeaseMessage(task.task_id, att.attempt, task.arch_json, self._evaluation_json, task.seed,
                                self.lease_key(task.task_id, att.attempt))
-        self.journal.after_commit(lambda box=self._outboxes[rec.worker_id]: box.put(message))
+        self.journal.after_commit(functools.partial(self._outboxes[rec.worker_id].put, message))
 
     # --- completion --------------------------------------------------------------------------
     def _check_done(self) -> None:
@@ -680,7 +683,7 @@ class ExperimentCoordinator:
         for rec in self.registry.live():
             # After the commit, like leases: a worker told "done" by a commit that then fails
             # would be gone when the restarted master needs it.
-            self.journal.after_commit(lambda box=self._outboxes[rec.worker_id]: box.put(shutdown))
+            self.journal.after_commit(functools.partial(self._outboxes[rec.worker_id].put, shutdown))
         self.changed.notify_all()
 
     def _set_phase(self, phase: str, message: str) -> None:
@@ -770,7 +773,7 @@ class ExperimentCoordinator:
         value = task.metrics.get(self.settings.metric) if task.metrics else None
         if value is None:
             return
-        if self.best is None or self._better(value, self.best.metrics[self.settings.metric]):
+        if self.best is None or self._better(value, (self.best.metrics or {})[self.settings.metric]):
             self.best = task
             if journal:
                 self.journal.set_meta("best", {"trial_id": task.task_id, "metric": value, "summary": task.summary,
@@ -799,8 +802,9 @@ class ExperimentCoordinator:
             best = None
             if self.best is not None:
                 b = self.best
-                best = {"trial_id": b.task_id, "metric": b.metrics[self.settings.metric], "summary": b.summary,
-                        "arch_json": b.arch_json, "metrics": b.metrics, "arch_hash": b.arch_hash}
+                metrics = b.metrics or {}  # a best trial succeeded: it has its metrics
+                best = {"trial_id": b.task_id, "metric": metrics[self.settings.metric], "summary": b.summary,
+                        "arch_json": b.arch_json, "metrics": metrics, "arch_hash": b.arch_hash}
             return {"phase": self.phase, "message": self.message, "experiment_name": self.settings.name,
                     "succeeded": self.succeeded, "failed": self.failed,
                     "running": self.leases.count(TaskState.LEASED), "pending": len(self.leases.pending_ids()),

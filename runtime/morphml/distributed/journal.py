@@ -130,7 +130,7 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
         return
     rows = db.execute("SELECT ts, worker_id, worker_name, detail FROM events WHERE kind = 'worker_dead'"
                       " ORDER BY seq").fetchall()
-    losses = []
+    losses: list[tuple[int, str, str, str, float, str]] = []
     for ts, worker_id, worker_name, detail in rows:
         info = json.loads(detail) if detail else {}
         requeued = info.get("requeued") or []

@@ -21,8 +21,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent import futures
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,6 +45,10 @@ from .proto import worker_pb2_grpc as pb_grpc
 from .states import LossReason
 
 log = logging.getLogger("morphml.master")
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_Request = TypeVar("_Request")
+_Reply = TypeVar("_Reply")
 
 SERVICE_NAME = "morphml.Master"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -96,11 +101,11 @@ class AckMessage:
 
     __slots__ = ("acks",)
 
-    def __init__(self, acks: list):
+    def __init__(self, acks: list[pb.ResultAck]):
         self.acks = acks
 
 
-def pack_outbox(first, outbox: queue.Queue) -> tuple[list, bool]:
+def pack_outbox(first: Any, outbox: queue.Queue) -> tuple[list[pb.MasterMessage], bool]:
     """The MasterMessages for `first` plus everything else queued on the outbox right now: all
     leases in one LeaseBatch, the acknowledgements riding along, a shutdown after them. Returns
     (messages, ended) where ended means END_OF_STREAM was among them (nothing after it is sent)."""
@@ -140,7 +145,7 @@ class LoopOutbox(queue.Queue):
         super().__init__()
         self.wake: Any = None  # set by Connect: a callable safe to call from any thread
 
-    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
         pending = getattr(LoopOutbox._deferred, "outboxes", None)
         if pending is not None:
@@ -149,7 +154,7 @@ class LoopOutbox(queue.Queue):
             self.wake_now()
 
     @staticmethod
-    def deferred_wakes(call, *args):
+    def deferred_wakes(call: Callable[..., Any], *args: Any) -> tuple[Any, list[LoopOutbox]]:
         """call(*args) with this thread's wakes held back; returns (result, outboxes to wake)."""
         LoopOutbox._deferred.outboxes = {}
         try:
@@ -163,13 +168,15 @@ class LoopOutbox(queue.Queue):
             wake()
 
 
-def unavailable_when_halted(method):
+def unavailable_when_halted(
+        method: Callable[[Any, _Request, Context], Awaitable[_Reply]]
+) -> Callable[[Any, _Request, Context], Coroutine[Any, Any, _Reply]]:
     """An RPC of a halted master (its journal failed, see ExperimentCoordinator._halt) ends
     with UNAVAILABLE and the reason, not with an internal error: the client retries elsewhere
     or later, when the restarted master serves again."""
 
     @functools.wraps(method)
-    async def rpc(self, request, context):
+    async def rpc(self: Any, request: _Request, context: Context) -> _Reply:
         try:
             return await method(self, request, context)
         except JournalError as exc:
@@ -194,7 +201,7 @@ class MasterServicer(pb_grpc.MasterServicer):
         # reconnecting workers re-adopt them instead of re-running the trials.
         self.stopping = threading.Event()
         # (reports, the session's outbox or None, future of their dispositions)
-        self._pending: list[tuple[list[ResultReport], Any, asyncio.Future]] = []
+        self._pending: list[tuple[list[ResultReport], Any, asyncio.Future[list[str]]]] = []
         self._committer: asyncio.Task | None = None
         self._commit_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
 
@@ -206,7 +213,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             self.coord.worker_lost(worker_id, LossReason.STREAM, detail)
 
     @unavailable_when_halted
-    async def Register(self, request, context):
+    async def Register(self, request: pb.RegisterRequest, context: Context) -> pb.RegisterReply:
         try:
             worker_id, adopted = self.coord.register(
                 request.worker_name, request.gpus, request.slots, request.hostname, request.pid,
@@ -219,7 +226,8 @@ class MasterServicer(pb_grpc.MasterServicer):
                                 adopted=[pb.LeaseRef(task_id=t, attempt=a) for t, a in adopted])
 
     @unavailable_when_halted
-    async def Connect(self, request_iterator, context):
+    async def Connect(  # type: ignore[override]  # writes with context.write instead of yielding
+            self, request_iterator: AsyncIterator[pb.WorkerMessage], context: Context) -> None:
         try:
             first = await request_iterator.__anext__()
         except StopAsyncIteration:
@@ -228,7 +236,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "Connect: the first message must be a hello carrying the worker_id from Register")
         worker_id = first.hello.worker_id
-        outbox = self.coord.connect(worker_id)
+        outbox = cast("LoopOutbox | None", self.coord.connect(worker_id))  # MasterServer makes LoopOutboxes
         if outbox is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"Connect: worker id {worker_id!r} is unknown or was declared dead; register again")
@@ -262,7 +270,8 @@ class MasterServicer(pb_grpc.MasterServicer):
             reader.cancel()
             self._stream_lost(worker_id, "session stream closed")
 
-    async def _read_worker_messages(self, worker_id: str, request_iterator, outbox) -> None:
+    async def _read_worker_messages(self, worker_id: str, request_iterator: AsyncIterator[pb.WorkerMessage],
+                                    outbox: LoopOutbox) -> None:
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("kind")
@@ -281,12 +290,13 @@ class MasterServicer(pb_grpc.MasterServicer):
             log.exception("session of %s failed", worker_id)
         outbox.put(END_OF_STREAM)
 
-    async def _journal(self, reports: list[ResultReport], outbox=None, make_acks=None) -> list[str]:
+    async def _journal(self, reports: list[ResultReport], outbox: queue.Queue | None = None,
+                       make_acks: Callable[[list[str]], list[pb.ResultAck]] | None = None) -> list[str]:
         """Dispositions of `reports` once journaled (and fsynced), committed together with every
         other result that arrived while the previous commit ran. With an outbox, the AckMessage
         of `make_acks(dispositions)` goes on it before the leases of that commit are sent, so
         both leave in one message."""
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._pending.append((reports, (outbox, make_acks), future))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.ensure_future(self._commit_pending())
@@ -316,7 +326,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             for outbox in to_wake:
                 outbox.wake_now()
 
-    async def _accept_results(self, results, outbox) -> None:
+    async def _accept_results(self, results: Any, outbox: queue.Queue) -> None:
         """Journals a ResultBatch from a session stream (one group commit) and puts one ack per
         result, in order, on the session's outbox. A malformed result is acknowledged "invalid"
         and recorded nowhere; the others still count."""
@@ -342,7 +352,7 @@ class MasterServicer(pb_grpc.MasterServicer):
             outbox.put(AckMessage(acks))
 
     @unavailable_when_halted
-    async def ReportResult(self, request, context):
+    async def ReportResult(self, request: pb.TrialResult, context: Context) -> pb.ResultAck:
         try:
             report = result_report(request)
         except BadResult as exc:
@@ -355,19 +365,19 @@ class MasterServicer(pb_grpc.MasterServicer):
         return pb.ResultAck(disposition=disposition, lease=request.lease)
 
     @unavailable_when_halted
-    async def Deregister(self, request, context):
+    async def Deregister(self, request: pb.DeregisterRequest, context: Context) -> pb.DeregisterReply:
         released = self.coord.deregister(request.worker_id, request.reason or "deregister")
         return pb.DeregisterReply(requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in released])
 
     @unavailable_when_halted
-    async def WorkerGone(self, request, context):
+    async def WorkerGone(self, request: pb.WorkerGoneRequest, context: Context) -> pb.WorkerGoneReply:
         if not request.worker:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "WorkerGone: worker (pod name or worker id) is empty")
         ids, released = self.coord.worker_gone(request.worker, request.reason or "pod gone")
         return pb.WorkerGoneReply(worker_ids=ids, requeued=[pb.LeaseRef(task_id=t, attempt=a) for t, a in released])
 
     @unavailable_when_halted
-    async def GetStatus(self, request, context):
+    async def GetStatus(self, request: pb.StatusRequest, context: Context) -> pb.ExperimentStatus:
         after = request.losses_after_seq if request.HasField("losses_after_seq") else None
         return status_to_proto(self.coord.status(include_dead=request.include_dead_workers, losses_after_seq=after))
 
@@ -436,7 +446,7 @@ class MasterServer:
         self.failure: JournalError | None = None
         coordinator.on_halt.append(self._on_halt)
 
-    def _call(self, coroutine, timeout: float | None = 30):
+    def _call(self, coroutine: Coroutine[Any, Any, _Reply], timeout: float | None = 30) -> _Reply:
         """Runs a coroutine on the server's loop from another thread and returns its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
@@ -493,7 +503,8 @@ class MasterServer:
     async def _stop_serving(self, grace: float) -> None:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self._server.stop(grace)
+        if self._server is not None:
+            await self._server.stop(grace)
 
     def stop(self, grace: float = 1.0) -> None:
         with self._stop_lock:
@@ -547,7 +558,7 @@ class MasterNode:
 
     def start(self, num_generations: int | None = None) -> int:
         """Starts serving; returns the port. Workers may connect from now on."""
-        if self.server is not None:
+        if self.server is not None and self.server.port is not None:
             return self.server.port
         if num_generations is not None and hasattr(self.optimizer, "num_generations"):
             self.optimizer.num_generations = num_generations
@@ -559,7 +570,7 @@ class MasterNode:
                                    self.config.get("host"), token)
         return self.server.start()
 
-    def run_experiment(self, num_generations: int | None = None, timeout: float | None = None):
+    def run_experiment(self, num_generations: int | None = None, timeout: float | None = None) -> Any:
         """Blocks until the experiment is over; returns optimizer.best() (or the status' best)."""
         if self.server is None:
             self.start(num_generations)
@@ -568,19 +579,25 @@ class MasterNode:
                 self.optimizer.num_generations = num_generations
             pop = getattr(self.optimizer, "population_size", None)
             if pop and "max_trials" not in self.config:
-                self.coordinator.settings.max_trials = pop * num_generations
+                self._started().settings.max_trials = pop * num_generations
+        coordinator = self._started()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.coordinator.wait_done(1.0):
+        while not coordinator.wait_done(1.0):
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"experiment not finished after {timeout} s: {self.coordinator.status()['phase']}")
+                raise TimeoutError(f"experiment not finished after {timeout} s: {coordinator.status()['phase']}")
         best = getattr(self.optimizer, "best", None)
-        return best() if callable(best) else self.coordinator.status()["best"]
+        return best() if callable(best) else coordinator.status()["best"]
+
+    def _started(self) -> ExperimentCoordinator:
+        if self.coordinator is None:
+            raise RuntimeError("MasterNode: call start() (or run_experiment()) first")
+        return self.coordinator
 
     def status(self) -> dict:
-        return self.coordinator.status()
+        return self._started().status()
 
     def stop(self, grace: float = 1.0) -> None:
         if self.server is not None:
             self.server.stop(grace)
-            self.coordinator.journal.close()
+            self._started().journal.close()
             self.server = None

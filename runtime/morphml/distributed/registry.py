@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from .clock import ManualClock, SystemClock
 from .states import WorkerState, check_transition
 
 
@@ -49,7 +50,7 @@ class WorkerRecord:
 class WorkerRegistry:
     """Registrations by id. A worker that reconnects gets a new registration (new id)."""
 
-    def __init__(self, clock, heartbeat_interval: float, missed_heartbeats: int):
+    def __init__(self, clock: SystemClock | ManualClock, heartbeat_interval: float, missed_heartbeats: int):
         if heartbeat_interval <= 0:
             raise ValueError(f"heartbeat interval {heartbeat_interval!r}: must be > 0 seconds")
         if missed_heartbeats < 1:

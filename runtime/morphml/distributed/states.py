@@ -31,12 +31,13 @@ Worker (one registration):
     REGISTERING/IDLE/BUSY --drain--> DRAINING
     REGISTERING/IDLE/BUSY/DRAINING --stream broken / heartbeat timeout / pod gone / deregister--> DEAD
 
-Imports: enum only.
+Imports: enum and typing only.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class IllegalTransition(RuntimeError):
@@ -87,7 +88,8 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.DEAD: frozenset(),
 }
 
-_TABLES = {TaskState: TASK_TRANSITIONS, AttemptState: ATTEMPT_TRANSITIONS, WorkerState: WORKER_TRANSITIONS}
+_TABLES: dict[type, dict[Any, frozenset[Any]]] = {
+    TaskState: TASK_TRANSITIONS, AttemptState: ATTEMPT_TRANSITIONS, WorkerState: WORKER_TRANSITIONS}
 
 
 def check_transition(current: enum.Enum, new: enum.Enum) -> None:
