@@ -58,7 +58,7 @@ def main() -> int:
             rates[tree].append(one_run(tree, args.workers, args.trials))
         print(f"  pair {i + 1}: baseline {rates[trees[0]][-1]:.0f}, candidate {rates[trees[1]][-1]:.0f} trials/s",
               flush=True)
-    won = sum(c > b for b, c in zip(rates[trees[0]], rates[trees[1]]))
+    won = sum(c > b for b, c in zip(rates[trees[0]], rates[trees[1]], strict=True))
     base, cand = statistics.median(rates[trees[0]]), statistics.median(rates[trees[1]])
     print(f"baseline  {trees[0]}: median {base:.0f} trials/s")
     print(f"candidate {trees[1]}: median {cand:.0f} trials/s ({(cand / base - 1) * 100:+.1f} %), "

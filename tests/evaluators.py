@@ -38,7 +38,8 @@ def noop(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
 def sleepy(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
     """Sleeps MORPHML_TEST_SLEEP seconds (default 0.5), then returns."""
     time.sleep(float(os.environ.get("MORPHML_TEST_SLEEP", "0.5")))
-    return {"val_accuracy": _fake_accuracy(arch_json), "train_seconds": float(os.environ.get("MORPHML_TEST_SLEEP", "0.5"))}
+    return {"val_accuracy": _fake_accuracy(arch_json),
+            "train_seconds": float(os.environ.get("MORPHML_TEST_SLEEP", "0.5"))}
 
 
 def always_raises(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:

@@ -511,11 +511,10 @@ class PodRunner(threading.Thread):
         c.proc = None
         c.ready = False
         c.kill_reason = ""
-        if c.init:
-            if exit_code == 0:
-                c.completed = True
-                c.state = {"terminated": terminated}
-                return
+        if c.init and exit_code == 0:
+            c.completed = True
+            c.state = {"terminated": terminated}
+            return
         policy = self.restart_policy
         restart = policy == "Always" or (policy == "OnFailure" and exit_code != 0)
         if c.init and policy == "Always":
@@ -1125,7 +1124,10 @@ class LogServer:
                     self.send_error(404, "only /containerLogs/<namespace>/<pod>/<container> is served")
                     return
                 query = urllib.parse.parse_qs(url.query)
-                flag = lambda name: query.get(name, ["false"])[0] in ("true", "1")
+
+                def flag(name: str) -> bool:
+                    return query.get(name, ["false"])[0] in ("true", "1")
+
                 tail_lines = int(query["tailLines"][0]) if "tailLines" in query else None
                 found = agent_ref.find_container(parts[1], parts[2], parts[3])
                 if found is None:

@@ -60,12 +60,12 @@ def read_journal(path: Path) -> dict:
     """The journal's tasks, attempts, results and re-leases as plain lists of dicts."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
-        tasks = [dict(zip(("task_id", "state", "attempt", "finished_attempt"), row)) for row in
+        tasks = [dict(zip(("task_id", "state", "attempt", "finished_attempt"), row, strict=True)) for row in
                  db.execute("SELECT task_id, state, attempt, finished_attempt FROM tasks ORDER BY seq")]
-        attempts = [dict(zip(("task_id", "attempt", "worker_name", "leased_at", "state", "ended_at", "outcome"), row))
+        attempts = [dict(zip(("task_id", "attempt", "worker_name", "leased_at", "state", "ended_at", "outcome"), row, strict=True))
                     for row in db.execute("SELECT task_id, attempt, worker_name, leased_at, state, ended_at, outcome "
                                           "FROM attempts ORDER BY leased_at")]
-        results = [dict(zip(("task_id", "attempt", "worker_name", "disposition", "ok", "received_at"), row))
+        results = [dict(zip(("task_id", "attempt", "worker_name", "disposition", "ok", "received_at"), row, strict=True))
                    for row in db.execute("SELECT task_id, attempt, worker_name, disposition, ok, received_at "
                                          "FROM results ORDER BY id")]
         requeues = []

@@ -68,7 +68,7 @@ def generate(directory: Path) -> dict[str, Path]:
                                             data_encipherment=False, key_agreement=False,
                                             encipher_only=False, decipher_only=False), critical=True)
                .sign(ca_key, hashes.SHA256()))
-    for name, obj in (("ca.key", ca_key), ("ca.crt", ca_cert)):
+    for name in ("ca.key", "ca.crt"):
         paths[name] = directory / name
     _write_key(paths["ca.key"], ca_key)
     _write_cert(paths["ca.crt"], ca_cert)

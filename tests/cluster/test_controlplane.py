@@ -68,7 +68,7 @@ def test_deployment_pods_run_ready_reachable_and_replaced(kube, kube_namespace):
     if kube.process_node:
         for pod in replaced:
             assert http_get(f"http://{pod['status']['podIP']}:8080/") == 200
-        with pytest.raises(OSError):  # the deleted pod's server process is gone
+        with pytest.raises(OSError):  # noqa: PT011 (refused or timed out: the deleted pod's server is gone)
             http_get(f"http://{ips[victim]}:8080/", timeout=2)
     rs = kube.kubectl_json("get", "replicasets", "-n", ns, "-l", "app=web")["items"]
     assert [r["status"]["readyReplicas"] for r in rs] == [2]
@@ -365,8 +365,8 @@ def test_probes_grpc_tcp_and_graceful_deletion(kube, kube_namespace):
     kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stubborn"}, "spec": {
         "terminationGracePeriodSeconds": 2,
         "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": [
-            "python", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                            "print('ignoring SIGTERM', flush=True); time.sleep(3600)"]}]}}, ns)
+            "python", "-c", ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                             "print('ignoring SIGTERM', flush=True); time.sleep(3600)")]}]}}, ns)
     kube.wait_for(lambda: "ignoring SIGTERM" in kube.pod_log(ns, "stubborn"), 30, 0.2, "stubborn pod to start")
     started = time.monotonic()
     kube.kubectl("delete", "pod", "stubborn", "-n", ns, "--wait=true", timeout=40)

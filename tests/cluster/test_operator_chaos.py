@@ -57,8 +57,8 @@ def check_every_trial_finished_once(journal: dict) -> None:
     assert [r for r in journal["results"] if not r["ok"]] == []
 
 
-def finish(kube, operator, ns: str, name: str) -> dict:
-    status = wait_status(kube, operator, ns, name,
+def finish(kube, running_operator, ns: str, name: str) -> dict:
+    status = wait_status(kube, running_operator, ns, name,
                          lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None, 400, f"{name} to end")
     assert status["phase"] == "Succeeded", status
     assert status["trials"]["done"] == BUDGET, status["trials"]
@@ -66,7 +66,7 @@ def finish(kube, operator, ns: str, name: str) -> dict:
 
 
 @pytest.mark.timeout(1000)
-def test_deleting_random_worker_pods_every_few_seconds_loses_and_repeats_no_trial(kube, operator, kube_namespace):
+def test_deleting_random_worker_pods_every_few_seconds_loses_and_repeats_no_trial(kube, operator, kube_namespace):  # noqa: F811
     ns = kube_namespace
     rng = random.Random(SEED)
 

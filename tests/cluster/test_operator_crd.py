@@ -26,7 +26,8 @@ DIGITS = ROOT / "examples" / "digits.yaml"
 
 
 def _load_bad_manifest_table():
-    spec = importlib.util.spec_from_file_location("morphml_bad_manifest_table", ROOT / "tests" / "unit" / "test_manifest_bad.py")
+    table = ROOT / "tests" / "unit" / "test_manifest_bad.py"
+    spec = importlib.util.spec_from_file_location("morphml_bad_manifest_table", table)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
@@ -46,7 +47,8 @@ def crd(kube):
 
 def wait_established(kube) -> None:
     def established():
-        conditions = kube.kubectl_json("get", "crd", "nasexperiments.morphml.io").get("status", {}).get("conditions", [])
+        crd = kube.kubectl_json("get", "crd", "nasexperiments.morphml.io")
+        conditions = crd.get("status", {}).get("conditions", [])
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     kube.wait_for(established, 60, 0.2, "the NASExperiment CRD to be Established")

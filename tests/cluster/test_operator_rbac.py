@@ -36,7 +36,8 @@ OPERATOR_DENIED = [
     ("delete", "deployments.apps"), ("delete", "services"), ("delete", "persistentvolumeclaims"),
     ("create", "pods/exec"), ("update", "pods"), ("patch", "pods"),
     ("create", "roles.rbac.authorization.k8s.io"), ("create", "rolebindings.rbac.authorization.k8s.io"),
-    ("get", "nodes"), ("list", "namespaces"), ("delete", "networkpolicies.networking.k8s.io"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("get", "nodes"), ("list", "namespaces"), ("delete", "networkpolicies.networking.k8s.io"),
+    ("create", "customresourcedefinitions.apiextensions.k8s.io"),
 ]
 POD_ACCOUNT_DENIED = [
     (verb, resource)

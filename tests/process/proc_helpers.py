@@ -92,7 +92,8 @@ class Procs:
 
     def worker(self, port: int, name: str, extra: list[str] | None = None, env: dict | None = None,
                token_file: Path | None = None) -> subprocess.Popen:
-        return self.spawn(["worker", "--master", f"127.0.0.1:{port}", "--token-file", str(token_file or self.token_file),
+        return self.spawn(["worker", "--master", f"127.0.0.1:{port}",
+                           "--token-file", str(token_file or self.token_file),
                            "--name", name, *(extra or [])], f"worker-{name}.log", env)
 
     def kill_all(self) -> None:
@@ -166,7 +167,8 @@ def assert_each_trial_once(journal: Path, budget: int) -> None:
     counted = journal_rows(journal, "SELECT task_id, COUNT(*) FROM events WHERE kind IN ('succeeded','failed')"
                                     " GROUP BY task_id")
     assert len(counted) == budget and all(n == 1 for _, n in counted), counted
-    arch = journal_rows(journal, "SELECT COUNT(DISTINCT arch_hash), COUNT(*) FROM tasks WHERE state IN ('succeeded','failed')")
+    arch = journal_rows(journal, "SELECT COUNT(DISTINCT arch_hash), COUNT(*) FROM tasks"
+                                 " WHERE state IN ('succeeded','failed')")
     assert arch[0][0] == arch[0][1], f"an architecture was evaluated twice: {arch}"
 
 

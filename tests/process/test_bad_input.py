@@ -101,7 +101,8 @@ def test_result_for_a_lease_the_caller_never_held_is_refused_even_with_the_token
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = pb_grpc.MasterStub(ch)
         for key in ("", "f" * 32):
-            forged = pb.TrialResult(worker_id="rogue/1", worker_name="rogue", ok=True, metrics_json='{"val_accuracy": 1.0}',
+            forged = pb.TrialResult(worker_id="rogue/1", worker_name="rogue", ok=True,
+                                    metrics_json='{"val_accuracy": 1.0}',
                                     lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt), lease_key=key)
             with pytest.raises(grpc.RpcError) as err:
                 stub.ReportResult(forged, metadata=md, timeout=5)

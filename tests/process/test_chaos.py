@@ -60,7 +60,7 @@ def test_chaos_workers_killed_and_replaced_every_two_seconds_all_trials_finish_e
     assert st.phase == "Succeeded" and st.succeeded == budget, st.message
     assert_each_trial_once(journal, budget)
     rerun = journal_rows(journal, "SELECT COUNT(*) FROM tasks WHERE finished_attempt > 1")[0][0]
-    losses = [l.detected_by for l in st.losses]
+    losses = [loss.detected_by for loss in st.losses]
     print(f"\nchaos: {kills} workers killed, {len(losses)} losses seen ({set(losses)}), {rerun} trials re-run, "
           f"{st.stale_results} stale results")
     assert kills >= 5 and len(losses) >= kills // 2 and set(losses) <= {"stream", "heartbeat"}

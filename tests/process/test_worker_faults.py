@@ -54,7 +54,7 @@ def test_worker_killed_mid_trial_is_rerun_once_on_another_worker(procs, tmp_path
     assert st.phase == "Succeeded" and st.succeeded == 2
     journal = tmp_path / "journal.db"
     assert_each_trial_once(journal, 2)
-    loss = [l for l in st.losses if l.worker_name == victim]
+    loss = [lost for lost in st.losses if lost.worker_name == victim]
     assert len(loss) == 1 and loss[0].detected_by == "stream"
     assert [(r.task_id, r.attempt) for r in loss[0].requeued] == [(task_id, 1)]
     relet = [e for e in journal_events(journal, "leased") if e["task_id"] == task_id and e["attempt"] == 2]
@@ -79,9 +79,9 @@ def test_hung_worker_is_declared_dead_after_missed_heartbeats_and_its_late_resul
     stopped_at = time.time()
     os.kill(workers[victim].pid, signal.SIGSTOP)  # the worker hangs; its stream stays open
     try:
-        st = wait_for(lambda: (s := status(port)) and any(l.worker_name == victim for l in s.losses) and s, 20,
+        st = wait_for(lambda: (s := status(port)) and any(lost.worker_name == victim for lost in s.losses) and s, 20,
                       "the hung worker to be declared dead")
-        loss = [l for l in st.losses if l.worker_name == victim][0]
+        loss = next(lost for lost in st.losses if lost.worker_name == victim)
         assert loss.detected_by == "heartbeat"
         detect_s = loss.detected_at - stopped_at
         print(f"\nSIGSTOP -> declared dead {detect_s * 1000:.0f} ms (timeout {interval * missed:.1f} s)")
@@ -192,7 +192,7 @@ def test_sigterm_worker_hands_back_a_trial_that_outlasts_the_grace_period(procs,
     assert worker.wait(timeout=20) == 0
     assert time.monotonic() - signalled < 10  # grace 1 s, not the trial's 30 s
     st = status(port)
-    assert [(l.detected_by, [(r.task_id, r.attempt) for r in l.requeued]) for l in st.losses] == \
+    assert [(lost.detected_by, [(r.task_id, r.attempt) for r in lost.requeued]) for lost in st.losses] == \
         [("deregister", [(task_id, 1)])]
     assert st.pending == 1 and st.running == 0
     task = journal_rows(tmp_path / "journal.db", "SELECT state, retries_used FROM tasks WHERE task_id = ?", (task_id,))

@@ -33,7 +33,8 @@ def test_two_servers_on_one_port_coexist_on_different_pod_ips(monkeypatch):
         for ip in ("127.0.9.1", "127.0.9.2"):
             monkeypatch.setenv("POD_IP", ip)
             server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-            port = server.add_insecure_port(f"{default_bind_host()}:0" if not servers else f"{default_bind_host()}:{servers[0][1]}")
+            wanted_port = servers[0][1] if servers else 0
+            port = server.add_insecure_port(f"{default_bind_host()}:{wanted_port}")
             assert port, f"could not listen on {ip}"
             server.start()
             servers.append((server, port))

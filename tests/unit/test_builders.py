@@ -38,7 +38,8 @@ def test_token_secret():
     assert builders.build_token_secret("digits", "ml", "s3cret") == {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "digits-token", "namespace": "ml", "labels": {**LABELS, "app.kubernetes.io/component": "token"}},
+        "metadata": {"name": "digits-token", "namespace": "ml",
+                     "labels": {**LABELS, "app.kubernetes.io/component": "token"}},
         "type": "Opaque",
         "stringData": {"token": "s3cret"},
     }
@@ -179,7 +180,8 @@ def test_worker_deployment_takes_image_resources_selector_tolerations_from_spec(
     pod_spec = builders.build_worker_deployment("digits", "ml", spec, 1)["spec"]["template"]["spec"]
     container = pod_spec["containers"][0]
     assert container["image"] == "registry.example/morphml-worker:cuda"
-    assert container["resources"] == {"requests": {"cpu": "4", "nvidia.com/gpu": "2"}, "limits": {"memory": "16Gi", "nvidia.com/gpu": "2"}}
+    assert container["resources"] == {"requests": {"cpu": "4", "nvidia.com/gpu": "2"},
+                                      "limits": {"memory": "16Gi", "nvidia.com/gpu": "2"}}
     assert pod_spec["nodeSelector"] == {"gpu": "a100"}
     assert pod_spec["tolerations"] == [
         {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
@@ -231,14 +233,16 @@ def test_every_owned_object_is_named_after_the_experiment(spec):
 
 
 def test_selector_string_matches_the_worker_pod_labels():
-    assert builders.selector_string("digits", "worker") == "morphml.io/experiment=digits,app.kubernetes.io/component=worker"
+    assert builders.selector_string("digits", "worker") == (
+        "morphml.io/experiment=digits,app.kubernetes.io/component=worker")
 
 
 def test_cpu_worker_with_several_trials_gets_slots(spec):
     spec["workers"]["trialsPerWorker"] = 3
     container = builders.build_worker_deployment("digits", "ml", spec, 1)["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][-6:] == ["--gpus", "0", "--slots", "3", "--health-port", "50052"]
-    gpu = builders.build_worker_deployment("digits", "ml", gpu_spec(spec, 2), 1)["spec"]["template"]["spec"]["containers"][0]
+    gpu_deployment = builders.build_worker_deployment("digits", "ml", gpu_spec(spec, 2), 1)
+    gpu = gpu_deployment["spec"]["template"]["spec"]["containers"][0]
     assert "--slots" not in gpu["args"]  # a GPU worker runs one trial per GPU
 
 
@@ -249,9 +253,11 @@ def test_master_network_policy_admits_only_workers_and_the_operator():
         "policyTypes": ["Ingress"],
         "ingress": [{
             "from": [
-                {"podSelector": {"matchLabels": {"morphml.io/experiment": "digits", "app.kubernetes.io/component": "worker"}}},
+                {"podSelector": {"matchLabels": {"morphml.io/experiment": "digits",
+                                                 "app.kubernetes.io/component": "worker"}}},
                 {"namespaceSelector": {},
-                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "morphml", "app.kubernetes.io/component": "operator"}}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "morphml",
+                                                 "app.kubernetes.io/component": "operator"}}},
             ],
             "ports": [{"protocol": "TCP", "port": 50051}],
         }],
@@ -285,7 +291,8 @@ def test_master_pod_records_the_spec_sections_it_was_started_with(spec):
     ({"master": {"resources": {"limits": {"memory": "8Gi"}}}, "budget": {"maxFailedTrials": 1}}, ["budget", "master"]),
 ])
 def test_a_changed_master_section_is_named(spec, sections, expected):
-    annotation = builders.build_master_pod("digits", "ml", spec)["metadata"]["annotations"][builders.MASTER_SPEC_ANNOTATION]
+    pod = builders.build_master_pod("digits", "ml", spec)
+    annotation = pod["metadata"]["annotations"][builders.MASTER_SPEC_ANNOTATION]
     assert builders.changed_master_sections(annotation, changed(spec, **sections)) == expected
 
 

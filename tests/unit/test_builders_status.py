@@ -103,7 +103,8 @@ def test_success_is_terminal_and_announced():
 
 
 def test_failure_is_a_warning_with_the_masters_reason():
-    status, events = step({"phase": "Running"}, master(phase="Failed", failed=6, message="6 failed trials > maxFailedTrials 5"))
+    status, events = step({"phase": "Running"},
+                          master(phase="Failed", failed=6, message="6 failed trials > maxFailedTrials 5"))
     assert status["phase"] == "Failed"
     assert [(e.type, e.reason) for e in events] == [("Warning", "Failed")]
     assert "maxFailedTrials" in events[0].message
@@ -183,7 +184,8 @@ def test_best_summary_fits_the_column():
 
 
 def test_settings_read_from_environment():
-    settings = OperatorSettings.from_env({"MORPHML_OPERATOR_WORKER_IMAGE": "w:2", "MORPHML_OPERATOR_STATUS_INTERVAL_SECONDS": "2.5"})
+    settings = OperatorSettings.from_env({"MORPHML_OPERATOR_WORKER_IMAGE": "w:2",
+                                          "MORPHML_OPERATOR_STATUS_INTERVAL_SECONDS": "2.5"})
     assert settings.worker_image == "w:2" and settings.status_interval_seconds == 2.5
     assert settings.pod_defaults.worker_image == "w:2"
 
@@ -200,7 +202,8 @@ def test_bad_setting_names_the_variable(variable, value):
 
 
 def test_restarted_master_saying_pending_does_not_send_running_back():
-    status, events = step({"phase": "Running", "trials": {"succeeded": 5, "failed": 0}}, master(phase="Pending", succeeded=5))
+    status, events = step({"phase": "Running", "trials": {"succeeded": 5, "failed": 0}},
+                          master(phase="Pending", succeeded=5))
     assert status["phase"] == "Running" and events == []
 
 

@@ -124,11 +124,11 @@ def test_npz_with_wrong_keys_says_which_keys_it_has_and_expects(tmp_path):
 def test_npz_that_is_not_an_archive_or_needs_pickle_is_refused(tmp_path):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file")
-    with pytest.raises(EvaluationSpecError, match="spec.evaluation.dataset.path: .* is not a readable .npz"):
+    with pytest.raises(EvaluationSpecError, match=r"spec\.evaluation\.dataset\.path: .* is not a readable \.npz"):
         load_dataset({"name": "npz", "path": str(garbage)})
     pickled = tmp_path / "objects.npz"
     np.savez(pickled, x=np.array([{"a": 1}] * 4, dtype=object), y=np.zeros(4, dtype=int))
-    with pytest.raises(EvaluationSpecError, match="not a readable .npz"):
+    with pytest.raises(EvaluationSpecError, match=r"not a readable \.npz"):
         load_dataset({"name": "npz", "path": str(pickled)})
 
 

@@ -299,7 +299,8 @@ def test_trainer_classifies_failures(error, kind, words):
     from morphml.evaluation.trainer import train_and_validate
 
     with pytest.raises(TrialFailure) as info:
-        train_and_validate(RaisingModel(error), load_dataset({"name": "digits"}), training_settings({}), torch.device("cpu"))
+        train_and_validate(RaisingModel(error), load_dataset({"name": "digits"}), training_settings({}),
+                           torch.device("cpu"))
     assert info.value.kind == kind
     assert words in info.value.message
 
@@ -343,7 +344,8 @@ def test_builtin_trainer_without_torch_is_a_trial_failure_saying_so():
         sys.modules["torch"] = None  # what a worker image without torch looks like to an import
         from morphml.evaluation import TrialFailure, evaluate_architecture
         arch = {"input_shape": [4], "num_classes": 2, "edges": [["in", "out"]],
-                "nodes": [{"id": "in", "op": "input", "params": {}}, {"id": "out", "op": "output", "params": {"units": 2}}]}
+                "nodes": [{"id": "in", "op": "input", "params": {}},
+                          {"id": "out", "op": "output", "params": {"units": 2}}]}
         try:
             evaluate_architecture(arch, {"dataset": {"name": "synthetic", "shape": [4], "classes": 2, "size": 40}})
         except TrialFailure as failure:

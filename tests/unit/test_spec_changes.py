@@ -98,7 +98,8 @@ def transition_refusals(old: Any, new: Any, schema: dict, path: str = "") -> lis
     for rule in schema.get("x-kubernetes-validations") or []:
         if "oldSelf" not in rule["rule"]:
             continue
-        result = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)})
+        activation = {"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)}
+        result = _cel_program(rule["rule"]).evaluate(activation)
         if not (isinstance(result, celpy.celtypes.BoolType) and bool(result)):
             refused.append((path.lstrip("."), rule["message"]))
     if isinstance(old, dict) and isinstance(new, dict):

@@ -159,7 +159,7 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, seed: int = SPLIT_SEED):
     for label in np.unique(y):
         idx = np.flatnonzero(y == label)
         rng.shuffle(idx)
-        n_val = int(round(len(idx) * VAL_FRACTION))
+        n_val = round(len(idx) * VAL_FRACTION)
         if len(idx) >= 2:
             n_val = min(max(n_val, 1), len(idx) - 1)
         val_idx.append(idx[:n_val])

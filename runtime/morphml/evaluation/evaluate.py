@@ -37,7 +37,8 @@ def load_user_evaluator(path: Any) -> UserEvaluator:
     `morphml run`. Raises EvaluationSpecError naming spec.evaluation.evaluator.
     """
     if not isinstance(path, str) or path.count(":") != 1 or not all(path.split(":")):
-        raise EvaluationSpecError(EVALUATOR_FIELD, f"{path!r} must look like 'module:function', e.g. 'my_pkg.train:evaluate'")
+        raise EvaluationSpecError(EVALUATOR_FIELD,
+                                  f"{path!r} must look like 'module:function', e.g. 'my_pkg.train:evaluate'")
     module_name, attr_path = path.split(":")
     try:
         module = _import(module_name)
@@ -101,7 +102,8 @@ def _call_user_evaluator(path: str, arch: dict, spec: dict, device: str | None) 
         kind = "oom" if _is_oom(exc) else "exception"
         raise TrialFailure(kind, f"evaluator {path!r} raised {_describe(exc)}") from None
     if not isinstance(result, Mapping):
-        raise TrialFailure("exception", f"evaluator {path!r} returned {type(result).__name__}, expected a dict of metrics")
+        raise TrialFailure("exception",
+                           f"evaluator {path!r} returned {type(result).__name__}, expected a dict of metrics")
     for key, value in result.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise TrialFailure("nan", f"evaluator {path!r} returned {key}={value}")

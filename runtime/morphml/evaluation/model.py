@@ -68,7 +68,7 @@ class _Add(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         total = self.projections[0](inputs[0])
-        for projection, x in zip(self.projections[1:], inputs[1:]):
+        for projection, x in zip(self.projections[1:], inputs[1:], strict=True):
             total = total + projection(x)
         return total
 

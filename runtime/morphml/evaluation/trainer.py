@@ -8,6 +8,7 @@ Imports torch at import time; `morphml.evaluation` imports this module only insi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -20,19 +21,14 @@ from morphml.evaluation.datasets import Dataset
 from morphml.evaluation.errors import TrialFailure
 from morphml.evaluation.settings import SGD_MOMENTUM, TrainingSettings
 
-_threads_configured = False
 
-
+@functools.cache  # once per process
 def configure_threads() -> None:
     """Keep torch to a few CPU threads: OMP_NUM_THREADS when set, else at most 2.
 
     Several trials (worker processes) share a machine's cores; torch's default of one thread per
     core makes them fight.
     """
-    global _threads_configured
-    if _threads_configured:
-        return
-    _threads_configured = True
     wanted = os.environ.get("OMP_NUM_THREADS", "")
     threads = int(wanted) if wanted.isdigit() and int(wanted) > 0 else min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
