@@ -87,3 +87,60 @@ def test_runner_dies_when_its_worker_is_killed_mid_trial():
         parent.wait()
         if runner_pid is not None and _alive(runner_pid):
             os.kill(runner_pid, signal.SIGKILL)
+
+
+def _lines_for(stream, seconds: float) -> list[dict]:
+    """Every line the runner writes within `seconds` (non-blocking reads on its reply pipe)."""
+    import select
+
+    fd, out, buffer = stream.fileno(), [], b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([fd], [], [], left)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            out += [json.loads(line) for line in lines if line.strip()]
+    return out
+
+
+def test_runner_beats_while_a_trial_trains_and_falls_silent_when_stopped():
+    runner = subprocess.Popen([sys.executable, "-m", "morphml.distributed.trial_runner", "--beat-seconds", "0.2"],
+                              env=dict(ENV, MORPHML_TEST_SLEEP="3"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        runner.stdin.write(_request("t1", "tests.evaluators:sleepy"))
+        runner.stdin.flush()
+        lines = _lines_for(runner.stdout, 1.5)  # mid-trial: only beats, numbered 1, 2, 3, ...
+        beats = [line["beat"] for line in lines]
+        assert len(beats) >= 3 and beats == list(range(beats[0], beats[0] + len(beats))), lines
+        os.kill(runner.pid, signal.SIGSTOP)  # every thread frozen: the beats stop
+        try:
+            time.sleep(0.3)  # a beat already in flight may still arrive
+            _lines_for(runner.stdout, 0.1)
+            assert _lines_for(runner.stdout, 1.0) == []
+        finally:
+            os.kill(runner.pid, signal.SIGCONT)
+        # Resumed: beats again, and the trial's reply arrives whole between them.
+        lines = _lines_for(runner.stdout, 5.0)
+        replies = [line for line in lines if "beat" not in line]
+        assert len(replies) == 1 and replies[0]["ok"] is True, lines
+        assert any("beat" in line for line in lines)
+    finally:
+        runner.kill()
+        runner.wait()
+
+
+def test_runner_without_beat_seconds_writes_only_replies():
+    runner = subprocess.Popen([sys.executable, "-m", "morphml.distributed.trial_runner"], env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        runner.stdin.write(_request("t1"))
+        runner.stdin.flush()
+        assert json.loads(runner.stdout.readline())["ok"] is True
+        assert _lines_for(runner.stdout, 1.5) == []
+    finally:
+        runner.kill()
+        runner.wait()

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from proc_helpers import (
     assert_each_trial_once,
     finished,
@@ -150,3 +151,31 @@ def test_a_runner_training_longer_than_the_bounds_keeps_the_worker_serving(procs
     st = status(port)
     assert st.phase == "Succeeded" and st.succeeded == 1 and not st.losses and st.retries == 0
     assert journal_rows(tmp_path / "journal.db", "SELECT finished_attempt FROM tasks") == [(1,)]
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_runner_continued_before_the_replacement_bound_recovers_and_keeps_its_trial(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=1)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "1", "--missed-heartbeats", "3"])
+    hp = free_port()
+    # The trial (16 s of wall-clock sleep) outlasts the stop, so the worker is still there after it.
+    worker = procs.worker(port, "wa", extra=["--health-port", str(hp)], env={"MORPHML_TEST_SLEEP": "16"})
+    _, task_id, _ = wait_for(lambda: running_worker(port), 40, "the trial to start")
+    time.sleep(0.5)
+    [runner] = children(worker.pid)
+    os.kill(runner, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        wait_for(lambda: health(hp) == NOT_SERVING, STUCK_AFTER + 8, "NOT_SERVING")
+        assert time.monotonic() - stopped_at < REPLACE_AFTER - 4, "too late to test a recovery"
+    finally:
+        os.kill(runner, signal.SIGCONT)
+    continued_at = time.monotonic()
+    wait_for(lambda: health(hp) == SERVING, 5, "SERVING after SIGCONT")
+    print(f"\nSIGCONT -> SERVING {time.monotonic() - continued_at:.2f} s")
+    assert children(worker.pid) == [runner]  # the same runner, never replaced
+    st = wait_for(lambda: finished(status(port)) and status(port), 30, "the experiment to finish")
+    assert st.phase == "Succeeded" and st.retries == 0 and not st.losses
+    assert journal_rows(tmp_path / "journal.db", "SELECT ok, attempt FROM results WHERE task_id = ?",
+                        (task_id,)) == [(1, 1)]
