@@ -8,18 +8,33 @@ import time
 
 import pytest
 
-from proc_helpers import (
-    assert_each_trial_once,
-    finished,
-    free_port,
-    journal_events,
-    journal_rows,
-    status,
-    wait_for,
-    write_manifest,
-)
+from morphml.distributed.journal import Journal
+from morphml.distributed.leases import Task
+from proc_helpers import assert_each_trial_once, finished, free_port, status, wait_for, write_manifest
 
 pytestmark = pytest.mark.process
+
+
+def journal_tasks(path) -> list[Task]:
+    """The tasks as the journal has them (read through Journal, as a second process may)."""
+    journal = Journal.open_read_only(path)
+    try:
+        return journal.load_tasks()
+    finally:
+        journal.close()
+
+
+def journal_events(path, kind: str) -> list[dict]:
+    journal = Journal.open_read_only(path)
+    try:
+        return journal.events(kind)
+    finally:
+        journal.close()
+
+
+def finished_attempts(path) -> dict[str, int]:
+    """task id -> the attempt that finished it, for every finished trial."""
+    return {t.task_id: t.finished_attempt for t in journal_tasks(path) if t.state.value in ("succeeded", "failed")}
 
 
 @pytest.mark.timeout(120)
@@ -37,9 +52,8 @@ def test_master_killed_and_restarted_on_its_journal_finishes_the_budget_with_no_
     os.killpg(master.pid, signal.SIGKILL)
     master.wait()
     killed_at = time.time()
-    done_before = dict(journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks"
-                                             " WHERE state IN ('succeeded','failed')"))
-    leased_before = journal_rows(journal, "SELECT task_id, attempt FROM tasks WHERE state = 'leased'")
+    done_before = finished_attempts(journal)
+    leased_before = [(t.task_id, t.attempt) for t in journal_tasks(journal) if t.state.value == "leased"]
     assert len(done_before) >= 4
     time.sleep(1.0)  # the workers notice and start retrying with backoff
     procs.master(manifest, port, journal, extra=hb, log_name="master2.log")
@@ -50,7 +64,7 @@ def test_master_killed_and_restarted_on_its_journal_finishes_the_budget_with_no_
     after = [e for e in journal_events(journal, "leased") + journal_events(journal, "succeeded")
              if e["ts"] > killed_at and e["task_id"] in done_before]
     assert after == []
-    for task_id, attempt in journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks"):
+    for task_id, attempt in finished_attempts(journal).items():
         if task_id in done_before:
             assert attempt == done_before[task_id]
     # Leases that were out when the master died: their result, delivered after the workers
@@ -93,6 +107,9 @@ def test_workers_running_trials_through_a_master_restart_are_readopted_not_rerun
     adopted = journal_events(journal, "adopted")
     assert 1 <= len(adopted) <= 2 and {e["task_id"] for e in adopted} <= {"t000001", "t000002"}
     # each trial ran once: attempt 1, by the worker that started it
-    assert journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks ORDER BY task_id") == \
-        [("t000001", 1), ("t000002", 1)]
-    assert journal_rows(journal, "SELECT COUNT(*) FROM attempts")[0][0] == 2
+    assert finished_attempts(journal) == {"t000001": 1, "t000002": 1}
+    reader = Journal.open_read_only(journal)
+    try:
+        assert len(reader.load_attempts()) == 2
+    finally:
+        reader.close()
