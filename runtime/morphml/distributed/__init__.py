@@ -16,7 +16,7 @@ from __future__ import annotations
 __all__ = ["MasterNode", "WorkerNode"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     # Lazy so `import morphml.distributed` (e.g. for states) does not load grpc.
     if name == "MasterNode":
         from .master import MasterNode

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -23,7 +25,7 @@ class TokenError(ValueError):
     """The token cannot be read (names the file or variable)."""
 
 
-def read_token(token_file: str | None, env: dict | None = None) -> str:
+def read_token(token_file: str | None, env: Mapping[str, str] | None = None) -> str:
     """The token from --token-file, else from $MORPHML_TOKEN; raises TokenError naming both."""
     env = os.environ if env is None else env
     if token_file:
@@ -49,15 +51,19 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every non-health call whose bearer token differs from the experiment's (the
     master's grpc.aio server)."""
 
-    def __init__(self, token: str):
+    def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
             return handler
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
+        if hmac.compare_digest(given if isinstance(given, bytes) else given.encode(), self._expected):
             return handler
         message = ("invalid token: the worker's token (--token-file or $MORPHML_TOKEN) does not match this "
                    "experiment's token" if given else
@@ -65,8 +71,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return _refusing_handler(handler, message)
 
 
-def _refusing_handler(handler, message: str):
-    async def refuse(request_or_iterator, context):
+def _refusing_handler(handler: grpc.RpcMethodHandler[Any, Any], message: str) -> grpc.RpcMethodHandler[Any, Any]:
+    async def refuse(request_or_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}

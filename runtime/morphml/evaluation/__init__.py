@@ -15,7 +15,7 @@ imported only inside functions (model.py and trainer.py import it and are loaded
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from morphml.evaluation.datasets import DATASET_NAMES, Dataset, clear_cache, dataset_shape, load_dataset
 from morphml.evaluation.errors import FAILURE_KINDS, EvaluationSpecError, TrialFailure
@@ -23,8 +23,11 @@ from morphml.evaluation.evaluate import evaluate_architecture, load_user_evaluat
 from morphml.evaluation.settings import TrainingSettings, training_settings
 from morphml.evaluation.shapes import GraphPlan, NodePlan, plan_graph
 
+if TYPE_CHECKING:  # torch is loaded only when a model is built
+    import torch
 
-def build_model(graph_or_json: Any):
+
+def build_model(graph_or_json: Any) -> torch.nn.Module:
     """Build the torch module for a graph; raises TrialFailure("invalid") for a graph that cannot be built."""
     from morphml.evaluation.model import build_model as _build_model
 

@@ -151,7 +151,9 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _stratified_split(x: np.ndarray, y: np.ndarray, seed: int = SPLIT_SEED):
+def _stratified_split(
+    x: np.ndarray, y: np.ndarray, seed: int = SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic split keeping class proportions (per class: shuffle, first 20% to validation)."""
     rng = np.random.default_rng(seed)
     val_idx: list[np.ndarray] = []
@@ -217,7 +219,8 @@ def _load_npz(spec: Mapping) -> Dataset:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
     except Exception as exc:  # not a zip, truncated, object arrays needing pickle
-        raise EvaluationSpecError(f"{FIELD}.path", f"{path!r} is not a readable .npz file of numeric arrays: {exc}") from None
+        raise EvaluationSpecError(f"{FIELD}.path",
+                                  f"{path!r} is not a readable .npz file of numeric arrays: {exc}") from None
     if {"x_train", "y_train", "x_val", "y_val"} <= arrays.keys():
         x_train, y_train = _check_arrays(path, arrays["x_train"], arrays["y_train"], "_train")
         x_val, y_val = _check_arrays(path, arrays["x_val"], arrays["y_val"], "_val")
@@ -231,7 +234,8 @@ def _load_npz(spec: Mapping) -> Dataset:
         )
     if x_train.shape[1:] != x_val.shape[1:]:
         raise EvaluationSpecError(
-            f"{FIELD}.path", f"{path!r}: x_train samples {list(x_train.shape[1:])} and x_val samples {list(x_val.shape[1:])} differ"
+            f"{FIELD}.path",
+            f"{path!r}: x_train samples {list(x_train.shape[1:])} and x_val samples {list(x_val.shape[1:])} differ",
         )
     if len(x_train) == 0 or len(x_val) == 0:
         raise EvaluationSpecError(f"{FIELD}.path", f"{path!r}: training and validation sets must not be empty")
@@ -239,7 +243,8 @@ def _load_npz(spec: Mapping) -> Dataset:
     if spec.get("classes") is not None:
         classes = spec["classes"]
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < num_classes:
-            raise EvaluationSpecError(f"{FIELD}.classes", f"{classes!r} must be an integer >= {num_classes} (largest label + 1)")
+            raise EvaluationSpecError(f"{FIELD}.classes",
+                                      f"{classes!r} must be an integer >= {num_classes} (largest label + 1)")
         num_classes = classes
     num_classes = max(num_classes, 2)
     return Dataset("npz", tuple(int(d) for d in x_train.shape[1:]), num_classes, x_train, y_train, x_val, y_val)

@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
 
 from morphml.evaluation.datasets import load_dataset
@@ -59,7 +60,7 @@ def load_user_evaluator(path: Any) -> UserEvaluator:
     return target
 
 
-def _import(module_name: str):
+def _import(module_name: str) -> ModuleType:
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

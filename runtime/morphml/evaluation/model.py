@@ -138,7 +138,9 @@ class GraphModule(nn.Module):
                 outputs[i] = layer(x)
             else:
                 outputs[i] = layer(*(outputs[j] for j in inputs))
-        return outputs[-1]  # the output node is last in topological order
+        result = outputs[-1]  # the output node is last in topological order
+        assert result is not None, "a planned graph has at least its output node"
+        return result
 
     def extra_repr(self) -> str:
         return f"nodes={len(self.plan.nodes)}, params={self.plan.param_count}"

@@ -50,7 +50,8 @@ def select_device(device: str | None) -> torch.device:
             index = chosen.index or 0
             if index >= torch.cuda.device_count():
                 raise TrialFailure(
-                    "invalid", f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible"
+                    "invalid",
+                    f"device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible",
                 )
         return chosen
     if torch.cuda.is_available():
@@ -106,7 +107,8 @@ def _check_deadline(deadline: float, settings: TrainingSettings, where: str) -> 
         raise TrialFailure("timeout", f"trial ran past timeoutSeconds={settings.timeout_seconds:g} ({where})")
 
 
-def _run(model, dataset, settings, device, seed, started, deadline) -> dict[str, Any]:
+def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device: torch.device, seed: int,
+         started: float, deadline: float) -> dict[str, Any]:
     train_started = time.monotonic()
     generator = torch.Generator().manual_seed(seed)
     model = model.to(device)
@@ -133,7 +135,8 @@ def _run(model, dataset, settings, device, seed, started, deadline) -> dict[str,
             loss = loss_fn(model(x_train[batch]), y_train[batch])
             value = loss.item()
             if not math.isfinite(value):
-                raise TrialFailure("nan", f"training loss became {value} in epoch {epoch + 1} (try a lower learningRate)")
+                raise TrialFailure("nan",
+                                   f"training loss became {value} in epoch {epoch + 1} (try a lower learningRate)")
             loss.backward()
             optimizer.step()
             total += value * len(batch)
