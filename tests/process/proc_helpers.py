@@ -8,7 +8,6 @@ Evaluators come from tests/evaluators.py through the real `spec.evaluation.evalu
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,12 +15,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
 import yaml
 
 from morphml.distributed.auth import token_metadata
+from morphml.distributed.journal import Journal
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
 
@@ -154,22 +155,26 @@ def journal_rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
 
 
 def journal_events(path: Path, kind: str) -> list[dict]:
-    rows = journal_rows(path, "SELECT ts, task_id, attempt, worker_id, worker_name, detail FROM events WHERE kind = ?"
-                              " ORDER BY seq", (kind,))
-    return [{"ts": r[0], "task_id": r[1], "attempt": r[2], "worker_id": r[3], "worker_name": r[4],
-             "detail": json.loads(r[5]) if r[5] else {}} for r in rows]
+    """The journal's events of one kind, oldest first (read through Journal, read-only)."""
+    journal = Journal.open_read_only(path)
+    try:
+        return journal.events(kind)
+    finally:
+        journal.close()
 
 
 def assert_each_trial_once(journal: Path, budget: int) -> None:
     """Exactly `budget` finished trials, each counted by exactly one accepted result."""
-    done = journal_rows(journal, "SELECT task_id, finished_attempt FROM tasks WHERE state IN ('succeeded','failed')")
+    reader = Journal.open_read_only(journal)
+    try:
+        done = [t for t in reader.load_tasks() if t.state.value in ("succeeded", "failed")]
+        counted = Counter(e["task_id"] for e in reader.events("succeeded") + reader.events("failed"))
+    finally:
+        reader.close()
     assert len(done) == budget, f"{len(done)} finished trials, budget {budget}"
-    counted = journal_rows(journal, "SELECT task_id, COUNT(*) FROM events WHERE kind IN ('succeeded','failed')"
-                                    " GROUP BY task_id")
-    assert len(counted) == budget and all(n == 1 for _, n in counted), counted
-    arch = journal_rows(journal, "SELECT COUNT(DISTINCT arch_hash), COUNT(*) FROM tasks"
-                                 " WHERE state IN ('succeeded','failed')")
-    assert arch[0][0] == arch[0][1], f"an architecture was evaluated twice: {arch}"
+    assert len(counted) == budget and all(n == 1 for n in counted.values()), counted
+    hashes = [t.arch_hash for t in done]
+    assert len(set(hashes)) == len(hashes), f"an architecture was evaluated twice: {len(set(hashes))} of {len(hashes)}"
 
 
 def pids_with_torch(pid: int) -> list[int]:
