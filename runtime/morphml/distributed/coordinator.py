@@ -7,6 +7,11 @@ the master's servicer translates RPCs into calls here, and lease hand-outs come 
 messages on a per-worker outbox queue. Time comes from an injected clock, so tests of
 heartbeats and holds run without sleeping.
 
+Fail-stop: memory changes with the transaction that journals it, so a failed commit leaves
+memory ahead of the file. Any error inside a change therefore halts the coordinator (every
+later call raises the JournalError, on_halt callbacks stop the server); leases, shutdowns and
+"done" are after-commit callbacks, so nothing of the failed change ever left.
+
 Imports: morphml.distributed.{states, clock, leases, registry, journal}; the optimizer is
 any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_state_dict).
 """

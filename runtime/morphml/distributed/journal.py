@@ -3,9 +3,10 @@
 Tables: `tasks` (one row per trial, its state and outcome), `attempts` (one row per lease),
 `results` (every result received, counted or stale), `events` (append-only audit log:
 proposed, leased, adopted, succeeded, failed, retry, requeued with the detection path,
-worker_registered, worker_dead, stale_result, phase), `optimizer_ops` (every ask and tell
-given to the optimizer, in order, with its arguments), `optimizer` (a snapshot of the
-optimizer's state_dict and the last op it includes), `meta` (experiment name, phase, best).
+worker_registered, worker_dead, stale_result, phase), `losses` (every worker loss, numbered
+1, 2, 3, ... for good), `optimizer_ops` (every ask and tell given to the optimizer, in order,
+with its arguments), `optimizer` (a snapshot of the optimizer's state_dict and the last op it
+includes), `meta` (schema version, experiment name, phase, best, lease secret).
 
 The optimizer state after any tell is the last snapshot plus a replay of the ops after it:
 the ask/tell contract makes optimizers deterministic (same state + same tells in the same order
