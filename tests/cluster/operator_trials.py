@@ -62,10 +62,12 @@ def read_journal(path: Path) -> dict:
     try:
         tasks = [dict(zip(("task_id", "state", "attempt", "finished_attempt"), row, strict=True)) for row in
                  db.execute("SELECT task_id, state, attempt, finished_attempt FROM tasks ORDER BY seq")]
-        attempts = [dict(zip(("task_id", "attempt", "worker_name", "leased_at", "state", "ended_at", "outcome"), row, strict=True))
+        attempt_columns = ("task_id", "attempt", "worker_name", "leased_at", "state", "ended_at", "outcome")
+        attempts = [dict(zip(attempt_columns, row, strict=True))
                     for row in db.execute("SELECT task_id, attempt, worker_name, leased_at, state, ended_at, outcome "
                                           "FROM attempts ORDER BY leased_at")]
-        results = [dict(zip(("task_id", "attempt", "worker_name", "disposition", "ok", "received_at"), row, strict=True))
+        result_columns = ("task_id", "attempt", "worker_name", "disposition", "ok", "received_at")
+        results = [dict(zip(result_columns, row, strict=True))
                    for row in db.execute("SELECT task_id, attempt, worker_name, disposition, ok, received_at "
                                          "FROM results ORDER BY id")]
         requeues = []

@@ -96,7 +96,8 @@ def test_npz_with_x_y_is_split_and_grey_images_get_a_channel(tmp_path):
     "spec,field,words",
     [
         (None, "spec.evaluation.dataset", "is required"),
-        ({"name": "imagenet"}, "spec.evaluation.dataset.name", "'imagenet' is not one of digits, synthetic, npz, torchvision"),
+        ({"name": "imagenet"}, "spec.evaluation.dataset.name",
+         "'imagenet' is not one of digits, synthetic, npz, torchvision"),
         ({"name": "npz"}, "spec.evaluation.dataset.path", "is required"),
         ({"name": "npz", "path": "/nonexistent/data.npz"}, "spec.evaluation.dataset.path", "does not exist"),
         ({"name": "synthetic", "classes": 1}, "spec.evaluation.dataset.classes", "must be an integer >= 2"),
