@@ -10,6 +10,7 @@ stuck after 10 s (NOT_SERVING), replaced after 20 s (morphml.distributed.livenes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -179,3 +180,29 @@ def test_a_stopped_runner_continued_before_the_replacement_bound_recovers_and_ke
     assert st.phase == "Succeeded" and st.retries == 0 and not st.losses
     assert journal_rows(tmp_path / "journal.db", "SELECT ok, attempt FROM results WHERE task_id = ?",
                         (task_id,)) == [(1, 1)]
+
+
+@pytest.mark.timeout(150)
+def test_a_runner_holding_the_gil_while_computing_is_busy_not_stuck(procs, tmp_path):
+    # The trial's one long C call starves the runner's beat thread for longer than the bound;
+    # its CPU time keeps growing, which the worker counts as progress.
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.liveness_evaluators:busy_holding_the_gil",
+                              max_trials=1)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "1", "--missed-heartbeats", "3"])
+    hp = free_port()
+    procs.worker(port, "wa", extra=["--health-port", str(hp)], env={"MORPHML_TEST_GIL_SECONDS": "18"})
+    wait_for(lambda: running_worker(port), 40, "the trial to start")
+    answers = []
+    while not finished(status(port)):
+        answers.append(health(hp))
+        assert len(answers) < 1500, "the trial never finished"
+        time.sleep(0.1)
+    st = status(port)
+    assert st.phase == "Succeeded" and st.succeeded == 1 and st.retries == 0 and not st.losses
+    [(metrics,)] = journal_rows(tmp_path / "journal.db", "SELECT metrics_json FROM tasks")
+    held = json.loads(metrics)["gil_held_seconds"]
+    print(f"\nGIL held {held:.1f} s in one call; health answers: {len(answers)}, all SERVING: "
+          f"{all(a == SERVING for a in answers)}")
+    assert held > STUCK_AFTER + 2, f"the GIL was held only {held:.1f} s: the case was not exercised"
+    assert answers and all(a == SERVING for a in answers), sorted(set(answers))
