@@ -22,7 +22,13 @@ import time
 from pathlib import Path
 
 KUBEBIN_DIR = Path(__file__).resolve().parent / "kubebin"
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "helm")
+BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "helm",
+            # the real node (tests/cluster/node.py): its Kubernetes parts, the sandbox's pause
+            # process and the test pods' multi-tool, all from the same module and `go build`
+            "kubelet", "kube-proxy", "pause", "testbox")
+#: The real node's add-ons, built by kubebin/addons.sh into their own cache directory
+#: (``addons-<hash>``), so the control plane's binaries do not rebuild when an add-on changes.
+ADDON_BINARIES = ("kube-router", "coredns")
 
 
 class BuildError(RuntimeError):
@@ -70,12 +76,28 @@ def bin_dir() -> Path:
     return cache_root() / f"k8s-{versions['KUBERNETES_VERSION']}-{cache_key()}"
 
 
+def _complete(directory: Path, binaries: tuple[str, ...]) -> bool:
+    return (directory / ".complete").exists() and all((directory / b).exists() for b in binaries)
+
+
 def cached_bin_dir() -> Path | None:
     """The binaries' directory if a complete build is already cached, else None."""
     directory = bin_dir()
-    if (directory / ".complete").exists() and all((directory / b).exists() for b in BINARIES):
-        return directory
-    return None
+    return directory if _complete(directory, BINARIES) else None
+
+
+def _addon_inputs() -> list[Path]:
+    coredns = KUBEBIN_DIR / "coredns"
+    return [KUBEBIN_DIR / "addons.env", KUBEBIN_DIR / "addons.sh", coredns / "go.mod", coredns / "go.sum",
+            *sorted(coredns.glob("*.go"))]
+
+
+def addons_dir() -> Path:
+    """Directory holding kube-router and coredns for the pinned add-on versions (may not exist yet)."""
+    digest = hashlib.sha256()
+    for path in _addon_inputs():
+        digest.update(str(path.relative_to(KUBEBIN_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return cache_root() / f"addons-{digest.hexdigest()[:16]}"
 
 
 def _find_go() -> str:
@@ -94,49 +116,56 @@ def ensure_built(log=None) -> Path:
     Safe to call from several processes at once: a lock file serialises the build and
     the others reuse its result. The build log is kept next to the binaries.
     """
+    return _ensure(bin_dir(), BINARIES, KUBEBIN_DIR / "build.sh", "Kubernetes control plane and node binaries",
+                   "tens of minutes on 2 cores", log)
+
+
+def ensure_addons_built(log=None) -> Path:
+    """Like ``ensure_built`` for the real node's add-ons (kube-router, coredns: ``kubebin/addons.sh``)."""
+    return _ensure(addons_dir(), ADDON_BINARIES, KUBEBIN_DIR / "addons.sh", "node add-ons (kube-router, CoreDNS)",
+                   "several minutes on 2 cores", log)
+
+
+def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, how_long: str, log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    found = cached_bin_dir()
-    if found:
-        (found / ".last-used").touch()
-        return found
+    if _complete(target, binaries):
+        (target / ".last-used").touch()
+        return target
     go = _find_go()
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    target = bin_dir()
     with open(root / ".build.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"morphml: another process is building the control plane; waiting for {root / '.build.lock'}")
+            log(f"morphml: another process is building in {root}; waiting for {root / '.build.lock'}")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        found = cached_bin_dir()
-        if found:
-            return found
+        if _complete(target, binaries):
+            return target
         tmp = target.with_name(target.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         build_log = tmp / "build.log"
-        log(f"morphml: building Kubernetes control plane binaries into {target} "
-            f"(first run only; tens of minutes on 2 cores; log: {target / 'build.log'})")
+        log(f"morphml: building {what} into {target} (first run only; {how_long}; log: {target / 'build.log'})")
         started = time.monotonic()
         with open(build_log, "wb") as out:
             env = dict(os.environ, PATH=f"{Path(go).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-            proc = subprocess.run(["bash", str(KUBEBIN_DIR / "build.sh"), str(tmp)], env=env,
+            proc = subprocess.run(["bash", str(script), str(tmp)], env=env,
                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             tail = build_log.read_text(errors="replace")[-4000:]
             failed = root / f"failed-{target.name}.log"
             shutil.copy(build_log, failed)
-            raise BuildError(f"go build of the control plane failed (exit {proc.returncode}); "
+            raise BuildError(f"go build of the {what} failed (exit {proc.returncode}); "
                              f"full log {failed}; last lines:\n{tail}")
-        missing = [b for b in BINARIES if not (tmp / b).exists()]
+        missing = [b for b in binaries if not (tmp / b).exists()]
         if missing:
             raise BuildError(f"build finished but {missing} are missing in {tmp}")
         seconds = time.monotonic() - started
         (tmp / ".complete").write_text(f"built in {seconds:.0f} s\n")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
-        log(f"morphml: control plane binaries built in {seconds:.0f} s")
+        log(f"morphml: {what} built in {seconds:.0f} s")
         _prune(root, keep=target)
         return target
 
@@ -149,7 +178,8 @@ def _prune(root: Path, keep: Path) -> None:
 
     Not at once: another test session may still be running from an older build.
     """
-    for old in root.glob("k8s-*"):
+    prefix = keep.name.split("-", 1)[0] + "-"  # "k8s-" or "addons-": each kind prunes its own
+    for old in root.glob(prefix + "*"):
         if old == keep or not old.is_dir() or old.name.endswith(".partial"):
             continue
         marker = old / ".last-used"
