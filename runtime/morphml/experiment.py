@@ -521,7 +521,10 @@ class Experiment:
             namespace=document["metadata"].get("namespace"),
             manifest=document,
             spec=spec,
-            objective=Objective(metric=spec["objective"]["metric"], goal=spec["objective"]["goal"]),
+            # With spec.objectives, its first entry is the primary objective (best, Best column).
+            objective=Objective(metric=spec["objectives"][0]["metric"], goal=spec["objectives"][0]["goal"])
+            if spec.get("objectives")
+            else Objective(metric=spec["objective"]["metric"], goal=spec["objective"]["goal"]),
             budget=Budget(max_trials=budget["maxTrials"], max_failed_trials=budget["maxFailedTrials"]),
             fault_tolerance=FaultTolerance(
                 heartbeat_interval_seconds=faults["heartbeatIntervalSeconds"],
@@ -564,14 +567,35 @@ class Experiment:
         return self._search_space
 
     def build_optimizer(self) -> Optimizer:
-        """A fresh optimizer over this experiment's search space, bound to its dataset's shape."""
-        from morphml.optimizers import build_optimizer
+        """A fresh optimizer over this experiment's search space, bound to its dataset's shape.
+
+        An optimizer the manifest asks for but this master cannot build (e.g. ``tpe`` without Optuna
+        installed) is a `ManifestError` naming the field, so `morphml run` / `master` say it in one line.
+        """
+        from morphml.optimizers import OptimizerError, build_optimizer
 
         input_shape, num_classes = self.dataset_shape()
         space = self.search_space
         space.bind(input_shape, num_classes)
-        return build_optimizer(self.optimizer_spec, space, self.objective.to_spec(), input_shape=input_shape,
-                               num_classes=num_classes, max_trials=self.budget.max_trials)
+        try:
+            return build_optimizer(self.optimizer_spec, space, self.objective.to_spec(), input_shape=input_shape,
+                                   num_classes=num_classes, max_trials=self.budget.max_trials,
+                                   objectives=self.objectives or None, constraints=self.constraints or None)
+        except OptimizerError as exc:
+            field, sep, message = str(exc).partition(": ")
+            if not sep or not field.startswith("spec."):
+                raise
+            raise ManifestError([(field, message)], self.name) from None
+
+    @property
+    def objectives(self) -> list[dict]:
+        """spec.objectives: [{metric, goal}, ...] of a multi-objective search, [] for one objective."""
+        return [dict(o) for o in self.spec.get("objectives") or []]
+
+    @property
+    def constraints(self) -> dict:
+        """spec.constraints (camelCase: maxParams, maxFlops, maxLatencyMs), {} for none."""
+        return dict(self.spec.get("constraints") or {})
 
     def to_yaml(self) -> str:
         """The defaulted manifest as YAML (what the operator mounts into the master pod)."""

@@ -24,6 +24,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[2] / "runtime" / "morphml"
 # The package root sits with the space because it re-exports `SearchSpace` and `Layer`.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ops", ("morphml.ops",)),
+    ("pareto", ("morphml.pareto",)),
     ("graph", ("morphml.graph",)),
     ("space", ("morphml.space", "morphml")),
     ("mutation", ("morphml.mutation",)),

@@ -36,6 +36,8 @@ SAMPLES: dict[str, Any] = {
     "spec.evaluation.epochs": 9,
     "spec.evaluation.dataset": {"name": "synthetic", "shape": [8], "classes": 3},
     "spec.objective": {"metric": "val_loss", "goal": "minimize"},
+    "spec.objectives": [{"metric": "val_accuracy", "goal": "maximize"}],
+    "spec.constraints.maxParams": 20000,
     "spec.master.persistence.size": "5Gi",
     "spec.master.persistence.storageClassName": "fast",
     "spec.budget.maxTrials": 99,

@@ -269,6 +269,9 @@ class ExperimentCoordinator:
 
     def _ask(self, n: int) -> list:
         candidates = list(self.optimizer.ask(n))[:n]
+        refused = getattr(self.optimizer, "refused_in_last_ask", None)
+        if refused:  # candidates a constraint refused before any lease (spec.constraints); replay skips this op
+            self.journal.log_optimizer_op("refuse", {"candidates": list(refused)})
         self._last_op_seq = self.journal.log_optimizer_op("ask", {"n": n, "ids": [str(c.id) for c in candidates]})
         self._ops_since_snapshot += 1
         return candidates

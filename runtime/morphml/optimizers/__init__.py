@@ -1,4 +1,5 @@
-"""Ask/tell architecture optimizers: genetic algorithm, regularized (aging) evolution, random search.
+"""Ask/tell architecture optimizers: genetic algorithm, regularized (aging) evolution, random search,
+multi-objective evolution, Optuna's TPE and NSGA-II (`morphml[search]`), and hardware constraints.
 
     optimizer = GeneticAlgorithm(space, population_size=8, num_generations=3, seed=42)
     while not optimizer.is_finished():
@@ -12,23 +13,31 @@ MorphML 1.0's `search_space=` / `config={...}` forms (docs/optimizers.md). State
 through JSON with `state_dict()` / `load_state_dict()`; `build_optimizer(spec, space, objective)`
 reads the manifest's form.
 
-Imports: the standard library, `morphml.ops`, `morphml.graph`, `morphml.space`, `morphml.mutation`. No torch.
+Imports: the standard library, `morphml.ops`, `morphml.graph`, `morphml.space`, `morphml.mutation`,
+`morphml.pareto`; optuna lazily (only `TPESearch` / `NSGA2Search` construct it). No torch.
 """
 
 from morphml.optimizers.base import BestResult, Candidate, Optimizer, OptimizerError
+from morphml.optimizers.constraints import ConstrainedOptimizer
 from morphml.optimizers.evolution import RegularizedEvolution
 from morphml.optimizers.factory import ALGORITHMS, build_optimizer
 from morphml.optimizers.genetic import GeneticAlgorithm
+from morphml.optimizers.multiobjective import MultiObjectiveEvolution
+from morphml.optimizers.optuna_samplers import NSGA2Search, TPESearch
 from morphml.optimizers.random_search import RandomSearch
 
 __all__ = [
     "ALGORITHMS",
     "BestResult",
     "Candidate",
+    "ConstrainedOptimizer",
     "GeneticAlgorithm",
+    "MultiObjectiveEvolution",
+    "NSGA2Search",
     "Optimizer",
     "OptimizerError",
     "RandomSearch",
     "RegularizedEvolution",
+    "TPESearch",
     "build_optimizer",
 ]

@@ -26,7 +26,7 @@ from morphml.space import SearchSpace
 
 class RegularizedEvolution(Optimizer):
     algorithm = "regularizedEvolution"
-    setting_names = ("population_size", "sample_size", "max_trials", "seed", "objective", "goal")
+    setting_names: tuple[str, ...] = ("population_size", "sample_size", "max_trials", "seed", "objective", "goal")
 
     @morphml1_call_forms
     def __init__(
@@ -70,7 +70,7 @@ class RegularizedEvolution(Optimizer):
             elif self._population:
                 size = min(self.sample_size, len(self._population))
                 contenders = sorted(self.rng.sample(range(len(self._population)), size))
-                parent_id = self._population[max(contenders, key=lambda i: (self._sort_key(self._population[i]), -i))]
+                parent_id = self._select_parent(contenders)
                 parent = self._candidates[parent_id]
                 graph = mutate(parent.graph, self.space, self.rng)
                 for _ in range(NOVELTY_ATTEMPTS):
@@ -92,6 +92,11 @@ class RegularizedEvolution(Optimizer):
             candidate = Candidate(f"c{self.num_asked}", graph, generation, parents)
             proposed.append(self._register(candidate))
         return proposed
+
+    def _select_parent(self, contenders: Sequence[int]) -> str:
+        """The parent among the sampled population positions: the fittest, the oldest on a tie
+        (MultiObjectiveEvolution ranks by Pareto front instead)."""
+        return self._population[max(contenders, key=lambda i: (self._sort_key(self._population[i]), -i))]
 
     def _on_result(self, candidate_id: str) -> None:
         self._population.append(candidate_id)

@@ -1,0 +1,411 @@
+"""Model-based and multi-objective optimizers: Optuna's TPE and NSGA-II over our space, the
+multi-objective regularized evolution, hardware constraints, and their manifest errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from morphml.experiment import ManifestError, load_manifest
+from morphml.graph import ArchitectureGraph, build_graph_from_choices
+from morphml.optimizers import (
+    ConstrainedOptimizer,
+    MultiObjectiveEvolution,
+    NSGA2Search,
+    OptimizerError,
+    RandomSearch,
+    RegularizedEvolution,
+    TPESearch,
+    build_optimizer,
+)
+from morphml.optimizers.optuna_samplers import program_from_trial
+from morphml.pareto import dominates
+from morphml.space import Block, Layer, SearchSpace
+
+pytestmark = pytest.mark.unit
+
+DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.yaml"
+TWO = [{"metric": "val_accuracy", "goal": "maximize"}, {"metric": "params", "goal": "minimize"}]
+
+
+def space() -> SearchSpace:
+    return (
+        SearchSpace("opt")
+        .add_layers(
+            Layer.conv2d(filters=[8, 16, 32], kernel_size=[3, 5], activation=["relu", "gelu"]),
+            Layer.batchnorm(optional=True),
+            Block([Layer.conv2d(filters=[8, 16, 32])], repeat=(0, 2), skip=["none", "add", "concat"]),
+            Layer.maxpool(pool_size=[2]),
+            Layer.flatten(),
+            Layer.dense(units=[16, 32, 64]),
+            Layer.dropout(rate=[0.0, 0.2]),
+        )
+        .bind([1, 8, 8], 10)
+    )
+
+
+def score(graph: ArchitectureGraph) -> dict:
+    """Deterministic: best near 20k parameters, a little hash-derived noise; params reported."""
+    noise = int(graph.arch_hash[:6], 16) / 16**6 * 0.01
+    return {
+        "val_accuracy": 1.0 - abs(math.log(graph.param_count() / 20000)) / 10 + noise,
+        "params": graph.param_count(),
+    }
+
+
+def run(optimizer, batch: int = 3, stop_after: int | None = None) -> list[str]:
+    """Ask/tell until finished (or `stop_after` asks); the asked hashes in order."""
+    asked: list[str] = []
+    while not optimizer.is_finished() and (stop_after is None or len(asked) < stop_after):
+        candidates = optimizer.ask(batch if stop_after is None else min(batch, stop_after - len(asked)))
+        assert candidates
+        for candidate in candidates:
+            asked.append(candidate.arch_hash)
+            optimizer.tell(candidate.id, score(candidate.graph))
+    return asked
+
+
+# -- the space as Optuna parameters ------------------------------------------------------------
+
+
+def test_every_choice_of_the_space_is_a_parameter_named_by_its_position():
+    fixed = optuna.trial.FixedTrial(
+        {
+            "layers[0].filters": 16,
+            "layers[0].kernel_size": 5,
+            "layers[0].activation": "gelu",
+            "layers[1].present": True,
+            "layers[2].repeat": 2,
+            "layers[2].r0.layers[0].filters": 8,
+            "layers[2].r0.skip": "add",
+            "layers[2].r1.layers[0].filters": 32,
+            "layers[2].r1.skip": "concat",
+            "layers[5].units": 64,
+            "layers[6].rate": 0.2,
+        }
+    )
+    program = program_from_trial(space(), fixed)
+    ops = [step[1] if step[0] == "layer" else step[0] for step in program]
+    assert ops == [
+        "conv2d",
+        "batchnorm",
+        "begin",
+        "conv2d",
+        "end",
+        "begin",
+        "conv2d",
+        "end",
+        "maxpool",
+        "flatten",
+        "dense",
+        "dropout",
+    ]
+    assert program[0][2]["filters"] == 16 and program[0][2]["kernel_size"] == 5
+    assert [step[1] for step in program if step[0] == "end"] == ["add", "concat"]
+    assert program[3][2]["filters"] == 8 and program[6][2]["filters"] == 32
+    graph = build_graph_from_choices(program, (1, 8, 8), 10)
+    assert [n.op for n in graph.nodes].count("add") == 1 and [n.op for n in graph.nodes].count("concat") == 1
+
+
+def test_a_parameter_exists_only_when_its_layer_does_and_fixed_values_are_none():
+    optimizer = TPESearch(space(), population_size=4, max_trials=12, seed=5)
+    run(optimizer)
+    names = set()
+    for trial in optimizer.study.get_trials(deepcopy=False):
+        names |= set(trial.params)
+        repeats = trial.params.get("layers[2].repeat", 0)
+        assert {n for n in trial.params if n.startswith("layers[2].r") and n != "layers[2].repeat"} == {
+            f"layers[2].r{k}.{leaf}" for k in range(repeats) for leaf in ("layers[0].filters", "skip")
+        }
+    assert "layers[3].pool_size" not in names  # one value: no parameter
+    assert {"layers[0].filters", "layers[1].present", "layers[2].repeat", "layers[5].units"} <= names
+
+
+# -- ask/tell contract -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [TPESearch, NSGA2Search])
+def test_optuna_search_is_deterministic_never_repeats_an_architecture_and_learns(cls):
+    first = run(cls(space(), population_size=4, max_trials=24, seed=3, objectives=TWO))
+    second = run(cls(space(), population_size=4, max_trials=24, seed=3, objectives=TWO))
+    other = run(cls(space(), population_size=4, max_trials=24, seed=4, objectives=TWO))
+    assert first == second and first != other
+    assert len(first) == len(set(first)) == 24
+
+
+def test_a_failed_trial_is_an_optuna_fail_and_a_success_carries_every_objective():
+    optimizer = NSGA2Search(space(), population_size=4, max_trials=4, seed=1, objectives=TWO)
+    a, b, c = optimizer.ask(3)
+    optimizer.tell(a.id, None)
+    optimizer.tell(b.id, {"val_accuracy": 0.5})  # params missing: filled in from the graph
+    optimizer.tell(c.id, {"val_accuracy": float("nan"), "params": 10})
+    states = {t.number: t for t in optimizer.study.get_trials(deepcopy=False)}
+    by_candidate = {r["candidate"]: states[i] for i, r in enumerate(optimizer._trials) if r["candidate"]}
+    assert by_candidate[a.id].state.name == "FAIL" and by_candidate[c.id].state.name == "FAIL"
+    assert by_candidate[b.id].values == [0.5, float(b.graph.param_count())]
+    assert [s for _, s, _ in optimizer.history()] == ["failed", "done", "failed"]
+
+
+def test_restart_rebuilds_the_sampler_from_the_journaled_trials_and_continues_the_same_search():
+    def make() -> TPESearch:
+        return TPESearch(space(), population_size=4, max_trials=30, seed=9)
+
+    whole = run(make())
+    before = make()
+    head = run(before, stop_after=15)
+    saved = json.loads(before.state_json())  # what the journal holds (strict JSON)
+    restarted = make()
+    restarted.load_state_dict(saved)
+    # The rebuilt study holds every journaled trial, with the same params, states and values.
+    rebuilt = restarted.study.get_trials(deepcopy=False)
+    original = before.study.get_trials(deepcopy=False)
+    assert len(rebuilt) == len(original) == len(saved["trials"]) >= 15
+    assert [(t.params, t.state, t.values) for t in rebuilt] == [(t.params, t.state, t.values) for t in original]
+    tail = run(restarted)
+    assert head + tail == whole
+    assert restarted.num_sampler_trials >= 30
+
+
+def test_state_from_another_algorithm_is_refused():
+    tpe = TPESearch(space(), population_size=4, max_trials=6, seed=1)
+    run(tpe)
+    with pytest.raises(OptimizerError, match="saved by algorithm 'tpe'"):
+        NSGA2Search(space(), population_size=4, max_trials=6, seed=1).load_state_dict(tpe.state_dict())
+
+
+# -- multi-objective regularized evolution -------------------------------------------------------
+
+
+def test_multi_objective_evolution_picks_parents_by_front_then_crowding():
+    optimizer = MultiObjectiveEvolution(
+        space(), population_size=6, sample_size=6, max_trials=40, seed=2, objectives=TWO
+    )
+    results = [(0.90, 30000), (0.80, 10000), (0.70, 40000), (0.95, 50000), (0.60, 5000), (0.85, 9000)]
+    for candidate, (accuracy, params) in zip(optimizer.ask(6), results, strict=True):
+        optimizer.tell(candidate.id, {"val_accuracy": accuracy, "params": params})
+    front = set(optimizer.pareto_front())
+    ids = optimizer._population
+    # front: 0.95/50k, 0.90/30k, 0.85/9k, 0.60/5k (0.80/10k is dominated by 0.85/9k; 0.70/40k by 0.90/30k)
+    assert front == {ids[0], ids[3], ids[4], ids[5]}
+    # sampling the whole population: a front member with infinite crowding (a boundary) wins, the
+    # oldest of those on a tie
+    assert optimizer._select_parent(list(range(6))) == ids[3]
+    # among dominated-only contenders the less dominated (rank 1) one wins
+    assert optimizer._select_parent([1, 2]) in (ids[1], ids[2])
+    assert optimizer._select_parent([1, 5]) == ids[5]
+    hashes = run(optimizer)
+    assert len(hashes) == len(set(hashes))
+
+
+def test_multi_objective_evolution_state_round_trip():
+    def make() -> MultiObjectiveEvolution:
+        return MultiObjectiveEvolution(space(), population_size=5, sample_size=3, max_trials=25, seed=4, objectives=TWO)
+
+    whole = run(make())
+    before = make()
+    head = run(before, stop_after=9)  # whole batches of 3, as in the uninterrupted run
+    after = make()
+    after.load_state_dict(json.loads(before.state_json()))
+    assert head + run(after) == whole
+
+
+# -- constraints ---------------------------------------------------------------------------------
+
+
+def test_candidates_over_max_params_are_never_asked_and_the_optimizer_is_told_they_are_infeasible():
+    inner = RandomSearch(space(), seed=3)
+    optimizer = ConstrainedOptimizer(inner, max_params=3000)
+    asked, refused = [], []
+    while len(asked) < 12:
+        batch = optimizer.ask(3)
+        assert batch
+        refused += optimizer.refused_in_last_ask
+        for candidate in batch:
+            asked.append(candidate)
+            optimizer.tell(candidate.id, score(candidate.graph))
+    assert all(c.graph.param_count() <= 3000 for c in asked)
+    assert refused and all(r["params"] > 3000 and r["reason"].startswith("params ") for r in refused)
+    assert refused == optimizer.refused
+    told = {c.id: (status, metrics) for c, status, metrics in inner.history()}
+    for record in refused:
+        status, metrics = told[record["id"]]
+        assert status == "failed" and metrics["infeasible"] is True and "maxParams 3000" in metrics["error"]
+    # the state carries the refusals; a restart refuses exactly the same candidates again
+    again = ConstrainedOptimizer(RandomSearch(space(), seed=3), max_params=3000)
+    again.load_state_dict(json.loads(optimizer.state_json()))
+    assert again.refused == optimizer.refused
+    with pytest.raises(OptimizerError, match="constraints cannot change"):
+        ConstrainedOptimizer(RandomSearch(space(), seed=3), max_params=4000).load_state_dict(optimizer.state_dict())
+
+
+def test_constrained_tpe_replays_identically_after_a_restart():
+    def make() -> ConstrainedOptimizer:
+        return ConstrainedOptimizer(TPESearch(space(), population_size=4, seed=2), max_flops=200_000)
+
+    whole, head = make(), make()
+    full = [c.arch_hash for c in _asks(whole, 8)]
+    first = [c.arch_hash for c in _asks(head, 4)]
+    restarted = make()
+    restarted.load_state_dict(json.loads(head.state_json()))
+    assert first + [c.arch_hash for c in _asks(restarted, 4)] == full
+    assert all(ArchitectureGraph.from_json(c.graph.to_json()).flops() <= 200_000 for c in _asks(make(), 6))
+
+
+def _asks(optimizer, count: int) -> list:
+    out: list = []
+    while len(out) < count:
+        batch = optimizer.ask(min(2, count - len(out)))
+        assert batch
+        for candidate in batch:
+            out.append(candidate)
+            optimizer.tell(candidate.id, score(candidate.graph))
+    return out
+
+
+def test_a_result_over_max_latency_is_infeasible_for_the_optimizer():
+    optimizer = ConstrainedOptimizer(RandomSearch(space(), seed=1), max_latency_ms=5.0)
+    fast, slow = optimizer.ask(2)
+    optimizer.tell(fast.id, {"val_accuracy": 0.9, "latency_ms": 4.0})
+    optimizer.tell(slow.id, {"val_accuracy": 0.99, "latency_ms": 6.5})
+    assert optimizer.best().id == fast.id
+    assert {c.id: s for c, s, _ in optimizer.history()} == {fast.id: "done", slow.id: "failed"}
+
+
+def test_no_feasible_architecture_finishes_the_search():
+    optimizer = ConstrainedOptimizer(RandomSearch(space(), seed=1), max_params=1)
+    assert optimizer.ask(2) == [] and optimizer.is_finished()
+
+
+# -- from the manifest ---------------------------------------------------------------------------
+
+
+def manifest(**spec) -> dict:
+    doc = yaml.safe_load(DIGITS.read_text())
+    doc = copy.deepcopy(doc)
+    doc["spec"].update(spec)
+    return doc
+
+
+def test_manifest_builds_tpe_nsga2_multi_objective_evolution_and_constraints():
+    tpe = load_manifest(manifest(optimizer={"algorithm": "tpe", "populationSize": 4, "seed": 1})).build_optimizer()
+    assert isinstance(tpe, TPESearch) and tpe.objectives == [{"metric": "val_accuracy", "goal": "maximize"}]
+    experiment = load_manifest(manifest(optimizer={"algorithm": "nsga2", "populationSize": 4}, objectives=TWO))
+    nsga2 = experiment.build_optimizer()
+    assert isinstance(nsga2, NSGA2Search) and nsga2.objectives == TWO and nsga2.population_size == 4
+    assert (experiment.objective.metric, experiment.objective.goal) == ("val_accuracy", "maximize")
+    evolution = load_manifest(
+        manifest(optimizer={"algorithm": "regularizedEvolution"}, objectives=TWO)
+    ).build_optimizer()
+    assert isinstance(evolution, MultiObjectiveEvolution)
+    single = load_manifest(manifest(optimizer={"algorithm": "regularizedEvolution"})).build_optimizer()
+    assert type(single) is RegularizedEvolution
+    constrained = load_manifest(
+        manifest(optimizer={"algorithm": "random"}, constraints={"maxParams": 20000})
+    ).build_optimizer()
+    assert isinstance(constrained, ConstrainedOptimizer) and constrained.limits == {"max_params": 20000}
+    assert constrained.inner.max_trials is None  # refusals must not use up the optimizer's own budget
+    first = load_manifest(
+        manifest(objectives=[{"metric": "params", "goal": "minimize"}], optimizer={"algorithm": "tpe"})
+    )
+    assert (first.objective.metric, first.objective.goal) == ("params", "minimize")
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "text"),
+    [
+        ({"optimizer": {"algorithm": "bayesian"}}, "spec.optimizer.algorithm", "supported values"),
+        (
+            {
+                "objectives": [
+                    {"metric": "val_accuracy", "goal": "maximize"},
+                    {"metric": "val_accuracy", "goal": "maximize"},
+                ],
+                "optimizer": {"algorithm": "nsga2"},
+            },
+            "spec.objectives",
+            "each metric may appear only once",
+        ),
+        ({"constraints": {"maxLatencyMs": 20}}, "spec.constraints.maxLatencyMs", "does not measure"),
+        (
+            {
+                "objectives": [
+                    {"metric": "val_accuracy", "goal": "maximize"},
+                    {"metric": "latency_ms", "goal": "minimize"},
+                ],
+                "optimizer": {"algorithm": "nsga2"},
+            },
+            "spec.objectives",
+            "latency_ms is not measured",
+        ),
+        (
+            {"objectives": TWO, "optimizer": {"algorithm": "genetic"}},
+            "spec.optimizer.algorithm",
+            "genetic ranks candidates by one objective",
+        ),
+        (
+            {
+                "objectives": TWO,
+                "objective": {"metric": "val_loss", "goal": "minimize"},
+                "optimizer": {"algorithm": "nsga2"},
+            },
+            "spec.objective",
+            "disagree",
+        ),
+        (
+            {"objectives": [{"metric": "params", "goal": "maximize"}], "optimizer": {"algorithm": "tpe"}},
+            "spec.objectives[0].goal",
+            "minimized",
+        ),
+        ({"constraints": {"maxParams": 0}}, "spec.constraints.maxParams", "greater than or equal to 1"),
+    ],
+    ids=[
+        "unknown-algorithm",
+        "duplicate-metric",
+        "latency-constraint-unmeasured",
+        "latency-objective-unmeasured",
+        "genetic-multi",
+        "objective-disagrees",
+        "params-maximized",
+        "max-params-zero",
+    ],
+)
+def test_bad_search_settings_are_refused_naming_the_field(spec, field, text):
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(manifest(**spec))
+    assert field in caught.value.fields, caught.value
+    assert text in str(caught.value)
+
+
+def test_tpe_without_optuna_on_the_master_names_the_field_and_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError, as when not installed
+    experiment = load_manifest(manifest(optimizer={"algorithm": "tpe"}))
+    with pytest.raises(ManifestError) as caught:
+        experiment.build_optimizer()
+    assert caught.value.fields == ["spec.optimizer.algorithm"]
+    assert "needs Optuna on the master" in str(caught.value) and "morphml[search]" in str(caught.value)
+
+
+def test_the_factory_refuses_what_the_schema_cannot_see():
+    with pytest.raises(OptimizerError, match=r"spec\.objectives\[1\]\.metric: 'params' is already objective 0"):
+        build_optimizer({"algorithm": "nsga2"}, space(), objectives=[{"metric": "params", "goal": "minimize"}] * 2)
+    with pytest.raises(OptimizerError, match=r"spec\.constraints\.maxWatts: unknown field"):
+        build_optimizer({"algorithm": "random"}, space(), constraints={"maxWatts": 3})
+    with pytest.raises(OptimizerError, match=r"spec\.objectives: 2 objectives, but genetic ranks"):
+        build_optimizer({"algorithm": "genetic"}, space(), objectives=TWO)
+
+
+def test_front_of_a_nsga2_search_is_mutually_non_dominated():
+    optimizer = NSGA2Search(space(), population_size=4, max_trials=20, seed=6, objectives=TWO)
+    run(optimizer)
+    points = optimizer.points()
+    front = optimizer.pareto_front()
+    assert front
+    for i in front:
+        assert not any(dominates(points[j], points[i]) for j in points)
