@@ -193,7 +193,17 @@ def ensure_master_pod(body: kopf.Body) -> tuple[Any, list[str]]:
     annotation = (pod.metadata.annotations or {}).get(builders.MASTER_SPEC_ANNOTATION)
     changed = builders.changed_master_sections(annotation, body["spec"])
     if changed:
-        core.delete_namespaced_pod(pod.metadata.name, namespace)
+        # Preconditions: the timer and the update handler may both see the old pod; only the
+        # delete that finds it as read goes through (the other gets 409), so it restarts once.
+        preconditions = kubernetes.client.V1Preconditions(uid=pod.metadata.uid,
+                                                          resource_version=pod.metadata.resource_version)
+        try:
+            core.delete_namespaced_pod(pod.metadata.name, namespace,
+                                       body=kubernetes.client.V1DeleteOptions(preconditions=preconditions))
+        except ApiException as error:
+            if error.status in (404, 409):
+                return pod, []
+            raise
     return pod, changed
 
 

@@ -291,7 +291,10 @@ def test_raising_the_budget_of_a_running_search_extends_it(kube, operator, kube_
     assert status["trials"]["done"] == 12 and status["trialsSummary"] == "12/12", status["trials"]
     reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns,
                                                       "--field-selector", "involvedObject.name=extended")["items"]}
-    assert "BudgetChanged" in reasons, reasons
+    assert "MasterRestarting" in reasons, reasons
+    restarting = kube.kubectl_json("get", "events", "-n", ns, "--field-selector",
+                                   "involvedObject.name=extended,reason=MasterRestarting")["items"]
+    assert [e["message"].split()[0] for e in restarting] == ["spec.budget"], restarting
 
 
 def master_status_reader(kube, ns: str, name: str):
