@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -28,7 +29,51 @@ from . import build, pki
 
 NODE_AGENT = Path(__file__).resolve().parent / "node_agent.py"
 NODE_NAME = "morphml-node-0"
-SERVICE_CIDR = "10.96.0.0/16"  # allocated in etcd only: nothing routes to it and nothing is sent there
+SERVICE_CIDR = "10.96.0.0/16"  # blackholed on the host: only kube-proxy's DNAT (real node) gets a packet through
+POD_CIDR = "10.244.0.0/16"  # the real node's pods (tests/cluster/node.py); blackholed beyond its bridge's /24
+
+
+def host_ipv4() -> str | None:
+    """The host's first global IPv4 address (the API server's advertised address, the real node's
+    InternalIP), or None on a machine with only loopback."""
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "addr", "show", "scope", "global"], capture_output=True,
+                             text=True, timeout=10).stdout
+        links = json.loads(out or "[]")
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    for link in links:
+        if link.get("ifname", "").startswith(("mml-", "cni", "veth")):
+            continue  # the node's own bridge and pod interfaces
+        for addr in link.get("addr_info", []):
+            if addr.get("family") == "inet":
+                return addr["local"]
+    return None
+
+
+def _route_exists(cidr: str) -> bool:
+    out = subprocess.run(["ip", "route", "show", "type", "blackhole", cidr], capture_output=True, text=True).stdout
+    return bool(out.strip())
+
+
+def add_blackhole_routes() -> list[str]:
+    """Blackhole the service and pod ranges so that a packet to a ClusterIP that nothing DNATs, or
+    to a pod address that is not on the node's bridge, is dropped here instead of following the
+    default route off the machine (where something answered HTTP 404 in a trial). Root only;
+    returns the routes added (the caller deletes those, and only those, at stop)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return []
+    added = []
+    for cidr in (SERVICE_CIDR, POD_CIDR):
+        if not _route_exists(cidr) and subprocess.run(["ip", "route", "add", "blackhole", cidr],
+                                                      capture_output=True).returncode == 0:
+            added.append(cidr)
+    return added
+
+
+def delete_blackhole_routes(cidrs: list[str]) -> None:
+    for cidr in cidrs:
+        subprocess.run(["ip", "route", "del", "blackhole", cidr], capture_output=True)
 
 
 class ControlPlaneError(RuntimeError):
@@ -117,7 +162,12 @@ class ControlPlane:
     volumes written by the node agent).
     """
 
-    def __init__(self, workdir: Path | None = None, bin_dir: Path | None = None, node_name: str = NODE_NAME):
+    def __init__(self, workdir: Path | None = None, bin_dir: Path | None = None, node_name: str = NODE_NAME,
+                 process_node: bool = True):
+        #: False: no node agent (a real node, tests/cluster/node.py, registers itself later).
+        self.process_node = process_node
+        self.blackholes: list[str] = []
+        self.advertise_address: str | None = None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="morphml-kube-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.bin_dir = bin_dir
@@ -126,7 +176,8 @@ class ControlPlane:
         self.logs: dict[str, Path] = {}
         self.kubeconfig: Path | None = None
         self.server = ""
-        self.node_state_dir = self.workdir / "node"
+        # None without the process node: Kube then reads pod logs with kubectl logs.
+        self.node_state_dir: Path | None = self.workdir / "node" if process_node else None
         self.timings: dict[str, float] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -205,10 +256,19 @@ class ControlPlane:
 
         p = self.pki
         self.server = f"https://127.0.0.1:{api_port}"
+        self.blackholes = add_blackhole_routes()
+        # Pods reach the API server through the 'kubernetes' Service, whose endpoint is the
+        # advertised address: that must be a real address of this host (Endpoints refuse
+        # loopback), so listen on all addresses and advertise the first global one.
+        self.advertise_address = host_ipv4()
+        if self.advertise_address:
+            addresses = ["--bind-address=0.0.0.0", f"--advertise-address={self.advertise_address}"]
+        else:  # loopback only: no endpoint for the 'kubernetes' Service (in-cluster clients get a kubeconfig)
+            addresses = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none"]
         apiserver = self._spawn("kube-apiserver", [
             self._bin("kube-apiserver"),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
+            *addresses, f"--secure-port={api_port}",
             f"--tls-cert-file={p['apiserver.crt']}", f"--tls-private-key-file={p['apiserver.key']}",
             f"--client-ca-file={p['ca.crt']}",
             f"--kubelet-client-certificate={p['kubelet-client.crt']}",
@@ -221,9 +281,6 @@ class ControlPlane:
             "--allow-privileged=true",
             # The node's Hostname address does not resolve; reach its log endpoint on 127.0.0.1.
             "--kubelet-preferred-address-types=InternalIP",
-            # The 'kubernetes' Service endpoints would be 127.0.0.1, which Endpoints validation
-            # refuses (loopback); in-cluster clients get a kubeconfig from the node agent instead.
-            "--endpoint-reconciler-type=none",
             "--profiling=false", "--v=1",
         ])
 
@@ -265,6 +322,10 @@ class ControlPlane:
             f"--authentication-kubeconfig={scheduler_config}", f"--authorization-kubeconfig={scheduler_config}",
             "--secure-port=0", "--leader-elect=false", "--profiling=false", "--v=1",
         ])
+        if not self.process_node:
+            self._wait_default_service_account(timeout)
+            self.timings["ready_seconds"] = time.monotonic() - t0
+            return
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         agent = self._spawn("node-agent", [
             sys.executable, str(NODE_AGENT), f"--kubeconfig={self.kubeconfig}",
@@ -283,7 +344,10 @@ class ControlPlane:
             return conditions.get("Ready") == "True" and not taints
 
         self._wait(f"node {self.node_name} Ready", node_ready, agent, timeout)
+        self._wait_default_service_account(timeout)
+        self.timings["ready_seconds"] = time.monotonic() - t0
 
+    def _wait_default_service_account(self, timeout: float) -> None:
         def default_service_account() -> bool:
             return self.api_get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
 
@@ -291,16 +355,19 @@ class ControlPlane:
         self._wait("ServiceAccount default/default", default_service_account, self.components[2], timeout)
         for component in self.components:
             component.check_alive()
-        self.timings["ready_seconds"] = time.monotonic() - t0
 
     def stop(self) -> None:
         for component in reversed(self.components):
             component.stop()
         self._kill_leftover_pods()
         self.components.clear()
+        delete_blackhole_routes(self.blackholes)
+        self.blackholes = []
 
     def _kill_leftover_pods(self) -> None:
         """Kill pod process groups the node agent left behind (only if it died without cleaning up)."""
+        if self.node_state_dir is None:
+            return
         registry = self.node_state_dir / "process-groups"
         if not registry.exists():
             return
