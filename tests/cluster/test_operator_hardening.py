@@ -208,4 +208,16 @@ def test_an_immutable_change_is_refused_naming_the_field_and_live_fields_apply(k
                   30, 0.5, "the worker Deployment to have 2 replicas")
     time.sleep(4)  # two operator ticks
     assert serving_master(kube, ns, name)["metadata"]["uid"] == restarted["metadata"]["uid"]
+
+    # Once ended (the status says Succeeded; the operator then frees everything), nothing applies
+    # a change any more, and the API server refuses each, scale included.
+    kube.kubectl("patch", "nasexperiment", name, "-n", ns, "--subresource=status", "--type=merge",
+                 "-p", json.dumps({"status": {"phase": "Succeeded"}}))
+    for refused in (
+        kube.kubectl("patch", "nasexperiment", name, "-n", ns, "--type=merge",
+                     "-p", json.dumps({"spec": {"budget": {"maxTrials": 200}}}), check=False),
+        kube.kubectl("scale", "nasexperiment", name, "--replicas", "3", "-n", ns, check=False),
+    ):
+        assert refused.returncode != 0 and "spec cannot change once the experiment has ended" in refused.stderr, refused
+    assert experiment(kube, ns, name)["spec"]["budget"]["maxTrials"] == 100
     kube.kubectl("delete", "nasexperiment", name, "-n", ns, "--wait=true", timeout=120)

@@ -150,3 +150,20 @@ def test_each_field_change_is_refused_naming_it_or_accepted_as_the_table_says(st
 
 def test_an_update_that_leaves_the_spec_as_it_was_is_never_refused(stored):
     assert transition_refusals(stored, copy.deepcopy(stored), crd_schema()) == []
+
+
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+@pytest.mark.parametrize("path", ["spec.budget.maxTrials", "spec.workers.replicas", "spec.suspend"])
+def test_once_ended_every_spec_change_is_refused(stored, phase, path):
+    ended = {**stored, "status": {"phase": phase}}
+    changed = {**validate_manifest(set_path(stored, path, SAMPLES[path])), "status": {"phase": phase}}
+    refusals = transition_refusals(ended, changed, crd_schema())
+    assert [message.split(" (")[0] for _, message in refusals] == ["spec cannot change once the experiment has ended"]
+
+
+def test_while_running_the_ended_rule_refuses_nothing_and_status_writes_pass(stored):
+    running = {**stored, "status": {"phase": "Running"}}
+    changed = {**validate_manifest(set_path(stored, "spec.budget.maxTrials", 99)), "status": {"phase": "Running"}}
+    assert transition_refusals(running, changed, crd_schema()) == []
+    # The operator writing the terminal phase (a status write: spec as it was) is not refused.
+    assert transition_refusals(running, {**stored, "status": {"phase": "Succeeded"}}, crd_schema()) == []
