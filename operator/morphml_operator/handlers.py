@@ -5,15 +5,20 @@ Run it with `kopf run -m morphml_operator.handlers --all-namespaces --liveness=h
 
 The shape, in full:
 - `configure` (startup): kopf's settings from the typed OperatorSettings, and the API client.
-- `reconcile` (create, resume, spec update): `ensure_*` every object the experiment owns. Each
-  ensure is idempotent (create, or leave / bring up to date what exists), so running it twice,
-  after an operator restart, or concurrently with the timer changes nothing.
+- `create_or_resume`, `spec_changed`: `reconcile`, i.e. `ensure_*` every object the experiment
+  owns. Each ensure is idempotent (create, or leave / bring up to date what exists), so running it
+  twice, after an operator restart, or concurrently with the timer changes nothing. A master whose
+  pod was built from other budget / faultTolerance / master sections than the spec now has is
+  deleted (it comes back with them and resumes from the journal).
 - `poll` (timer, every status_interval_seconds): reconcile again (a deleted master pod comes
-  back; replicas follow spec and phase), ask the master for GetStatus, write the status and post
-  the Events `status.compute_status` chose. Once terminal: workers at 0, master pod deleted.
+  back; replicas follow spec and phase), ask the master for GetStatus with the losses after
+  status.lastLossSeq, post one Event per new loss (named after its number, before the status that
+  remembers it), write the status and the other Events `status.compute_status` chose. Once
+  terminal: workers at 0, master pod deleted.
 - `worker_pod_event` (worker pods): a worker pod deleted, failed, evicted or unready past
   worker_unready_seconds (`pod_loss.decide`) is reported to the master with WorkerGone at once,
-  so its trials are re-leased without waiting for heartbeats.
+  so its trials are re-leased without waiting for heartbeats; a master that does not answer is
+  asked again with backoff (`report_pod_lost`, timer threads).
 Deletion needs no handler: everything carries an ownerReference and the garbage collector removes it.
 
 Imports: kopf, the kubernetes client, morphml_operator.{builders, pod_loss, settings, status, master_client}.
