@@ -21,7 +21,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import yaml
 
@@ -212,7 +213,8 @@ def build_master_network_policy(name: str, namespace: str) -> dict:
                 "from": [
                     {"podSelector": {"matchLabels": selector(name, "worker")}},
                     {"namespaceSelector": {},
-                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "morphml", COMPONENT_LABEL: "operator"}}},
+                     "podSelector": {"matchLabels": {"app.kubernetes.io/name": "morphml",
+                                                     COMPONENT_LABEL: "operator"}}},
                 ],
                 "ports": [{"protocol": "TCP", "port": MASTER_PORT}],
             }],
@@ -259,7 +261,8 @@ def _pod_env(name: str) -> list[dict]:
 def _token_volume(name: str) -> dict:
     return {
         "name": "token",
-        "secret": {"secretName": token_secret_name(name), "defaultMode": 0o440, "items": [{"key": "token", "path": "token"}]},
+        "secret": {"secretName": token_secret_name(name), "defaultMode": 0o440,
+                   "items": [{"key": "token", "path": "token"}]},
     }
 
 
@@ -457,7 +460,9 @@ def build_worker_deployment(
 
 
 def event_name(name: str, uid: str, key: str) -> str:
-    """The name of the one Event for `key` on experiment `name` (uid: a new experiment of the same name gets its own)."""
+    """The name of the one Event for `key` on experiment `name`.
+
+    The uid is part of it so a new experiment of the same name gets its own Events."""
     return f"{name}.{key}.{uid[:8]}"
 
 

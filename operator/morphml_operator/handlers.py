@@ -34,7 +34,8 @@ import logging
 import secrets
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import kopf
 import kubernetes
@@ -87,7 +88,7 @@ def _apps() -> kubernetes.client.AppsV1Api:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _digest(value: Any) -> str:
@@ -355,7 +356,8 @@ def _check_loss_numbering(master_status: Mapping[str, Any], last_loss: int, logg
     if latest < last_loss:
         # A new journal (its claim was deleted and made again): its losses are numbered from 1
         # again and get no Event until they pass what this experiment already counted.
-        logger.warning("the master's latest loss is #%d, below the #%d already posted: a new journal?", latest, last_loss)
+        logger.warning("the master's latest loss is #%d, below the #%d already posted: a new journal?",
+                       latest, last_loss)
 
 
 def post_keyed_events(body: kopf.Body, events: list[Event]) -> None:
@@ -377,7 +379,8 @@ def post_keyed_events(body: kopf.Body, events: list[Event]) -> None:
             if error.status == 409:
                 continue  # posted by an earlier tick whose status patch did not land
             raise kopf.TemporaryError(f"posting Event {manifest['metadata']['name']} ({event.reason}): "
-                                      f"{error.status} {error.reason}", delay=SETTINGS.status_interval_seconds) from None
+                                      f"{error.status} {error.reason}",
+                                      delay=SETTINGS.status_interval_seconds) from None
 
 
 # Pods whose unready state is waiting for a re-check (uid -> timer): no watch event comes when
@@ -498,7 +501,8 @@ def _tell_master_gone(uid: str, experiment: str, namespace: str, pod_name: str, 
         # No master right now: restarting (a new pod resumes the journal) or gone for good.
         return pod_loss.GONE_NOBODY if _experiment_over(experiment, namespace) else pod_loss.GONE_UNREACHABLE
     try:
-        reply = report_worker_gone(address, _secret_token(secret), pod_name, reason, SETTINGS.master_rpc_timeout_seconds)
+        reply = report_worker_gone(address, _secret_token(secret), pod_name, reason,
+                                   SETTINGS.master_rpc_timeout_seconds)
     except MasterUnreachable as error:
         logger.warning("could not tell the master that %s is gone (will retry): %s", pod_name, error)
         return pod_loss.GONE_UNREACHABLE

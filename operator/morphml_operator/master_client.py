@@ -18,7 +18,6 @@ from google.protobuf import json_format
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
 
-
 # GetStatus pages one poll may read (500 losses each); the rest waits for the next poll.
 MAX_LOSS_PAGES = 10
 

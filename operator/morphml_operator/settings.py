@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .builders import PodDefaults
 
@@ -56,7 +57,7 @@ class OperatorSettings:
     posting_level: str = "WARNING"
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "OperatorSettings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
@@ -75,7 +76,8 @@ class OperatorSettings:
 
     def check(self) -> None:
         if self.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
-            raise SettingsError(f"{PREFIX}IMAGE_PULL_POLICY={self.image_pull_policy!r}: expected Always, IfNotPresent or Never")
+            raise SettingsError(
+                f"{PREFIX}IMAGE_PULL_POLICY={self.image_pull_policy!r}: expected Always, IfNotPresent or Never")
         if self.posting_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(f"{PREFIX}POSTING_LEVEL={self.posting_level!r}: expected DEBUG, INFO, WARNING or ERROR")
         for name in ("status_interval_seconds", "master_rpc_timeout_seconds", "watch_timeout_seconds",

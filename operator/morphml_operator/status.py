@@ -22,7 +22,8 @@ Imports: the standard library and morphml_operator.builders only.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .builders import selector_string
 
@@ -117,16 +118,19 @@ def compute_status(
 
     if phase != old_phase:
         if phase == "Running" and old_phase in (None, "Pending"):
-            events.append(Event("Normal", "Started", f"search started: {workers_ready} of {workers_desired} workers ready, budget {budget} trials"))
+            events.append(Event("Normal", "Started", f"search started: {workers_ready} of {workers_desired} workers "
+                                                     f"ready, budget {budget} trials"))
         elif phase == "Suspended":
-            events.append(Event("Normal", "Suspended", "spec.suspend is true: workers scaled to 0, no new trials start"))
+            events.append(Event("Normal", "Suspended",
+                                "spec.suspend is true: workers scaled to 0, no new trials start"))
         elif old_phase == "Suspended" and phase in ("Running", "Pending"):
             events.append(Event("Normal", "Resumed", "spec.suspend is false: workers scaled back up"))
 
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,
-        "trials": {"done": done, "succeeded": succeeded, "failed": failed, "running": running if phase not in TERMINAL_PHASES else 0, "budget": budget},
+        "trials": {"done": done, "succeeded": succeeded, "failed": failed,
+                   "running": running if phase not in TERMINAL_PHASES else 0, "budget": budget},
         "trialsSummary": f"{done}/{budget}",
         "workers": {
             "ready": workers_ready,
@@ -176,7 +180,8 @@ def compute_status(
             "summary": format_best_summary(value, architecture),
         }
         if not old_best or old_best.get("trialId") != best["trialId"]:
-            events.append(Event("Normal", "NewBest", f"trial {best['trialId']}: {best['metric']}={value:.4f} {architecture}".strip()))
+            text = f"trial {best['trialId']}: {best['metric']}={value:.4f} {architecture}".strip()
+            events.append(Event("Normal", "NewBest", text))
     if best:
         status["best"] = best
 
@@ -188,7 +193,8 @@ def compute_status(
     lost = int(previous.get("workersLost", 0))
     # Pods the operator itself stopped (suspend, scale down, the end) are not losses worth a Warning.
     previously_registered = int((previous.get("workers") or {}).get("registered", 0))
-    stopping_on_purpose = bool(spec.get("suspend")) or phase in TERMINAL_PHASES or workers_desired < previously_registered
+    stopping_on_purpose = (bool(spec.get("suspend")) or phase in TERMINAL_PHASES
+                           or workers_desired < previously_registered)
     for loss in sorted((master or {}).get("losses", []), key=lambda item: int(item.get("seq", 0))):
         seq = int(loss.get("seq", 0))
         if seq <= last_seq:
@@ -202,33 +208,41 @@ def compute_status(
         back = f"{requeued} trial{'s' if requeued != 1 else ''} back in the queue"
         key = f"worker-loss-{seq}"
         if stopping_on_purpose:
-            events.append(Event("Normal", "WorkerStopped", f"worker {who} stopped ({loss.get('detected_by')}); {back}", key))
+            events.append(Event("Normal", "WorkerStopped",
+                                f"worker {who} stopped ({loss.get('detected_by')}); {back}", key))
         else:
-            events.append(Event("Warning", "WorkerLost", f"worker {who} lost (detected by {loss.get('detected_by')}); {back}", key))
+            events.append(Event("Warning", "WorkerLost",
+                                f"worker {who} lost (detected by {loss.get('detected_by')}); {back}", key))
     status["workersLost"] = lost
     status["lastLossSeq"] = last_seq
 
     # Terminal milestones.
     if phase != old_phase and phase == "Succeeded":
         best_text = f"; best {best['metric']}={best['value']:.4f} ({best['trialId']})" if best else ""
-        events.append(Event("Normal", "Succeeded", f"search finished: {done} trials ({failed} failed){best_text}; workers scaled to 0"))
+        events.append(Event("Normal", "Succeeded",
+                            f"search finished: {done} trials ({failed} failed){best_text}; workers scaled to 0"))
     elif phase != old_phase and phase == "Failed":
-        events.append(Event("Warning", "Failed", f"search failed: {status.get('message', 'see the master log')}; workers scaled to 0"))
+        events.append(Event("Warning", "Failed",
+                            f"search failed: {status.get('message', 'see the master log')}; workers scaled to 0"))
 
     # Conditions.
     old_conditions = list(previous.get("conditions") or [])
     conditions = [
         _condition(old_conditions, "MasterReady", master is not None,
                    "MasterServing" if master is not None else "MasterUnreachable",
-                   "the master answers GetStatus" if master is not None else (master_error or "no answer from the master"),
+                   "the master answers GetStatus" if master is not None
+                   else (master_error or "no answer from the master"),
                    now, generation),
         _condition(old_conditions, "WorkersReady", workers_desired > 0 and workers_ready >= workers_desired,
                    "AllWorkersReady" if workers_ready >= workers_desired else "WorkersNotReady",
                    f"{workers_ready} of {workers_desired} worker pods ready", now, generation),
-        _condition(old_conditions, "Suspended", phase == "Suspended", "SpecSuspend" if phase == "Suspended" else "NotSuspended",
+        _condition(old_conditions, "Suspended", phase == "Suspended",
+                   "SpecSuspend" if phase == "Suspended" else "NotSuspended",
                    "spec.suspend is true" if phase == "Suspended" else "spec.suspend is false", now, generation),
-        _condition(old_conditions, "Succeeded", phase == "Succeeded", "BudgetReached" if phase == "Succeeded" else "NotFinished",
-                   status.get("message", "") if phase == "Succeeded" else "the search has not finished", now, generation),
+        _condition(old_conditions, "Succeeded", phase == "Succeeded",
+                   "BudgetReached" if phase == "Succeeded" else "NotFinished",
+                   status.get("message", "") if phase == "Succeeded" else "the search has not finished",
+                   now, generation),
         _condition(old_conditions, "Failed", phase == "Failed", "SearchFailed" if phase == "Failed" else "NotFailed",
                    status.get("message", "") if phase == "Failed" else "the search has not failed", now, generation),
     ]
