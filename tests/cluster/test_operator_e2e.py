@@ -45,7 +45,8 @@ def operator(kube):
     """The chart installed in its own namespace; yields (namespace, pod name)."""
     namespace = f"morphml-system-{os.urandom(2).hex()}"
     kube.kubectl("create", "namespace", namespace)
-    kube.wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode == 0,
+    kube.wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", namespace,
+                                       check=False).returncode == 0,
                   30, 0.1, "the default ServiceAccount")
     try:
         kube.helm("install", "morphml", str(CHART), "--namespace", namespace,
@@ -357,8 +358,8 @@ def test_worker_pod_deleted_mid_trial_is_re_leased_via_pod_gone_within_two_secon
     deleted_at = time.time()
     kube.kubectl("delete", "pod", victim, "-n", ns, "--wait=false")
 
-    status = wait_status(kube, operator, ns, "podloss", lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None,
-                         180, "the search to end")
+    status = wait_status(kube, operator, ns, "podloss",
+                         lambda s: s if s.get("phase") in ("Succeeded", "Failed") else None, 180, "the search to end")
     assert status["phase"] == "Succeeded", status
     assert status["trials"]["done"] == 9 and status["trialsSummary"] == "9/9", status["trials"]
 
@@ -526,11 +527,12 @@ def test_worker_pod_unready_past_the_threshold_is_reported_gone(kube, operator, 
     unready_at = time.time()
 
     def loss():
-        return next((l for l in master_status()["losses"] if l["worker_name"] == "flaky-extra-worker"), None)
+        return next((lost for lost in master_status()["losses"] if lost["worker_name"] == "flaky-extra-worker"), None)
 
     recorded = kube.wait_for(loss, 60, 0.3, "the master to record the unready worker's loss")
     delay = recorded["detected_at"] - unready_at
-    print(f"\nworker pod unready: reported gone via {recorded['detected_by']} {delay:.2f} s after its probe started failing")
+    print(f"\nworker pod unready: reported gone via {recorded['detected_by']} {delay:.2f} s "
+          "after its probe started failing")
     assert recorded["detected_by"] == "pod_gone", recorded
     assert {"task_id": lease["task_id"], "attempt": lease["attempt"]} in recorded["requeued"], recorded
     # Probe (1 s) + the operator's 5 s threshold (+1 s: lastTransitionTime has whole seconds) + slack.
