@@ -1,7 +1,7 @@
 """The operator never loses a loss and never half-applies a spec change (issue 10, items 2, 3, 6).
 
-- 150 worker losses with a master restart in the middle: exactly 150 WorkerLost Events and
-  status.workersLost == 150 (acceptance 2). The losses are real: worker sessions opened from this
+- 150 worker losses with a master restart and an operator restart in the middle: exactly 150
+  WorkerLost Events and status.workersLost == 150 (acceptance 2). The losses are real: worker sessions opened from this
   process with real gRPC and the experiment's token, broken on purpose (the master detects each by
   the stream and journals it with its number).
 - WorkerGone to a master that is frozen (SIGSTOP) while a worker pod is deleted: the operator
@@ -64,7 +64,8 @@ def events(kube, ns: str, name: str, reason: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_150_worker_losses_with_a_master_restart_are_150_worker_lost_events(kube, operator, kube_namespace):
+def test_150_worker_losses_across_master_and_operator_restarts_are_150_worker_lost_events(kube, operator,
+                                                                                        kube_namespace):
     ns, name = kube_namespace, "losses"
     kube.apply(quick_trials(name, 30, workers={"replicas": 5, "nodeSelector": NOWHERE},
                             optimizer={"algorithm": "random", "seed": 1},
@@ -78,7 +79,13 @@ def test_150_worker_losses_with_a_master_restart_are_150_worker_lost_events(kube
     # numbers the next loss 76.
     kube.kubectl("delete", "pod", f"{name}-master", "-n", ns, "--wait=false")
     master = serving_master(kube, ns, name, not_uid=master["metadata"]["uid"], timeout=180)
-    assert lose_fake_workers(address_of(master), token, 75, "fake-b") == 150
+    assert lose_fake_workers(address_of(master), token, 40, "fake-b") == 115
+    # The operator pod replaced too: the new one goes on from status.lastLossSeq.
+    operator_ns, operator_pod = operator
+    kube.kubectl("delete", "pod", operator_pod, "-n", operator_ns, "--wait=true", timeout=90)
+    pods = kube.wait_pods_ready(operator_ns, "app.kubernetes.io/component=operator", 1, timeout=90)
+    operator = (operator_ns, pods[0]["metadata"]["name"])
+    assert lose_fake_workers(address_of(master), token, 35, "fake-c") == 150
     lost_at = time.time()
 
     status = wait_status(kube, operator, ns, name, lambda s: s if s.get("workersLost") == 150 else None, 60,
@@ -90,13 +97,13 @@ def test_150_worker_losses_with_a_master_restart_are_150_worker_lost_events(kube
         return events(kube, ns, name, "WorkerLost")
 
     lost = posted()
-    print(f"\n150 losses (75, master restart, 75) made in {lost_at - started:.1f} s; status caught up "
-          f"{caught_up - lost_at:.1f} s later; {len(lost)} WorkerLost Events")
+    print(f"\n150 losses (75, master restart, 40, operator restart, 35) made in {lost_at - started:.1f} s; "
+          f"status caught up {caught_up - lost_at:.1f} s later; {len(lost)} WorkerLost Events")
     assert len(lost) == 150, sorted(e["metadata"]["name"] for e in lost)
     numbers = sorted(int(e["metadata"]["name"].split(".")[1].removeprefix("worker-loss-")) for e in lost)
     assert numbers == list(range(1, 151))
     assert all(e["type"] == "Warning" and e["count"] == 1 for e in lost)
-    assert {e["message"].split()[1].rsplit("-", 1)[0] for e in lost} == {"fake-a", "fake-b"}
+    assert {e["message"].split()[1].rsplit("-", 1)[0] for e in lost} == {"fake-a", "fake-b", "fake-c"}
     # Later ticks (2 s apart) post nothing again and the count stays.
     time.sleep(6)
     assert len(posted()) == 150
