@@ -309,20 +309,22 @@ def master_spec_digests(spec: Mapping[str, Any]) -> dict[str, str]:
             for section in MASTER_SPEC_SECTIONS}
 
 
-def changed_master_sections(annotation: str | None, spec: Mapping[str, Any]) -> list[str]:
-    """Sections of `spec` that differ from what the master pod (its MASTER_SPEC_ANNOTATION) runs.
+def master_restart_reason(annotation: str | None, spec: Mapping[str, Any]) -> str | None:
+    """Why a master pod carrying MASTER_SPEC_ANNOTATION `annotation` must restart for `spec`; None: it need not.
 
-    A pod without the annotation (made by an older operator) or with one that is not ours counts
-    as up to date: restarting a master over an unreadable label would be a surprise.
+    "spec.budget, spec.master changed" names the sections that differ. A pod without a readable
+    annotation (made by an operator from before it existed) cannot say what it runs, so it is
+    restarted once too: keeping it would leave a later change unapplied without a word.
     """
     try:
         running = json.loads(annotation) if annotation else None
     except ValueError:
         running = None
     if not isinstance(running, dict):
-        return []
+        return "the master pod does not record the spec it runs (made by an older operator)"
     wanted = master_spec_digests(spec)
-    return [section for section in MASTER_SPEC_SECTIONS if running.get(section) != wanted[section]]
+    changed = [f"spec.{section}" for section in MASTER_SPEC_SECTIONS if running.get(section) != wanted[section]]
+    return f"{', '.join(changed)} changed" if changed else None
 
 
 def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], defaults: PodDefaults = PodDefaults()) -> dict:

@@ -178,12 +178,12 @@ def ensure_master_network_policy(body: kopf.Body) -> None:
                     networking.create_namespaced_network_policy, networking.read_namespaced_network_policy)
 
 
-def ensure_master_pod(body: kopf.Body) -> tuple[Any, list[str]]:
+def ensure_master_pod(body: kopf.Body) -> tuple[Any, str | None]:
     """The master pod, created when missing (a new one resumes from the journal).
 
-    Returns (pod, sections): `sections` names the spec sections (budget, faultTolerance, master)
-    the running master was started without; the pod is then deleted, so the next reconcile starts
-    a master that reads them (and resumes from the journal). Level-triggered, from the pod's own
+    Returns (pod, why): `why` says which spec sections (budget, faultTolerance, master) the running
+    master was started without (`builders.master_restart_reason`); the pod is then deleted, so the
+    next reconcile starts a master that reads them (and resumes from the journal). Level-triggered, from the pod's own
     annotation: a change the operator missed while it was down is applied too.
     """
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
@@ -191,14 +191,14 @@ def ensure_master_pod(body: kopf.Body) -> tuple[Any, list[str]]:
     pod = _read_or_create(body, builders.build_master_pod(name, namespace, body["spec"], SETTINGS.pod_defaults),
                           core.create_namespaced_pod, core.read_namespaced_pod)
     if pod.metadata.deletion_timestamp:
-        return pod, []
+        return pod, None
     if pod.status and pod.status.phase in ("Failed", "Succeeded"):
         # An evicted or otherwise ended master does not restart by itself; a new pod resumes the journal.
         core.delete_namespaced_pod(pod.metadata.name, namespace)
-        return pod, []
+        return pod, None
     annotation = (pod.metadata.annotations or {}).get(builders.MASTER_SPEC_ANNOTATION)
-    changed = builders.changed_master_sections(annotation, body["spec"])
-    if changed:
+    why = builders.master_restart_reason(annotation, body["spec"])
+    if why:
         # Preconditions: the timer and the update handler may both see the old pod; only the
         # delete that finds it as read goes through (the other gets 409), so it restarts once.
         preconditions = kubernetes.client.V1Preconditions(uid=pod.metadata.uid,
@@ -208,9 +208,9 @@ def ensure_master_pod(body: kopf.Body) -> tuple[Any, list[str]]:
                                        body=kubernetes.client.V1DeleteOptions(preconditions=preconditions))
         except ApiException as error:
             if error.status in (404, 409):
-                return pod, []
+                return pod, None
             raise
-    return pod, changed
+    return pod, why
 
 
 def delete_master_pod(body: kopf.Body, reason: str, logger: Logger) -> None:
@@ -257,12 +257,11 @@ def reconcile(body: kopf.Body, phase: str | None) -> dict:
     ensure_journal_pvc(body)
     ensure_master_service(body)
     ensure_master_network_policy(body)
-    master_pod, restarted_for = (None, []) if phase in TERMINAL_PHASES else ensure_master_pod(body)
-    if restarted_for:
-        fields = ", ".join(f"spec.{section}" for section in restarted_for)
+    master_pod, restart_reason = (None, None) if phase in TERMINAL_PHASES else ensure_master_pod(body)
+    if restart_reason:
         # kopf.event, not kopf.info: a milestone is posted whatever the log posting level.
         kopf.event(body, type="Normal", reason="MasterRestarting",
-                   message=f"{fields} changed: the master restarts to apply it and resumes from the journal")
+                   message=f"{restart_reason}: the master restarts with the spec and resumes from the journal")
         master_pod = None  # being deleted: not the master to ask
     deployment = ensure_worker_deployment(body, builders.desired_worker_replicas(body["spec"], phase))
     return {"token": token, "master_pod": master_pod, "deployment": deployment}
