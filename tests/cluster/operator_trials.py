@@ -5,17 +5,17 @@
   architecture: trials of a known length, no torch, so "mid-trial" is real and CPU stays free.
   The worker processes of the process node import it because the test modules put the repository
   root on PYTHONPATH before the node agent starts (`repo_on_pythonpath`).
-- `journal_file` / `read_journal`: the master's SQLite journal, read from the hostPath volume the
-  process node bound the experiment's journal claim to, summarised for assertions: every lease,
-  every re-lease with the path that fired (stream / heartbeat / pod_gone) and its timestamps, and
-  every result with its disposition.
+- `journal_file` / `read_journal`: the master's SQLite journal, read (through `Journal`, read-only)
+  from the hostPath volume the process node bound the experiment's journal claim to, summarised for
+  assertions: every lease, every re-lease with the path that fired (stream / heartbeat / pod_gone)
+  and its timestamps, and every result with its disposition.
 - `FakeWorkerSession` / `lose_fake_workers`: worker sessions opened by the test process itself
   with real gRPC (Register + Connect with the experiment's token) and broken on purpose, so the
   master records a loss detected by the stream: as many losses as a test wants, in seconds.
 - `process_pid`: the host pid of a pod's container process (SIGSTOP / SIGCONT a master).
 
-Imports: the standard library only at module level (workers import this module); grpc and the
-generated protocol inside the functions that use them.
+Imports: the standard library only at module level (workers import this module); grpc, the
+generated protocol and morphml's Journal inside the functions that use them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,30 +56,26 @@ def journal_file(kube, namespace: str, experiment: str) -> Path:
 
 
 def read_journal(path: Path) -> dict:
-    """The journal's tasks, attempts, results and re-leases as plain lists of dicts."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    """The journal's tasks, attempts, results and re-leases as plain lists of dicts (read through
+    `Journal.open_read_only`: the master may still be writing it)."""
+    from morphml.distributed.journal import Journal
+
+    journal = Journal.open_read_only(path)
     try:
-        tasks = [dict(zip(("task_id", "state", "attempt", "finished_attempt"), row, strict=True)) for row in
-                 db.execute("SELECT task_id, state, attempt, finished_attempt FROM tasks ORDER BY seq")]
-        attempt_columns = ("task_id", "attempt", "worker_name", "leased_at", "state", "ended_at", "outcome")
-        attempts = [dict(zip(attempt_columns, row, strict=True))
-                    for row in db.execute("SELECT task_id, attempt, worker_name, leased_at, state, ended_at, outcome "
-                                          "FROM attempts ORDER BY leased_at")]
-        result_columns = ("task_id", "attempt", "worker_name", "disposition", "ok", "received_at")
-        results = [dict(zip(result_columns, row, strict=True))
-                   for row in db.execute("SELECT task_id, attempt, worker_name, disposition, ok, received_at "
-                                         "FROM results ORDER BY id")]
-        requeues = []
-        for ts, task_id, attempt, worker_name, detail in db.execute(
-                "SELECT ts, task_id, attempt, worker_name, detail FROM events WHERE kind = 'requeued' ORDER BY seq"):
-            info = json.loads(detail) if detail else {}
-            requeues.append({"ts": ts, "task_id": task_id, "attempt": attempt, "worker_name": worker_name,
-                             "detected_by": info.get("detected_by"), "detected_at": info.get("detected_at", ts)})
-        phase = db.execute("SELECT value FROM meta WHERE key = 'phase'").fetchone()
+        tasks = [{"task_id": t.task_id, "state": t.state.value, "attempt": t.attempt,
+                  "finished_attempt": t.finished_attempt} for t in journal.load_tasks()]
+        attempts = [{"task_id": a.task_id, "attempt": a.attempt, "worker_name": a.worker_name,
+                     "leased_at": a.leased_at, "state": a.state.value, "ended_at": a.ended_at,
+                     "outcome": a.outcome} for a in journal.load_attempts()]
+        result_keys = ("task_id", "attempt", "worker_name", "disposition", "ok", "received_at")
+        results = [{k: r[k] for k in result_keys} for r in journal.results()]
+        requeues = [{"ts": e["ts"], "task_id": e["task_id"], "attempt": e["attempt"], "worker_name": e["worker_name"],
+                     "detected_by": e["detail"].get("detected_by"),
+                     "detected_at": e["detail"].get("detected_at", e["ts"])} for e in journal.events("requeued")]
+        phase = journal.get_meta("phase")
     finally:
-        db.close()
-    return {"tasks": tasks, "attempts": attempts, "results": results, "requeues": requeues,
-            "phase": json.loads(phase[0]) if phase else None}
+        journal.close()
+    return {"tasks": tasks, "attempts": attempts, "results": results, "requeues": requeues, "phase": phase}
 
 
 def next_lease(journal: dict, task_id: str, attempt: int) -> dict | None:
