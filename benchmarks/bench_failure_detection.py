@@ -44,10 +44,9 @@ def one(mode: str, interval: float, missed: int) -> tuple[float, float]:
             os.kill(proc.pid, signal.SIGSTOP)
         loss = wait_for(lambda: next((loss for loss in (status(cluster.port) or status(cluster.port)).losses
                                       if loss.worker_name == name), None), 60, "the loss")
-        relet = wait_for(lambda: cluster.rows("SELECT ts FROM events"
-                                              " WHERE kind = 'leased' AND task_id = ? AND attempt = 2",
-                                              (task_id,)), 30, "the re-lease")
-        return loss.detected_at - t0, relet[0][0] - t0
+        relet = wait_for(lambda: [e["ts"] for e in cluster.events("leased")
+                                  if e["task_id"] == task_id and e["attempt"] == 2], 30, "the re-lease")
+        return loss.detected_at - t0, relet[0] - t0
 
 
 def main() -> int:

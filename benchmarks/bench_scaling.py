@@ -25,7 +25,7 @@ def one(workers: int, trials: int, sleep: float, prefetch: str) -> tuple[float, 
         st = cluster.wait_done(900)
         assert st.phase == "Succeeded" and st.succeeded == trials, st
         start, end = cluster.phase_times()
-        busy = cluster.rows("SELECT SUM(duration_seconds) FROM tasks WHERE state = 'succeeded'")[0][0]
+        busy = sum(t.duration_seconds for t in cluster.tasks("succeeded"))
     wall = end - start
     return wall, busy / (workers * wall)
 

@@ -1,65 +1,62 @@
 """Shared pieces of the benchmarks: a manifest with a user evaluator from tests/evaluators.py,
 a real `morphml master` process plus N `morphml worker` processes on loopback (each in its own
-process group, all killed at the end), and timings read back from the master's journal.
+process group, all killed at the end), and timings read back from the master's journal (through
+`Journal.open_read_only`: no SQL here).
 
-Imports: the standard library, grpc, PyYAML, morphml.distributed (client side only). No torch.
+Imports: the standard library, grpc, morphml.distributed (client side and the journal's readers),
+tests.loopback (free_port and the manifest layout, shared with the process tests; the repository
+root goes on sys.path for it). No torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import yaml
 
 from morphml.distributed.auth import token_metadata
+from morphml.distributed.journal import Journal
+from morphml.distributed.leases import Task
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+from morphml.distributed.states import TaskState
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # tests.loopback; the benchmark's processes import tests.evaluators too
+from tests import loopback  # noqa: E402 (needs REPO on sys.path)
+
+free_port = loopback.free_port
 TOKEN = "benchmark-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A space with ~10^6 distinct architectures: random search never runs out of new ones.
+BENCH_LAYERS = [
+    {"type": "conv2d", "filters": [8, 12, 16, 24, 32, 48, 64, 96], "kernelSize": [1, 3, 5],
+     "activation": ["relu", "gelu", "silu", "tanh"]},
+    {"type": "batchnorm", "optional": True},
+    {"type": "conv2d", "filters": [8, 12, 16, 24, 32, 48, 64, 96], "kernelSize": [1, 3, 5],
+     "activation": ["relu", "gelu", "silu", "tanh"], "optional": True},
+    {"type": "maxpool", "poolSize": [2]},
+    {"type": "flatten"},
+    {"type": "dense", "units": [16, 32, 48, 64, 96, 128, 192, 256], "activation": ["relu", "tanh", "gelu"]},
+    {"type": "dropout", "rate": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]},
+]
 
 
 def write_manifest(path: Path, evaluator: str, max_trials: int) -> Path:
-    # A space with ~10^6 distinct architectures: random search never runs out of new ones.
-    doc = {
-        "apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "metadata": {"name": "bench"},
-        "spec": {
-            "searchSpace": {"layers": [
-                {"type": "conv2d", "filters": [8, 12, 16, 24, 32, 48, 64, 96], "kernelSize": [1, 3, 5],
-                 "activation": ["relu", "gelu", "silu", "tanh"]},
-                {"type": "batchnorm", "optional": True},
-                {"type": "conv2d", "filters": [8, 12, 16, 24, 32, 48, 64, 96], "kernelSize": [1, 3, 5],
-                 "activation": ["relu", "gelu", "silu", "tanh"], "optional": True},
-                {"type": "maxpool", "poolSize": [2]},
-                {"type": "flatten"},
-                {"type": "dense", "units": [16, 32, 48, 64, 96, 128, 192, 256], "activation": ["relu", "tanh", "gelu"]},
-                {"type": "dropout", "rate": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]},
-            ]},
-            "optimizer": {"algorithm": "random", "populationSize": max_trials, "generations": 1, "seed": 11},
-            "evaluation": {"dataset": {"name": "digits"}, "evaluator": evaluator},
-            "budget": {"maxTrials": max_trials, "maxFailedTrials": 0},
-        },
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return loopback.write_manifest(
+        path, name="bench", layers=BENCH_LAYERS, evaluator=evaluator, max_trials=max_trials, max_failed=0,
+        optimizer={"algorithm": "random", "populationSize": max_trials, "generations": 1, "seed": 11})
 
 
 def status(port: int) -> pb.ExperimentStatus | None:
@@ -135,18 +132,30 @@ class Cluster:
         return wait_for(lambda: (s := status(self.port)) and s.phase in ("Succeeded", "Failed") and s, timeout,
                         "the experiment to finish", interval=0.1)
 
-    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
-        db = sqlite3.connect(f"file:{self.journal}?mode=ro", uri=True, timeout=30)
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Journal]:
+        """The master's journal, opened read-only (the master may be writing it), closed after."""
+        journal = Journal.open_read_only(self.journal)
         try:
-            return db.execute(sql, params).fetchall()
+            yield journal
         finally:
-            db.close()
+            journal.close()
+
+    def events(self, kind: str) -> list[dict]:
+        """The journal's events of one kind, oldest first."""
+        with self.reading() as journal:
+            return journal.events(kind)
+
+    def tasks(self, *states: str) -> list[Task]:
+        """The journal's tasks (those in `states`, e.g. "succeeded", if given), in proposal order."""
+        with self.reading() as journal:
+            return journal.load_tasks(tuple(TaskState(s) for s in states) or None)
 
     def phase_times(self) -> tuple[float, float]:
         """(Running since, finished at) from the journal's phase events."""
-        rows = self.rows("SELECT ts, detail FROM events WHERE kind = 'phase' ORDER BY seq")
-        running = next(ts for ts, d in rows if json.loads(d)["phase"] == "Running")
-        done = next(ts for ts, d in rows if json.loads(d)["phase"] in ("Succeeded", "Failed"))
+        phases = self.events("phase")
+        running = next(e["ts"] for e in phases if e["detail"]["phase"] == "Running")
+        done = next(e["ts"] for e in phases if e["detail"]["phase"] in ("Succeeded", "Failed"))
         return running, done
 
 

@@ -4,62 +4,59 @@ Every process is started in its own process group (so its trial runner children 
 and the `procs` fixture (tests/process/conftest.py) kills every group it started when the test
 ends, pass or fail.
 Evaluators come from tests/evaluators.py through the real `spec.evaluation.evaluator` feature.
+The journal is read through `Journal.open_read_only` (`reading`, `journal_tasks`, `journal_task`,
+`journal_attempts`, `journal_results`, `journal_events`), not with SQL (`journal_rows` remains
+for two files that still use it).
+`free_port` and the manifest layout are shared with the benchmarks (tests/loopback.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import yaml
 
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.journal import Journal
+from morphml.distributed.leases import Attempt, Task
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
+from morphml.distributed.states import TaskState
+from tests import loopback
+
+free_port = loopback.free_port  # the process tests import it from here
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "process-test-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PROCESS_LAYERS = [
+    {"type": "conv2d", "filters": [8, 16, 24, 32, 48, 64], "kernelSize": [3, 5],
+     "activation": ["relu", "gelu", "silu", "tanh"]},
+    {"type": "batchnorm", "optional": True},
+    {"type": "maxpool", "poolSize": [2]},
+    {"type": "flatten"},
+    {"type": "dense", "units": [16, 32, 64, 96, 128, 256], "activation": ["relu", "tanh", "gelu"]},
+    {"type": "dropout", "rate": [0.0, 0.1, 0.2, 0.3, 0.4]},
+]
 
 
 def write_manifest(path: Path, evaluator: str = "tests.evaluators:instant", max_trials: int = 6,
                    max_failed: int = 3, retries: int = 2, algorithm: str = "random", population: int = 4,
                    generations: int = 3, name: str = "proc") -> Path:
-    doc = {
-        "apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "metadata": {"name": name},
-        "spec": {
-            "searchSpace": {"layers": [
-                {"type": "conv2d", "filters": [8, 16, 24, 32, 48, 64], "kernelSize": [3, 5],
-                 "activation": ["relu", "gelu", "silu", "tanh"]},
-                {"type": "batchnorm", "optional": True},
-                {"type": "maxpool", "poolSize": [2]},
-                {"type": "flatten"},
-                {"type": "dense", "units": [16, 32, 64, 96, 128, 256], "activation": ["relu", "tanh", "gelu"]},
-                {"type": "dropout", "rate": [0.0, 0.1, 0.2, 0.3, 0.4]},
-            ]},
-            "optimizer": {"algorithm": algorithm, "populationSize": population, "generations": generations,
-                          "seed": 7},
-            "evaluation": {"dataset": {"name": "digits"}, "evaluator": evaluator, "timeoutSeconds": 60},
-            "budget": {"maxTrials": max_trials, "maxFailedTrials": min(max_failed, max_trials)},
-            "faultTolerance": {"maxTaskRetries": retries},
-        },
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return loopback.write_manifest(
+        path, name=name, layers=PROCESS_LAYERS, evaluator=evaluator, timeout_seconds=60,
+        optimizer={"algorithm": algorithm, "populationSize": population, "generations": generations, "seed": 7},
+        max_trials=max_trials, max_failed=min(max_failed, max_trials), retries=retries)
 
 
 class Procs:
@@ -147,6 +144,8 @@ def finished(st) -> bool:
 
 
 def journal_rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
+    """Raw SQL on a journal: kept only for test_worker_liveness.py and test_search_runs.py until
+    they move to the readers below (issue 10: SQL only inside Journal). Don't add callers."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
     try:
         return db.execute(sql, params).fetchall()
@@ -154,23 +153,52 @@ def journal_rows(path: Path, sql: str, params: tuple = ()) -> list[tuple]:
         db.close()
 
 
-def journal_events(path: Path, kind: str) -> list[dict]:
-    """The journal's events of one kind, oldest first (read through Journal, read-only)."""
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[Journal]:
+    """The journal at `path`, opened read-only (the master may be writing it), closed after."""
     journal = Journal.open_read_only(path)
     try:
-        return journal.events(kind)
+        yield journal
     finally:
         journal.close()
 
 
+def journal_tasks(path: Path, states: tuple[str, ...] | None = None) -> list[Task]:
+    """Every task (or those in `states`, e.g. ("failed",)) in proposal order."""
+    with reading(path) as journal:
+        return journal.load_tasks(tuple(TaskState(s) for s in states) if states else None)
+
+
+def journal_task(path: Path, task_id: str) -> Task:
+    """The one task `task_id` (fails the test when the journal has no such task)."""
+    found = [t for t in journal_tasks(path) if t.task_id == task_id]
+    assert len(found) == 1, f"journal {path}: {len(found)} tasks {task_id}"
+    return found[0]
+
+
+def journal_attempts(path: Path, task_id: str | None = None) -> list[Attempt]:
+    """Every attempt (or one task's), ordered by task and attempt number."""
+    with reading(path) as journal:
+        return sorted(journal.load_attempts(task_id), key=lambda a: (a.task_id, a.attempt))
+
+
+def journal_results(path: Path, disposition: str | None = None) -> list[dict]:
+    """Every result received (or those with one disposition), in arrival order."""
+    with reading(path) as journal:
+        return journal.results(disposition)
+
+
+def journal_events(path: Path, kind: str) -> list[dict]:
+    """The journal's events of one kind, oldest first (read through Journal, read-only)."""
+    with reading(path) as journal:
+        return journal.events(kind)
+
+
 def assert_each_trial_once(journal: Path, budget: int) -> None:
     """Exactly `budget` finished trials, each counted by exactly one accepted result."""
-    reader = Journal.open_read_only(journal)
-    try:
+    with reading(journal) as reader:
         done = [t for t in reader.load_tasks() if t.state.value in ("succeeded", "failed")]
         counted = Counter(e["task_id"] for e in reader.events("succeeded") + reader.events("failed"))
-    finally:
-        reader.close()
     assert len(done) == budget, f"{len(done)} finished trials, budget {budget}"
     assert len(counted) == budget and all(n == 1 for n in counted.values()), counted
     hashes = [t.arch_hash for t in done]

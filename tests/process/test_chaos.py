@@ -19,7 +19,8 @@ from proc_helpers import (
     assert_each_trial_once,
     finished,
     free_port,
-    journal_rows,
+    journal_attempts,
+    journal_tasks,
     status,
     wait_for,
     write_manifest,
@@ -59,7 +60,7 @@ def test_chaos_workers_killed_and_replaced_every_two_seconds_all_trials_finish_e
     journal = tmp_path / "journal.db"
     assert st.phase == "Succeeded" and st.succeeded == budget, st.message
     assert_each_trial_once(journal, budget)
-    rerun = journal_rows(journal, "SELECT COUNT(*) FROM tasks WHERE finished_attempt > 1")[0][0]
+    rerun = sum(1 for t in journal_tasks(journal) if t.finished_attempt > 1)
     losses = [loss.detected_by for loss in st.losses]
     print(f"\nchaos: {kills} workers killed, {len(losses)} losses seen ({set(losses)}), {rerun} trials re-run, "
           f"{st.stale_results} stale results")
@@ -85,8 +86,7 @@ def test_operator_worker_gone_call_requeues_the_pods_trials_at_once(procs, tmp_p
     # Back in the queue at once: attempt 1 is over. The worker process itself is alive (only its
     # "pod" was reported gone), so it may already have registered again and taken the task as
     # attempt 2; either way the first attempt can no longer count.
-    attempts = journal_rows(tmp_path / "journal.db",
-                            "SELECT attempt, state FROM attempts WHERE task_id = 't000001' ORDER BY attempt")
+    attempts = [(a.attempt, a.state.value) for a in journal_attempts(tmp_path / "journal.db", "t000001")]
     assert attempts[0] == (1, "stale"), attempts
     assert st.pending >= 1 or [a for a, _ in attempts[1:]] == [2], (st, attempts)
     st = wait_for(lambda: finished(s := status(port)) and s, 60, "the experiment to finish")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -14,12 +13,13 @@ import time
 
 import pytest
 
+from morphml.distributed.journal import JournalError
 from proc_helpers import (
     REPO,
     finished,
     free_port,
     health_ok,
-    journal_rows,
+    journal_tasks,
     pids_with_torch,
     status,
     wait_for,
@@ -71,8 +71,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(procs, tmp_path):
     journal = out / "journal.db"
     def succeeded():
         try:
-            return journal_rows(journal, "SELECT COUNT(*) FROM tasks WHERE state = 'succeeded'")[0][0]
-        except sqlite3.OperationalError:  # not created yet
+            return len(journal_tasks(journal, ("succeeded",)))
+        except JournalError:  # not created yet
             return 0
 
     wait_for(lambda: succeeded() >= 3, 60, "3 finished trials")

@@ -18,8 +18,11 @@ from proc_helpers import (
     assert_each_trial_once,
     finished,
     free_port,
+    journal_attempts,
     journal_events,
-    journal_rows,
+    journal_results,
+    journal_task,
+    journal_tasks,
     status,
     wait_for,
     write_manifest,
@@ -62,9 +65,9 @@ def test_worker_killed_mid_trial_is_rerun_once_on_another_worker(procs, tmp_path
     detect_s, relet_s = loss[0].detected_at - killed_at, relet[0]["ts"] - killed_at
     print(f"\nkill -> detected {detect_s * 1000:.0f} ms, kill -> re-leased {relet_s * 1000:.0f} ms")
     assert relet_s < 1.0, f"re-lease took {relet_s:.3f} s after SIGKILL (target < 1 s)"
-    task = journal_rows(journal, "SELECT finished_attempt, finished_by, retries_used FROM tasks WHERE task_id = ?",
-                        (task_id,))[0]
-    assert task[0] == 2 and task[1] != victim and task[2] == 0  # the loss used no retry
+    task = journal_task(journal, task_id)
+    assert task.finished_attempt == 2 and task.finished_by != victim
+    assert task.retries_used == 0  # the loss used no retry
 
 
 @pytest.mark.timeout(90)
@@ -94,13 +97,13 @@ def test_hung_worker_is_declared_dead_after_missed_heartbeats_and_its_late_resul
     wait_for(lambda: finished(status(port)), 60, "the experiment to finish")
     journal = tmp_path / "journal.db"
     # The resumed worker's trial finished meanwhile: its result arrives late and is stale.
-    stale = wait_for(lambda: journal_rows(journal, "SELECT task_id, attempt FROM results WHERE disposition = 'stale'"),
+    stale = wait_for(lambda: [(r["task_id"], r["attempt"]) for r in journal_results(journal, "stale")],
                      20, "the late result")
     assert stale == [(task_id, 1)]
     assert_each_trial_once(journal, 2)
     st = status(port)
     assert st.stale_results == 1 and st.succeeded == 2
-    assert journal_rows(journal, "SELECT finished_attempt FROM tasks WHERE task_id = ?", (task_id,))[0][0] == 2
+    assert journal_task(journal, task_id).finished_attempt == 2
 
 
 @pytest.mark.timeout(90)
@@ -115,16 +118,14 @@ def test_failing_evaluator_is_retried_on_another_worker_then_recorded_failed(pro
     assert st.phase == "Failed"
     assert "maxFailedTrials=1" in st.message
     journal = tmp_path / "journal.db"
-    failed = journal_rows(journal, "SELECT task_id, error_kind, error_message, retries_used FROM tasks"
-                                   " WHERE state = 'failed'")
+    failed = [(t.task_id, t.error_kind, t.error_message, t.retries_used) for t in journal_tasks(journal, ("failed",))]
     # Failing for good the second task fails the experiment. How many tasks get there is up to
     # scheduling: a third task's last attempt can end in the same commit as the deciding one
     # (it did fail, and is counted), so: at least 2, each retried once on another worker.
     assert len(failed) >= 2 and st.failed >= 2
     for task_id, kind, message, retries in failed:
         assert kind == "exception" and "synthetic evaluator failure: loss exploded" in message and retries == 1
-        attempts = journal_rows(journal, "SELECT worker_name, state FROM attempts WHERE task_id = ? ORDER BY attempt",
-                                (task_id,))
+        attempts = [(a.worker_name, a.state.value) for a in journal_attempts(journal, task_id)]
         assert [s for _, s in attempts] == ["failed", "failed"]
         assert attempts[0][0] != attempts[1][0], f"retry ran on the same worker: {attempts}"
 
@@ -138,7 +139,7 @@ def test_nan_metrics_are_a_failed_trial_of_kind_nan(procs, tmp_path):
     procs.worker(port, "wa")
     st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to end")
     assert st.phase == "Succeeded" and st.failed == 1
-    assert journal_rows(tmp_path / "journal.db", "SELECT error_kind FROM tasks") == [("nan",)]
+    assert [t.error_kind for t in journal_tasks(tmp_path / "journal.db")] == ["nan"]
 
 
 @pytest.mark.timeout(90)
@@ -152,8 +153,8 @@ def test_sigterm_worker_finishes_its_trial_then_deregisters(procs, tmp_path):
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     journal = tmp_path / "journal.db"
-    assert journal_rows(journal, "SELECT state, finished_by FROM tasks WHERE task_id = ?", (task_id,)) == \
-        [("succeeded", "wa")]
+    task = journal_task(journal, task_id)
+    assert (task.state.value, task.finished_by) == ("succeeded", "wa")
     st = status(port)
     assert not st.losses and st.running == 0  # a clean leave is not a loss
     dead = journal_events(journal, "worker_dead")
@@ -175,7 +176,8 @@ def test_evaluator_timeout_kills_the_trial_and_the_worker_keeps_heartbeating(pro
     procs.worker(port, "wa")
     st = wait_for(lambda: finished(status(port)) and status(port), 40, "the experiment to end")
     assert st.failed == 1 and not st.losses  # the worker itself never looked dead
-    kind, message = journal_rows(tmp_path / "journal.db", "SELECT error_kind, error_message FROM tasks")[0]
+    [task] = journal_tasks(tmp_path / "journal.db")
+    kind, message = task.error_kind, task.error_message
     assert kind == "timeout" and "timeoutSeconds=2" in message
 
 
@@ -195,8 +197,8 @@ def test_sigterm_worker_hands_back_a_trial_that_outlasts_the_grace_period(procs,
     assert [(lost.detected_by, [(r.task_id, r.attempt) for r in lost.requeued]) for lost in st.losses] == \
         [("deregister", [(task_id, 1)])]
     assert st.pending == 1 and st.running == 0
-    task = journal_rows(tmp_path / "journal.db", "SELECT state, retries_used FROM tasks WHERE task_id = ?", (task_id,))
-    assert task == [("pending", 0)]  # handed back, no retry used
+    task = journal_task(tmp_path / "journal.db", task_id)
+    assert (task.state.value, task.retries_used) == ("pending", 0)  # handed back, no retry used
 
 
 @pytest.mark.timeout(60)
@@ -219,5 +221,5 @@ def test_draining_worker_declared_gone_does_not_register_again(procs, tmp_path):
     journal = tmp_path / "journal.db"
     registered = [e["worker_name"] for e in journal_events(journal, "worker_registered")]
     assert registered == ["wa"], f"the draining worker registered again: {registered}"
-    leased = journal_rows(journal, "SELECT COUNT(*) FROM attempts WHERE worker_name = 'wa'")[0][0]
+    leased = sum(1 for a in journal_attempts(journal) if a.worker_name == "wa")
     assert leased == 1

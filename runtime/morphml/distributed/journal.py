@@ -31,7 +31,7 @@ it is version 1, the layout before versions existed). Opening a journal upgrades
 in place by running the MIGRATIONS after its version, in order, each in one transaction; a
 newer version, a file that is not SQLite, and an SQLite file that is not a journal are refused
 with a JournalError naming the file, before anything is written to it. All SQL lives in this
-module: everyone else reads through Journal's methods (`Journal.read_only(path)` for a file
+module: everyone else reads through Journal's methods (`Journal.open_read_only(path)` for a file
 another process is writing).
 
 Failures: a write that fails (disk full, I/O error, a failed fsync) is fatal to the journal:
