@@ -20,7 +20,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from morphml.distributed.auth import token_metadata
+from morphml.distributed.proto import worker_pb2 as pb
+from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
 from proc_helpers import (
+    TOKEN,
     assert_each_trial_once,
     finished,
     free_port,
@@ -206,3 +210,48 @@ def test_a_runner_holding_the_gil_while_computing_is_busy_not_stuck(procs, tmp_p
           f"{all(a == SERVING for a in answers)}")
     assert held > STUCK_AFTER + 2, f"the GIL was held only {held:.1f} s: the case was not exercised"
     assert answers and all(a == SERVING for a in answers), sorted(set(answers))
+
+
+@pytest.mark.timeout(150)
+def test_a_worker_reported_gone_while_its_only_runner_is_wedged_registers_again_only_after_replacing_it(
+        procs, tmp_path):
+    # What the operator does on Kubernetes once the NOT_SERVING pod turns unready: WorkerGone. The
+    # trial goes to another worker at once (pod_gone, no retry). The wedged worker must not register
+    # again while it has no live runner (it would only take trials to queue behind the stopped one).
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:sleepy", max_trials=2)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "1", "--missed-heartbeats", "3"])
+    health_ports = {name: free_port() for name in ("wa", "wb", "wc")}
+    workers = {name: procs.worker(port, name, extra=["--health-port", str(hp)], env={"MORPHML_TEST_SLEEP": "4"})
+               for name, hp in health_ports.items()}
+    victim, task_id, _ = wait_for(lambda: running_worker(port), 40, "a running trial")
+    time.sleep(0.5)
+    [runner] = children(workers[victim].pid)
+    os.kill(runner, signal.SIGSTOP)
+    stopped_at = time.time()
+    journal = tmp_path / "journal.db"
+    try:
+        wait_for(lambda: health(health_ports[victim]) == NOT_SERVING, STUCK_AFTER + 8, "NOT_SERVING")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            reply = pb_grpc.MasterStub(ch).WorkerGone(pb.WorkerGoneRequest(worker=victim, reason="pod not ready"),
+                                                      metadata=token_metadata(TOKEN), timeout=5)
+        assert [(r.task_id, r.attempt) for r in reply.requeued] == [(task_id, 1)]
+        wait_for(lambda: [e for e in journal_events(journal, "leased") if e["task_id"] == task_id
+                          and e["attempt"] == 2 and e["worker_name"] != victim], 5, "the re-lease elsewhere")
+        wait_for(lambda: len([e for e in journal_events(journal, "worker_registered")
+                              if e["worker_name"] == victim]) == 2, REPLACE_AFTER + 15, "the victim to register again")
+    finally:
+        if alive(runner):
+            os.kill(runner, signal.SIGCONT)
+    again = [e for e in journal_events(journal, "worker_registered") if e["worker_name"] == victim][1]
+    print(f"\nrunner SIGSTOP -> registered again {again['ts'] - stopped_at:.1f} s (replace after {REPLACE_AFTER:g} s)")
+    assert again["ts"] - stopped_at >= REPLACE_AFTER - 1.5
+    st = wait_for(lambda: finished(status(port)) and status(port), 60, "the experiment to finish")
+    assert st.phase == "Succeeded" and st.retries == 0
+    assert_each_trial_once(journal, 2)
+    assert journal_rows(journal, "SELECT finished_attempt, retries_used FROM tasks WHERE task_id = ?",
+                        (task_id,)) == [(2, 0)]
+    # The replaced runner's attempt had been given away: its failed result is recorded stale.
+    stale = wait_for(lambda: journal_rows(journal, "SELECT disposition, failure_kind FROM results WHERE task_id = ?"
+                                                   " AND attempt = 1", (task_id,)), 10, "the wedged attempt's result")
+    assert stale == [("stale", "timeout")]

@@ -53,6 +53,7 @@ def test_a_silent_runner_is_stuck_after_the_bound_and_replaced_once_after_the_se
     replaced = [i + 1 for i, v in enumerate(verdicts) if v.replace]
     assert replaced == [21]  # once per episode, not on every later check
     assert all(not v.serving for v in verdicts[10:])
+    assert mon.stuck(RUNNER) and not mon.stuck(SESSION)
 
 
 def test_a_runner_that_beats_while_training_is_never_stuck():

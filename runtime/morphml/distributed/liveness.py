@@ -158,6 +158,11 @@ class LivenessMonitor:
         with self._lock:
             return self._clock.monotonic() - self._parts[name].last_progress
 
+    def stuck(self, name: str) -> bool:
+        """Whether the part was stuck at the last check()."""
+        with self._lock:
+            return self._parts[name].stuck
+
     def check_age(self) -> float | None:
         """Seconds since the last check() (None before the first): a checker that stopped
         checking must not leave a stale SERVING behind."""

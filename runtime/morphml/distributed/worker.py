@@ -369,6 +369,7 @@ class WorkerNode:
         away_since = time.monotonic()
         try:
             while not self._done.is_set() and not self._leaving.is_set():
+                self._wait_for_a_live_runner()
                 try:
                     self._register()
                 except WorkerRefused as exc:
@@ -402,6 +403,19 @@ class WorkerNode:
         finally:
             self._shutdown()
         return self.exit_code
+
+    def _wait_for_a_live_runner(self) -> None:
+        """With every runner stuck this worker can run nothing: registering again (after the master
+        or the operator declared it lost) would only take trials off the queue to wait behind the
+        stuck runners. Wait until one of them recovers or is replaced."""
+        waiting = False
+        while not self._done.is_set() and all(self._liveness.stuck(runner_part(s)) for s in range(self.config.slots)):
+            if not waiting:
+                log.warning("every trial runner is stuck: not registering until one makes progress")
+                waiting = True
+            self._done.wait(self._liveness.check_period)
+        if waiting:
+            log.info("a trial runner makes progress again: registering")
 
     def _register(self) -> None:
         # Leases queued but not started belong to the old session: the master re-leases them.
