@@ -6,9 +6,9 @@ experiment exists, the test mounts a small tmpfs over ``<node state dir>/volumes
 the claim's directory, and the master's ``journal.db``, are created on it. Once a few trials are
 journaled the test fills the tmpfs: SQLite's next commit fails with SQLITE_FULL (no hook in the
 product). The master must exit non-zero (status 3, naming the journal and the error) and the
-pod restart in place (restartPolicy Always: restartCount grows); while the disk is full every new
-master exits the same way. Then the test frees the space: the next master resumes from the
-journal and the experiment reaches Succeeded with every trial counted exactly once.
+pod restart in place (restartPolicy Always: restartCount grows; a master that starts while the
+disk is still full exits the same way). Then the test frees the space: the next master resumes
+from the journal and the experiment reaches Succeeded with every trial counted exactly once.
 
 Needs root (mount) and the process node (the journal's volume must be a directory on this host).
 Imports: pytest, the standard library, morphml's Journal, the e2e module's operator fixture and
@@ -117,7 +117,7 @@ def test_a_full_journal_volume_restarts_the_master_pod_and_the_experiment_comple
         # The same pod restarts in place: no second master ever writes this journal.
         assert master_pod(kube, ns)["metadata"]["uid"] == uid
 
-        time.sleep(3)  # a master started on the still-full disk exits the same way (crash loop)
+        time.sleep(3)  # masters restarted meanwhile meet the full disk too (and exit 3 again)
         restarts_while_full = master_status(master_pod(kube, ns)).get("restartCount", 0)
         filler.unlink()
         status = wait_status(kube, operator, ns, NAME, lambda s: s if s.get("phase") in ("Succeeded", "Failed")
