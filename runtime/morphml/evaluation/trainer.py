@@ -3,6 +3,12 @@
 Failures come out as TrialFailure: a NaN/inf loss -> "nan", past timeoutSeconds (checked between
 batches) -> "timeout", accelerator out of memory -> "oom", anything else -> "exception".
 
+After validation the trained model's inference latency is measured on the trial's own device:
+`latency_ms` is the median wall time of LATENCY_PASSES forward passes (after LATENCY_WARMUP
+untimed ones) of one fixed batch of LATENCY_BATCH validation examples, in eval mode without
+gradients, the device synchronised around each pass on CUDA (spec.constraints.maxLatencyMs and
+the latency_ms objective read it).
+
 Imports torch at import time; `morphml.evaluation` imports this module only inside functions.
 """
 
@@ -11,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import statistics
 import time
 from typing import Any
 
@@ -20,6 +27,28 @@ from torch import nn
 from morphml.evaluation.datasets import Dataset
 from morphml.evaluation.errors import TrialFailure
 from morphml.evaluation.settings import SGD_MOMENTUM, TrainingSettings
+
+LATENCY_BATCH = 32  # examples in the timed batch (fewer when the validation split is smaller)
+LATENCY_WARMUP = 3  # untimed passes first: allocator, cuDNN autotuning, caches
+LATENCY_PASSES = 20  # timed passes; latency_ms is their median
+
+
+def measure_latency_ms(model: nn.Module, batch: torch.Tensor, device: torch.device) -> float:
+    """Median milliseconds of one forward pass of `batch` through `model` on `device`."""
+    cuda = device.type == "cuda"
+    timings = []
+    model.eval()
+    with torch.no_grad():
+        for index in range(LATENCY_WARMUP + LATENCY_PASSES):
+            if cuda:
+                torch.cuda.synchronize(device)
+            begin = time.perf_counter()
+            model(batch)
+            if cuda:
+                torch.cuda.synchronize(device)  # kernels run asynchronously: wait for them to finish
+            if index >= LATENCY_WARMUP:
+                timings.append((time.perf_counter() - begin) * 1000.0)
+    return statistics.median(timings)
 
 
 @functools.cache  # once per process
@@ -156,6 +185,8 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
     val_loss = loss_sum / len(x_val)
     if not math.isfinite(val_loss):
         raise TrialFailure("nan", f"validation loss is {val_loss}")
+    _check_deadline(deadline, settings, "latency measurement")
+    latency_ms = measure_latency_ms(model, x_val[:LATENCY_BATCH], device)
     return {
         "val_accuracy": correct / len(x_val),
         "val_loss": val_loss,
@@ -164,4 +195,6 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
         "train_seconds": time.monotonic() - train_started,
         "epochs": epochs_done,
         "device": str(device),
+        "latency_ms": latency_ms,
+        "latency_batch": min(LATENCY_BATCH, len(x_val)),
     }

@@ -14,9 +14,9 @@ refused in the last ask are in ``refused_in_last_ask`` (the coordinator journals
 optimizer op ``refuse`` before the ask that follows them, so the journal shows them refused before
 any lease), and all of them in ``refused`` and in the state.
 
-``max_latency_ms`` cannot be checked before training: a result whose ``latency_ms`` exceeds it
-is told to the inner optimizer as infeasible (failed), and the trial stays in the journal with
-its measured metrics.
+``max_latency_ms`` cannot be checked before training: a result whose ``latency_ms`` (measured by
+the worker's trainer) exceeds it, or that has none (a custom evaluator that does not report it), is
+told to the inner optimizer as infeasible (failed); the trial stays in the journal with its metrics.
 
 Everything is deterministic (the checks are pure functions of the graph), so the coordinator's
 replay of asks after a restart refuses the same candidates again. The state is the inner
@@ -127,14 +127,15 @@ class ConstrainedOptimizer:
     def tell(self, candidate_id: str | Candidate, metrics: Mapping[str, Any] | float | None) -> None:
         limit = self.limits.get("max_latency_ms")
         if limit is not None and isinstance(metrics, Mapping):
+            ok = str(metrics.get("status", "ok")).lower() not in ("failed", "error")
             latency = metrics.get("latency_ms")
-            if isinstance(latency, (int, float)) and math.isfinite(latency) and latency > limit:
-                metrics = {
-                    **metrics,
-                    "status": "failed",
-                    "infeasible": True,
-                    "error": f"infeasible: latency_ms {latency} > maxLatencyMs {limit}",
-                }
+            reason = None
+            if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency):
+                reason = "latency_ms was not reported (a custom evaluator must report it for maxLatencyMs)"
+            elif latency > limit:
+                reason = f"latency_ms {latency} > maxLatencyMs {limit}"
+            if ok and reason is not None:
+                metrics = {**metrics, "status": "failed", "infeasible": True, "error": f"infeasible: {reason}"}
         self.inner.tell(candidate_id, metrics)
 
     def is_finished(self) -> bool:
