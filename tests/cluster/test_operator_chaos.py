@@ -66,7 +66,7 @@ def finish(kube, running_operator, ns: str, name: str) -> dict:
 
 
 @pytest.mark.timeout(1000)
-def test_deleting_random_worker_pods_every_few_seconds_loses_and_repeats_no_trial(kube, operator, kube_namespace):  # noqa: F811
+def test_deleting_random_worker_pods_every_few_seconds_loses_and_repeats_no_trial(kube, operator, kube_namespace):
     ns = kube_namespace
     rng = random.Random(SEED)
 

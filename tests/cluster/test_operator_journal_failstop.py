@@ -82,7 +82,7 @@ def master_status(pod: dict | None) -> dict:
 
 @pytest.mark.timeout(600)
 def test_a_full_journal_volume_restarts_the_master_pod_and_the_experiment_completes_counting_each_trial_once(
-        kube, operator, kube_namespace):  # noqa: F811
+        kube, operator, kube_namespace):
     if not kube.process_node:
         pytest.skip("fills the journal's volume, which must be a directory on this host (the process node)")
     ns = kube_namespace
