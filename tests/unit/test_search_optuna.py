@@ -26,7 +26,7 @@ from morphml.optimizers import (
     build_optimizer,
 )
 from morphml.optimizers.optuna_samplers import program_from_trial
-from morphml.pareto import dominates
+from morphml.pareto import dominates, pareto_front
 from morphml.space import Block, Layer, SearchSpace
 
 pytestmark = pytest.mark.unit
@@ -428,3 +428,28 @@ def test_front_of_a_nsga2_search_is_mutually_non_dominated():
     assert front
     for i in front:
         assert not any(dominates(points[j], points[i]) for j in points)
+
+
+@pytest.mark.parametrize("cls", [NSGA2Search, MultiObjectiveEvolution])
+def test_the_front_kept_result_by_result_is_the_front_of_all_results_and_survives_a_restart(cls):
+    if cls is NSGA2Search:
+        optimizer = NSGA2Search(space(), population_size=4, max_trials=18, seed=8, objectives=TWO)
+    else:
+        optimizer = MultiObjectiveEvolution(
+            space(), population_size=4, sample_size=2, max_trials=18, seed=8, objectives=TWO
+        )
+    while not optimizer.is_finished():
+        for candidate in optimizer.ask(3):
+            optimizer.tell(candidate.id, score(candidate.graph))
+            points = optimizer.points()
+            ids = list(points)
+            assert optimizer.pareto_front() == [ids[i] for i in pareto_front([points[i] for i in ids])]
+    summary = optimizer.pareto_summary()
+    front = optimizer.pareto_front()
+    assert summary["size"] == len(front) > 0
+    metrics = {c.id: m for c, _, m in optimizer.history()}
+    assert summary["best"]["val_accuracy"]["value"] == max(metrics[c]["val_accuracy"] for c in front)
+    assert summary["best"]["params"]["value"] == min(metrics[c]["params"] for c in front)
+    restored = type(optimizer)(space(), population_size=4, max_trials=18, seed=8, objectives=TWO)
+    restored.load_state_dict(json.loads(optimizer.state_json()))
+    assert restored.pareto_front() == front and restored.pareto_summary() == summary

@@ -10,9 +10,10 @@ What lives here:
   them);
 - `MultiObjectiveMixin`: for an `Optimizer` subclass: ``objectives``, a result is a success only if
   EVERY objective has a finite value (else a failed trial, as for one objective), ``points()``
-  (larger-is-better vectors of the told successes) and ``pareto_front()`` (their non-dominated
-  candidates). ``objective`` / ``goal`` (what ``best()`` and the coordinator rank by) are the
-  first objective's;
+  (larger-is-better vectors of the told successes), ``pareto_front()`` (their non-dominated
+  candidates, kept up to date result by result) and ``pareto_summary()`` (its size and the best
+  value of each objective on it, for a status). ``objective`` / ``goal`` (what ``best()`` and the
+  coordinator rank by) are the first objective's;
 - `MultiObjectiveEvolution`: aging evolution whose parent is the best of the sample by
   non-dominated rank within the population, then by crowding distance (NSGA-II's order), then the
   oldest (as `RegularizedEvolution` breaks a tie); the population ages exactly as in `RegularizedEvolution`.
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from morphml.graph import ArchitectureGraph
 from morphml.optimizers.base import GOALS, Optimizer, OptimizerError, morphml1_call_forms
 from morphml.optimizers.evolution import RegularizedEvolution
-from morphml.pareto import crowding_distance, non_dominated_sort, orient, pareto_front
+from morphml.pareto import crowding_distance, dominates, non_dominated_sort, orient, pareto_front
 from morphml.space import SearchSpace
 
 GRAPH_METRICS = ("params", "flops")
@@ -85,6 +86,7 @@ class MultiObjectiveMixin(_MixinBase):
     def _set_objectives(self, objectives: Any, objective: str, goal: str) -> tuple[str, str]:
         """Checks and stores the list (None: the single ``objective``/``goal``); returns the first."""
         self.objectives = check_objectives([{"metric": objective, "goal": goal}] if objectives is None else objectives)
+        self._front: dict[str, tuple[float, ...]] | None = {}  # the Pareto front, kept as results come in
         return self.objectives[0]["metric"], self.objectives[0]["goal"]
 
     @property
@@ -105,6 +107,19 @@ class MultiObjectiveMixin(_MixinBase):
                 graph = self._candidates[key].graph
                 metrics = {**metrics, **{m: graph_metric(graph, m) for m in missing}}
         super().tell(candidate_id, metrics)
+        if self._front is not None and key in self._candidates and self._status[key] == "done":
+            values = self.values_of(self._metrics[key])
+            if values is not None:
+                point = orient(values, self.goals)
+                # O(front) per result: the new point joins unless a member dominates it, and
+                # evicts the members it dominates.
+                if not any(dominates(other, point) for other in self._front.values()):
+                    self._front = {cid: p for cid, p in self._front.items() if not dominates(point, p)}
+                    self._front[key] = point
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._front = None  # recomputed from the restored results when first asked for
 
     def _fitness_of(self, metrics: Mapping[str, Any] | None) -> float | None:
         if self.values_of(metrics) is None:
@@ -135,9 +150,27 @@ class MultiObjectiveMixin(_MixinBase):
 
     def pareto_front(self) -> list[str]:
         """Ids of the non-dominated told successes, in ask order."""
-        points = self.points()
-        ids = list(points)
-        return [ids[i] for i in pareto_front([points[i] for i in ids])]
+        if self._front is None:
+            points = self.points()
+            ids = list(points)
+            self._front = {ids[i]: points[ids[i]] for i in pareto_front([points[i] for i in ids])}
+        front = self._front
+        return [cid for cid in self._candidates if cid in front]
+
+    def pareto_summary(self) -> dict[str, Any]:
+        """What a status shows: the front's size and, per objective, its best value on the front
+        (the extreme trade-offs) with the candidate that has it."""
+        front = self.pareto_front()
+        points = self._front or {}
+        best: dict[str, dict[str, Any]] = {}
+        for m, objective in enumerate(self.objectives):
+            if not front:
+                break
+            winner = max(front, key=lambda cid: points[cid][m])  # the earliest on a tie
+            values = self.values_of(self._metrics[winner])
+            assert values is not None  # front members are successes with every objective
+            best[objective["metric"]] = {"candidate": winner, "value": values[m]}
+        return {"size": len(front), "best": best}
 
 
 class MultiObjectiveEvolution(MultiObjectiveMixin, RegularizedEvolution):
