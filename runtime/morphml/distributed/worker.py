@@ -190,8 +190,9 @@ class RunnerProcess:
         ("exited", exit code or None when killed by kill()), ("wedged", reason) when killed by
         kill_wedged(), or ("wake", None) when wake_fd became readable first. Beat lines are
         consumed on the way."""
-        proc = self._started()
-        assert proc.stdout is not None
+        # The process the trials were sent to, even if it has died: its end of file reports that.
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None, "receive() before send()"
         fd = proc.stdout.fileno()
         watch = [fd] if wake_fd is None else [fd, wake_fd]
         while not self._replies:
