@@ -80,15 +80,17 @@ def search_from_args(args: argparse.Namespace) -> tuple[Experiment, Optimizer, E
 
 
 def start_master(optimizer: Optimizer, settings: ExperimentSettings, journal_path: str, port: int, host: str | None,
-                 token: str | None, journal_sync: str) -> tuple[ExperimentCoordinator, MasterServer]:
-    """Open the journal, resume from it, and serve; returns (coordinator, server)."""
+                 token: str | None, journal_sync: str,
+                 metrics_port: int | None = None) -> tuple[ExperimentCoordinator, MasterServer]:
+    """Open the journal, resume from it, and serve (Prometheus /metrics too when metrics_port is
+    not None; 0 picks a free port); returns (coordinator, server)."""
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
     from morphml.distributed.master import MasterServer
 
     journal = Journal(journal_path, journal_sync)
     coordinator = ExperimentCoordinator(optimizer, settings, journal)
-    server = MasterServer(coordinator, port, host, token)
+    server = MasterServer(coordinator, port, host, token, metrics_port=metrics_port)
     server.start()
     return coordinator, server
 
@@ -100,8 +102,10 @@ def cmd_master(args: argparse.Namespace) -> int:
     token = read_token(args.token_file)
     _, optimizer, settings = search_from_args(args)
     coordinator, server = start_master(optimizer, settings, args.journal, args.port, args.host, token,
-                                       args.journal_sync)
+                                       args.journal_sync, args.metrics_port)
     print(f"morphml master: serving on port {server.port} (journal {args.journal})", file=sys.stderr, flush=True)
+    if server.metrics_port is not None:
+        print(f"morphml master: metrics on port {server.metrics_port}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -185,7 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(filename=output / "logs" / "master.log", level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     token = secrets.token_hex(16)
-    coordinator, server = start_master(optimizer, settings, str(journal_path), 0, "127.0.0.1", token, args.journal_sync)
+    coordinator, server = start_master(optimizer, settings, str(journal_path), 0, "127.0.0.1", token, args.journal_sync,
+                                       args.metrics_port)
+    if server.metrics_port is not None:
+        print(f"morphml run: metrics on http://127.0.0.1:{server.metrics_port}/metrics", flush=True)
     st = coordinator.status()
     print(f"morphml run: {experiment.name}: budget {st['budget']} trials, {args.workers} workers, output {output}"
           + (f" (resuming: {st['succeeded'] + st['failed']} trials already finished)" if resumed else ""), flush=True)
@@ -264,6 +271,17 @@ def prefetch_arg(text: str) -> int | None:
     return value
 
 
+def port_arg(text: str) -> int:
+    """--metrics-port: a TCP port 0..65535 (0: any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed a port number 0..65535 (0: any free port)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="morphml", description="Neural architecture search: local or on Kubernetes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -275,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="heartbeats missed before a worker is dead (overrides spec.faultTolerance)")
         p.add_argument("--journal-sync", choices=["full", "normal"], default="full",
                        help="SQLite synchronous mode of the journal (see docs/architecture.md)")
+        p.add_argument("--metrics-port", type=port_arg, default=None, metavar="PORT",
+                       help="serve Prometheus /metrics on this port (0: a free one, printed); default off")
         p.add_argument("--prefetch", type=prefetch_arg, default=None, metavar="{auto,K}",
                        help="leases queued per worker beyond its slots; auto (default): 1 while the last trials "
                             "took under 2 s, else 0")

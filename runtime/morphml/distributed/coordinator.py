@@ -18,6 +18,7 @@ any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -182,6 +183,13 @@ class ExperimentCoordinator:
         self.failed = 0
         self.retries = 0
         self.stale_results = 0
+        # Every result by disposition and every loss by detection path, whole journal (restored
+        # at start): what the metrics' counters read, so they agree with the journal across restarts.
+        self.results_by_disposition: collections.Counter[str] = collections.Counter()
+        self.losses_by_reason: collections.Counter[str] = collections.Counter()
+        # Metrics hook: (lease-to-result seconds, reported trial seconds) of each accepted result,
+        # called inside the result's transaction (cheap, no journal calls).
+        self.on_accepted_result: Callable[[float, float], None] | None = None
         self.best: Task | None = None
         # The most recent worker losses (status' default view); all of them are in the journal,
         # numbered 1, 2, 3, ... across restarts (loss_seq is the latest number).
@@ -234,6 +242,8 @@ class ExperimentCoordinator:
             self.retries = self.journal.count_events("retry")
             self.stale_results = self.journal.count_results("stale")
             self.loss_seq = self.journal.last_loss_seq()
+            self.results_by_disposition.update(self.journal.count_results_by_disposition())
+            self.losses_by_reason.update(self.journal.count_losses_by_reason())
             self.losses.extend(self.journal.losses(latest=RECENT_LOSSES))
             phase = self.journal.get_meta("phase")
             if phase in (SUCCEEDED, FAILED):
@@ -378,6 +388,7 @@ class ExperimentCoordinator:
             if reason is not LossReason.DEREGISTER or released:  # a clean leave is not a loss
                 self.loss_seq += 1
                 self.journal.add_loss(self.loss_seq, worker_id, rec.name, reason.value, now, released)
+                self.losses_by_reason[reason.value] += 1
                 self.losses.append({"seq": self.loss_seq, "worker_id": worker_id, "worker_name": rec.name,
                                     "detected_by": reason.value, "detected_at": now, "requeued": released})
             self._outboxes.get(worker_id, queue.Queue()).put(END_OF_STREAM)
@@ -517,11 +528,13 @@ class ExperimentCoordinator:
         if forged and disposition != "unknown":
             disposition = "refused"
             self.journal.add_result(now, task_id, attempt, worker_name, disposition, False, None, "", "", duration)
+            self.results_by_disposition[disposition] += 1
             self.journal.event(now, "refused_result", task_id, attempt, worker_name=worker_name,
                                reason="lease_key does not match")
             return disposition
         self.journal.add_result(now, task_id, attempt, worker_name, disposition, ok, metrics if ok else None,
                                 failure_kind, failure_message, duration)
+        self.results_by_disposition[disposition] += 1
         if disposition == "stale":
             self.stale_results += 1
             self.journal.event(now, "stale_result", task_id, attempt, worker_name=worker_name)
@@ -532,6 +545,8 @@ class ExperimentCoordinator:
         holder = self.registry.get(att.worker_id)
         task = self.leases.tasks[task_id]
         self._recent_durations.append(max(0.0, float(duration or 0.0)))
+        if self.on_accepted_result is not None:
+            self.on_accepted_result(max(0.0, now - att.leased_at), max(0.0, float(duration or 0.0)))
         if ok:
             assert metrics is not None  # _check_metrics made ok mean "a dict with the objective"
             self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now)
@@ -787,6 +802,22 @@ class ExperimentCoordinator:
                 self.journal.set_meta("best", {"trial_id": task.task_id, "metric": value, "summary": task.summary,
                                                "arch_hash": task.arch_hash})
                 self.journal.event(self.clock.wall(), "new_best", task.task_id, task.finished_attempt, metric=value)
+
+    def counts(self) -> dict[str, Any]:
+        """What the metrics read at scrape time: counts over the whole journal and current states
+        (cheaper than status(): no worker or loss lists). Raises the JournalError once halted."""
+        with self._lock:
+            self._check_running()
+            best = self.best
+            workers: collections.Counter[str] = collections.Counter(
+                w.state.value for w in self.registry.workers.values())
+            return {"phase": self.phase, "experiment_name": self.settings.name, "budget": self.settings.max_trials,
+                    "metric": self.settings.metric, "goal": self.settings.goal,
+                    "succeeded": self.succeeded, "failed": self.failed,
+                    "running": self.leases.count(TaskState.LEASED), "pending": len(self.leases.pending_ids()),
+                    "retries": self.retries, "results": dict(self.results_by_disposition),
+                    "losses": dict(self.losses_by_reason), "workers": dict(workers),
+                    "best": None if best is None else (best.metrics or {}).get(self.settings.metric)}
 
     def status(self, include_dead: bool = True, losses_after_seq: int | None = None) -> dict:
         """The experiment's progress. `losses` holds the worker losses numbered after

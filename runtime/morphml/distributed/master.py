@@ -7,7 +7,7 @@ per second through the master than the thread-per-stream server (docs/benchmarks
 Python API: `MasterNode(optimizer, {'port': 50051, 'num_workers': 4}).start()` then
 `run_experiment(num_generations=...)`.
 
-Imports: grpc, grpc_health, morphml.distributed.{proto, coordinator, journal, auth, clock}.
+Imports: grpc, grpc_health, morphml.distributed.{proto, coordinator, journal, auth, clock, metrics}.
 Never torch.
 """
 
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent import futures
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -43,6 +43,9 @@ from .journal import Journal, JournalError
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
 from .states import LossReason
+
+if TYPE_CHECKING:
+    from .metrics import MasterMetrics
 
 log = logging.getLogger("morphml.master")
 
@@ -423,7 +426,8 @@ class MasterServer:
     service, health, the heartbeat monitor."""
 
     def __init__(self, coordinator: ExperimentCoordinator, port: int = 50051, host: str | None = None,
-                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 metrics_port: int | None = None):
         self.coord = coordinator
         coordinator.new_outbox = LoopOutbox
         self.host, self.requested_port = host or default_bind_host(), port
@@ -445,6 +449,10 @@ class MasterServer:
         # itself (health NOT_SERVING first) and raise_if_failed() hands the error to the process.
         self.failure: JournalError | None = None
         coordinator.on_halt.append(self._on_halt)
+        # Prometheus /metrics on a port of its own (None: off; 0: a free one), same address as gRPC.
+        self.metrics_requested_port = metrics_port
+        self.metrics: MasterMetrics | None = None
+        self.metrics_port: int | None = None
 
     def _call(self, coroutine: Coroutine[Any, Any, _Reply], timeout: float | None = 30) -> _Reply:
         """Runs a coroutine on the server's loop from another thread and returns its result."""
@@ -471,6 +479,15 @@ class MasterServer:
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
+        if self.metrics_requested_port is not None:
+            from .metrics import MasterMetrics  # prometheus_client only where metrics are served
+
+            self.metrics = MasterMetrics(self.coord)
+            try:
+                self.metrics_port = self.metrics.serve(self.metrics_requested_port, self.host)
+            except BaseException:
+                self.stop(grace=0.0)
+                raise
         self._monitor = threading.Thread(target=self._watch_heartbeats, name="heartbeat-monitor", daemon=True)
         self._monitor.start()
         log.info("master listening on port %d", self.port)
@@ -522,6 +539,8 @@ class MasterServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
         self.servicer.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         self._stopped.set()
 
     def wait(self) -> None:
@@ -540,7 +559,8 @@ class MasterNode:
     resume), max_trials (default population_size x num_generations when the optimizer has
     them, else 100), max_failed_trials (10), max_task_retries (2), heartbeat_interval (10),
     missed_heartbeats (3), evaluation (spec.evaluation dict), metric, goal, name, seed, prefetch
-    (None = auto, the default: one queued lease per worker while trials are short).
+    (None = auto, the default: one queued lease per worker while trials are short), metrics_port
+    (Prometheus /metrics; default None: off, 0: a free port, see server.metrics_port).
     """
 
     def __init__(self, optimizer: Any, config: dict | None = None):
@@ -566,8 +586,10 @@ class MasterNode:
         self.coordinator = ExperimentCoordinator(self.optimizer, self._settings(num_generations), journal,
                                                  self.config.get("clock") or SystemClock())
         token = self.config.get("token") or os.environ.get(TOKEN_ENV) or None
+        metrics_port = self.config.get("metrics_port")
         self.server = MasterServer(self.coordinator, int(self.config.get("port", 50051)),
-                                   self.config.get("host"), token)
+                                   self.config.get("host"), token,
+                                   metrics_port=None if metrics_port is None else int(metrics_port))
         return self.server.start()
 
     def run_experiment(self, num_generations: int | None = None, timeout: float | None = None) -> Any:
