@@ -153,9 +153,10 @@ def test_a_failed_trial_is_an_optuna_fail_and_a_success_carries_every_objective(
     assert [s for _, s, _ in optimizer.history()] == ["failed", "done", "failed"]
 
 
-def test_restart_rebuilds_the_sampler_from_the_journaled_trials_and_continues_the_same_search():
+@pytest.mark.parametrize("cls", [TPESearch, NSGA2Search])
+def test_restart_rebuilds_the_sampler_from_the_journaled_trials_and_continues_the_same_search(cls):
     def make() -> TPESearch:
-        return TPESearch(space(), population_size=4, max_trials=30, seed=9)
+        return cls(space(), population_size=4, max_trials=30, seed=9, objectives=TWO if cls is NSGA2Search else None)
 
     whole = run(make())
     before = make()
