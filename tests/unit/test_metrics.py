@@ -26,6 +26,7 @@ from tests.unit.test_leases_coordinator import CountingOptimizer, join, leases
 
 pytestmark = pytest.mark.unit
 
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
 DOC = Path(__file__).resolve().parents[2] / "docs" / "observability.md"
 
 # What a scrape shows (exposition names: counters with _total), in order.
@@ -186,7 +187,7 @@ def test_two_masters_in_one_process_serve_their_own_metrics_over_http(tmp_path):
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                    body = NO_PROXY.open(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
                     break
                 except OSError:
                     if time.monotonic() > deadline:

@@ -472,22 +472,20 @@ class MasterServer:
         return port
 
     def start(self) -> int:
+        if self.metrics_requested_port is not None:  # before gRPC: serving health means metrics are up too
+            from .metrics import MasterMetrics  # prometheus_client only where metrics are served
+
+            self.metrics = MasterMetrics(self.coord)
+            self.metrics_port = self.metrics.serve(self.metrics_requested_port, self.host)
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
         self._thread.start()
         try:
             self.port = self._call(self._start())
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
+            if self.metrics is not None:
+                self.metrics.stop()
             raise
-        if self.metrics_requested_port is not None:
-            from .metrics import MasterMetrics  # prometheus_client only where metrics are served
-
-            self.metrics = MasterMetrics(self.coord)
-            try:
-                self.metrics_port = self.metrics.serve(self.metrics_requested_port, self.host)
-            except BaseException:
-                self.stop(grace=0.0)
-                raise
         self._monitor = threading.Thread(target=self._watch_heartbeats, name="heartbeat-monitor", daemon=True)
         self._monitor.start()
         log.info("master listening on port %d", self.port)
