@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 
 import pytest
 
-from proc_helpers import REPO, journal_rows
+from proc_helpers import REPO, journal_events
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
 
@@ -28,7 +29,6 @@ def test_morphml_run_digits_with_four_workers_reaches_093_and_runs_each_trial_on
     best = json.loads((out / "best.json").read_text())
     assert best["metric"] == "val_accuracy" and best["value"] >= 0.93
     assert best["value"] == max(float(r["val_accuracy"]) for r in rows)
-    counted = journal_rows(out / "journal.db", "SELECT task_id, COUNT(*) FROM events WHERE kind = 'succeeded'"
-                                               " GROUP BY task_id")
-    assert len(counted) == len(rows) and all(n == 1 for _, n in counted)
+    counted = Counter(e["task_id"] for e in journal_events(out / "journal.db", "succeeded"))
+    assert len(counted) == len(rows) and all(n == 1 for n in counted.values())
     assert "Succeeded" in proc.log_path.read_text()
