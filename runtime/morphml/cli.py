@@ -173,6 +173,8 @@ def progress_line(st: dict, started: float, done_at_start: int) -> str:
     eta = (elapsed / rate_done * (st["budget"] - done)) if rate_done > 0 else None
     best = st["best"]
     best_text = f"best {st['metric']} {best['metric']:.4f} ({best['trial_id']})" if best else "best --"
+    if st.get("pareto"):  # several objectives: the front's size too
+        best_text += f" | front {st['pareto']['size']}"
     return (f"[{st['experiment_name']}] {done}/{st['budget']} done | running {st['running']} | "
             f"failed {st['failed']} | workers {st['workers_alive']} | {best_text} | ETA {_format_eta(eta)}")
 

@@ -120,6 +120,7 @@ def test_nsga2_two_objective_run_writes_a_pareto_front_that_dominates_every_othe
     out = tmp_path / "out"
     proc = run_cli(procs, manifest, out, "run.log")
     assert proc.wait(timeout=280) == 0, proc.log_path.read_text()
+    assert "| front " in proc.log_path.read_text()  # the progress line shows the front's size
     assert_each_trial_once(out / "journal.db", budget)
     trials = [t for t in read_csv(out / "trials.csv") if t["status"] == "succeeded"]
     assert len(trials) >= budget - 2

@@ -819,6 +819,20 @@ class ExperimentCoordinator:
                     "losses": dict(self.losses_by_reason), "workers": dict(workers),
                     "best": None if best is None else (best.metrics or {}).get(self.settings.metric)}
 
+    def _pareto_status(self) -> dict | None:
+        """With several objectives: the optimizer's Pareto front, {size, best: [{metric, goal, value,
+        trial_id}] (each objective's best value on the front)}; None with one objective."""
+        objectives = getattr(self.optimizer, "objectives", None)
+        summary = getattr(self.optimizer, "pareto_summary", None)
+        if summary is None or not objectives or len(objectives) < 2:
+            return None
+        front = summary()
+        task_of = {task.candidate_id: task.task_id for task in self.leases.tasks.values()}
+        best = [{"metric": o["metric"], "goal": o["goal"], "value": front["best"][o["metric"]]["value"],
+                 "trial_id": task_of.get(front["best"][o["metric"]]["candidate"], "")}
+                for o in objectives if o["metric"] in front["best"]]
+        return {"size": front["size"], "best": best}
+
     def status(self, include_dead: bool = True, losses_after_seq: int | None = None) -> dict:
         """The experiment's progress. `losses` holds the worker losses numbered after
         losses_after_seq (oldest first, at most MAX_LOSSES_PER_STATUS), or the most recent
@@ -852,4 +866,5 @@ class ExperimentCoordinator:
                     "loss_seq": self.loss_seq,
                     "metric": self.settings.metric, "goal": self.settings.goal,
                     "workers_alive": sum(1 for w in self.registry.workers.values()
-                                         if w.alive and w.state is not WorkerState.REGISTERING)}
+                                         if w.alive and w.state is not WorkerState.REGISTERING),
+                    "pareto": self._pareto_status()}

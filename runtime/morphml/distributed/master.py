@@ -401,6 +401,9 @@ def status_to_proto(st: dict) -> pb.ExperimentStatus:
         msg.best.CopyFrom(pb.BestTrial(trial_id=b["trial_id"], metric=b["metric"], summary=b["summary"],
                                        architecture_json=b["arch_json"], metrics_json=json.dumps(b["metrics"]),
                                        arch_hash=b["arch_hash"]))
+    if st.get("pareto"):
+        front = st["pareto"]
+        msg.pareto.CopyFrom(pb.ParetoFront(size=front["size"], best=[pb.ObjectiveBest(**b) for b in front["best"]]))
     for loss in st["losses"]:
         msg.losses.append(pb.WorkerLoss(
             worker_id=loss["worker_id"], worker_name=loss["worker_name"], detected_by=loss["detected_by"],

@@ -691,6 +691,7 @@ class ExperimentStatus(_message.Message):
     METRIC_FIELD_NUMBER: _builtins.int
     GOAL_FIELD_NUMBER: _builtins.int
     LOSS_SEQ_FIELD_NUMBER: _builtins.int
+    PARETO_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
     """Pending (no worker yet), Running, Succeeded or Failed."""
     succeeded: _builtins.int
@@ -733,6 +734,10 @@ class ExperimentStatus(_message.Message):
         StatusRequest.losses_after_seq (at most 500), or the most recent 100 when it is unset.
         """
 
+    @_builtins.property
+    def pareto(self) -> Global___ParetoFront:
+        """With several objectives (spec.objectives): the Pareto front the master keeps; absent with one."""
+
     def __init__(
         self,
         *,
@@ -752,14 +757,77 @@ class ExperimentStatus(_message.Message):
         metric: _builtins.str = ...,
         goal: _builtins.str = ...,
         loss_seq: _builtins.int = ...,
+        pareto: Global___ParetoFront | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["best", b"best"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "pareto", b"pareto"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "budget", b"budget", "experiment_name", b"experiment_name", "failed", b"failed", "goal", b"goal", "loss_seq", b"loss_seq", "losses", b"losses", "message", b"message", "metric", b"metric", "pending", b"pending", "phase", b"phase", "retries", b"retries", "running", b"running", "stale_results", b"stale_results", "succeeded", b"succeeded", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "budget", b"budget", "experiment_name", b"experiment_name", "failed", b"failed", "goal", b"goal", "loss_seq", b"loss_seq", "losses", b"losses", "message", b"message", "metric", b"metric", "pareto", b"pareto", "pending", b"pending", "phase", b"phase", "retries", b"retries", "running", b"running", "stale_results", b"stale_results", "succeeded", b"succeeded", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExperimentStatus: _TypeAlias = ExperimentStatus  # noqa: Y015
+
+@_typing.final
+class ParetoFront(_message.Message):
+    """The Pareto front of a multi-objective search: the succeeded trials no other dominates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    BEST_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    """Trials on the front."""
+    @_builtins.property
+    def best(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectiveBest]:
+        """Per objective, in spec.objectives order: its best value on the front (the extreme trade-off)."""
+
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        best: _abc.Iterable[Global___ObjectiveBest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParetoFront: _TypeAlias = ParetoFront  # noqa: Y015
+
+@_typing.final
+class ObjectiveBest(_message.Message):
+    """One objective's best value on the Pareto front."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TRIAL_ID_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """The metric, e.g. "params"."""
+    goal: _builtins.str
+    """"maximize" or "minimize"."""
+    value: _builtins.float
+    """Its best value among the front's trials."""
+    trial_id: _builtins.str
+    """The trial that has it."""
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        goal: _builtins.str = ...,
+        value: _builtins.float = ...,
+        trial_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal", "metric", b"metric", "trial_id", b"trial_id", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectiveBest: _TypeAlias = ObjectiveBest  # noqa: Y015
 
 @_typing.final
 class WorkerInfo(_message.Message):
