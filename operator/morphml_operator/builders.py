@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 MASTER_PORT = 50051
+MASTER_METRICS_PORT = 9464  # the master's Prometheus /metrics (morphml master --metrics-port)
 WORKER_HEALTH_PORT = 50052
 EXPERIMENT_PATH = "/etc/morphml/experiment.yaml"
 TOKEN_DIR = "/etc/morphml/token"
@@ -182,22 +183,30 @@ def build_service_account(name: str, namespace: str) -> dict:
     }
 
 
-def build_master_service(name: str, namespace: str) -> dict:
-    """The stable address workers dial: NAME-master:50051."""
+def build_master_service(name: str, namespace: str, scrape_annotations: bool = False) -> dict:
+    """The stable address workers dial: NAME-master:50051; Prometheus scrapes its `metrics` port.
+
+    `scrape_annotations`: the prometheus.io/* annotations an annotation-based scrape config reads."""
+    metadata = _metadata(name, namespace, master_name(name), "master")
+    if scrape_annotations:
+        metadata["annotations"] = {"prometheus.io/scrape": "true", "prometheus.io/port": str(MASTER_METRICS_PORT),
+                                   "prometheus.io/path": "/metrics"}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(name, namespace, master_name(name), "master"),
+        "metadata": metadata,
         "spec": {
             "type": "ClusterIP",
             "selector": selector(name, "master"),
-            "ports": [{"name": "grpc", "port": MASTER_PORT, "targetPort": "grpc", "protocol": "TCP"}],
+            "ports": [{"name": "grpc", "port": MASTER_PORT, "targetPort": "grpc", "protocol": "TCP"},
+                      {"name": "metrics", "port": MASTER_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
         },
     }
 
 
 def build_master_network_policy(name: str, namespace: str) -> dict:
-    """Only the experiment's workers and the MorphML operator may reach the master's port.
+    """Only the experiment's workers and the MorphML operator may reach the master's gRPC port;
+    anyone may reach its metrics port.
 
     (The token is the first lock; this keeps every other pod in the cluster from even trying.
     It takes effect where the cluster's network plugin enforces NetworkPolicy.)
@@ -217,6 +226,9 @@ def build_master_network_policy(name: str, namespace: str) -> dict:
                                                      COMPONENT_LABEL: "operator"}}},
                 ],
                 "ports": [{"protocol": "TCP", "port": MASTER_PORT}],
+            }, {
+                # Metrics are counts and timings only (no token, no architectures): any scraper may read them.
+                "ports": [{"protocol": "TCP", "port": MASTER_METRICS_PORT}],
             }],
         },
     }
@@ -288,6 +300,7 @@ def master_command() -> list[str]:
         "--port", str(MASTER_PORT),
         "--journal", JOURNAL_PATH,
         "--token-file", TOKEN_PATH,
+        "--metrics-port", str(MASTER_METRICS_PORT),
     ]
 
 
@@ -340,7 +353,8 @@ def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], default
         "imagePullPolicy": defaults.image_pull_policy,
         "command": master_command()[:1],
         "args": master_command()[1:],
-        "ports": [{"name": "grpc", "containerPort": MASTER_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "grpc", "containerPort": MASTER_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": MASTER_METRICS_PORT, "protocol": "TCP"}],
         "env": _pod_env(name),
         "resources": _resources(master, {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}),
         # Health service name "morphml.Master" turns SERVING once the journal is open and the

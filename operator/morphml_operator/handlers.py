@@ -19,9 +19,13 @@ The shape, in full:
   worker_unready_seconds (`pod_loss.decide`) is reported to the master with WorkerGone at once,
   so its trials are re-leased without waiting for heartbeats; a master that does not answer is
   asked again with backoff (`report_pod_lost`, timer threads).
+- `experiment_event` (NASExperiments' watch stream): the phase table behind the operator's
+  `morphml_operator_experiments{phase}` gauge (morphml_operator.metrics); each handler above is
+  wrapped to count its errors in `morphml_operator_reconcile_errors_total{handler}`.
 Deletion needs no handler: everything carries an ownerReference and the garbage collector removes it.
 
-Imports: kopf, the kubernetes client, morphml_operator.{builders, pod_loss, settings, status, master_client}.
+Imports: kopf, the kubernetes client, morphml_operator.{builders, pod_loss, settings, status, master_client,
+metrics}.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from kubernetes.client.rest import ApiException
 
 from . import builders, pod_loss
 from .master_client import MasterUnreachable, get_master_status, report_worker_gone
+from .metrics import OperatorMetrics
 from .settings import OperatorSettings
 from .status import TERMINAL_PHASES, Event, compute_status
 
@@ -50,6 +55,8 @@ GROUP, VERSION, PLURAL = "morphml.io", "v1alpha1", "nasexperiments"
 TEMPLATE_HASH_ANNOTATION = "morphml.io/template-hash"
 
 SETTINGS = OperatorSettings.from_env()
+# Prometheus: experiments by phase (from the watch stream), handler errors (docs/observability.md).
+METRICS = OperatorMetrics()
 # What kopf hands a handler as `logger`.
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -77,6 +84,13 @@ def configure(settings: kopf.OperatorSettings, logger: Logger, **_: Any) -> None
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
     logger.info("morphml operator settings: %s", SETTINGS)
+    if SETTINGS.metrics_port:
+        try:
+            port = METRICS.serve(SETTINGS.metrics_port, SETTINGS.metrics_host)
+            logger.info("operator metrics on http://%s:%d/metrics", SETTINGS.metrics_host, port)
+        except OSError as error:  # metrics are not worth stopping the operator for
+            logger.error("operator metrics not served: MORPHML_OPERATOR_METRICS_HOST/PORT=%s:%d: %s",
+                         SETTINGS.metrics_host, SETTINGS.metrics_port, error)
 
 
 def _core() -> kubernetes.client.CoreV1Api:
@@ -167,7 +181,7 @@ def ensure_journal_pvc(body: kopf.Body) -> None:
 def ensure_master_service(body: kopf.Body) -> None:
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
-    _read_or_create(body, builders.build_master_service(name, namespace),
+    _read_or_create(body, builders.build_master_service(name, namespace, SETTINGS.metrics_scrape_annotations),
                     core.create_namespaced_service, core.read_namespaced_service)
 
 
@@ -272,6 +286,7 @@ def reconcile(body: kopf.Body, phase: str | None) -> dict:
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.resume(GROUP, VERSION, PLURAL)
+@METRICS.counted("create_or_resume")
 def create_or_resume(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **_: Any) -> None:
     """Bring every owned object into existence (again, after an operator restart)."""
     phase = status.get("phase")
@@ -284,6 +299,7 @@ def create_or_resume(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, **
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@METRICS.counted("spec_changed")
 def spec_changed(body: kopf.Body, status: kopf.Status, **_: Any) -> None:
     """A spec change applies now, not at the next tick (docs/kubernetes.md, "Which spec fields apply live").
 
@@ -293,6 +309,16 @@ def spec_changed(body: kopf.Body, status: kopf.Status, **_: Any) -> None:
     optimizer, evaluation, objective, master.persistence) the API server refuses (CEL rules).
     """
     reconcile(body, status.get("phase"))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def experiment_event(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """Keeps the experiments-by-phase gauge: every watch event carries the status.phase it has now."""
+    uid = body.get("metadata", {}).get("uid", "")
+    if event.get("type") == "DELETED":
+        METRICS.forget(uid)
+    else:
+        METRICS.observe_phase(uid, (body.get("status") or {}).get("phase"))
 
 
 def _master_address(pod: Any) -> str | None:
@@ -305,6 +331,7 @@ def _master_address(pod: Any) -> str | None:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.status_interval_seconds, initial_delay=1.0)
+@METRICS.counted("poll")
 def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
          logger: Logger, **_: Any) -> None:
     """Reconcile, read the master's status, write the CR status, post milestone Events."""
@@ -389,6 +416,7 @@ _RECHECKS_LOCK = threading.Lock()
 
 
 @kopf.on.event("", "v1", "pods", labels={builders.COMPONENT_LABEL: "worker"})
+@METRICS.counted("worker_pod_event")
 def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     """A worker pod lost: tell its master at once (WorkerGone) so its trials are re-leased.
 

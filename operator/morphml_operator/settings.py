@@ -55,6 +55,12 @@ class OperatorSettings:
     request_timeout_seconds: float = 30.0
     # kopf: the lowest log level also posted as a Kubernetes Event (DEBUG, INFO, WARNING, ERROR).
     posting_level: str = "WARNING"
+    # The operator's own Prometheus /metrics port (0: not served); docs/observability.md.
+    metrics_port: int = 8081
+    # Address it listens on (the chart sets the pod's IP, like kopf's liveness endpoint).
+    metrics_host: str = "0.0.0.0"
+    # Put prometheus.io/scrape, /port, /path annotations on each experiment's master Service.
+    metrics_scrape_annotations: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -67,9 +73,15 @@ class OperatorSettings:
             raw = env[variable]
             kind: type = type(field.default)
             try:
-                values[field.name] = kind(raw) if kind is not str else raw
+                if kind is bool:  # bool("false") is True: only the spellings below are accepted
+                    if raw.strip().lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(raw)
+                    values[field.name] = raw.strip().lower() in ("true", "1")
+                else:
+                    values[field.name] = kind(raw) if kind is not str else raw
             except ValueError:
-                raise SettingsError(f"{variable}={raw!r}: expected {kind.__name__}") from None
+                expected = "true or false" if kind is bool else kind.__name__
+                raise SettingsError(f"{variable}={raw!r}: expected {expected}") from None
         settings = cls(**values)
         settings.check()
         return settings
@@ -85,6 +97,8 @@ class OperatorSettings:
                      "worker_gone_retry_seconds"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{PREFIX}{name.upper()}={getattr(self, name)}: must be greater than 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"{PREFIX}METRICS_PORT={self.metrics_port}: expected a port 0..65535 (0: off)")
         try:
             self.master_address_template.format(pod_ip="", service="", namespace="", port=0)
         except (KeyError, IndexError, ValueError) as error:

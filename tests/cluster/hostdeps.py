@@ -45,6 +45,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     # kube-proxy and the kubelet look these up on PATH for some code paths.
     "ethtool": ("ethtool", "ethtool"),
     "socat": ("socat", "socat"),
+    # The metrics test's real Prometheus server (tests/cluster/test_metrics_prometheus.py).
+    "prometheus": ("prometheus", "prometheus"),
 }
 
 #: Everything the real node needs on the host.

@@ -80,10 +80,16 @@ def test_master_service_selects_the_master_pod_on_grpc():
     assert service["spec"] == {
         "type": "ClusterIP",
         "selector": {"morphml.io/experiment": "digits", "app.kubernetes.io/component": "master"},
-        "ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"}],
+        "ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"},
+                  {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}],
     }
+    assert "annotations" not in service["metadata"]
     master = builders.build_master_pod("digits", "ml", {})
     assert service["spec"]["selector"].items() <= master["metadata"]["labels"].items()
+    assert {p["name"] for p in master["spec"]["containers"][0]["ports"]} == {"grpc", "metrics"}
+    annotated = builders.build_master_service("digits", "ml", scrape_annotations=True)
+    assert annotated["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "9464",
+                                                    "prometheus.io/path": "/metrics"}
 
 
 def test_master_pod_runs_exactly_the_master_command(spec):
@@ -93,6 +99,7 @@ def test_master_pod_runs_exactly_the_master_command(spec):
         "--port", "50051",
         "--journal", "/var/lib/morphml/journal.db",
         "--token-file", "/etc/morphml/token/token",
+        "--metrics-port", "9464",
     ]
     assert container["image"] == "morphml-master:0.1.0"
 
@@ -260,6 +267,8 @@ def test_master_network_policy_admits_only_workers_and_the_operator():
                                                  "app.kubernetes.io/component": "operator"}}},
             ],
             "ports": [{"protocol": "TCP", "port": 50051}],
+        }, {
+            "ports": [{"protocol": "TCP", "port": 9464}],  # metrics: from anywhere
         }],
     }
     worker_labels = builders.build_worker_deployment("digits", "ml", {}, 1)["spec"]["template"]["metadata"]["labels"]
