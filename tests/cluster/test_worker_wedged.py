@@ -97,8 +97,12 @@ def test_worker_pod_with_a_wedged_runner_turns_unready_and_is_reported_gone(kube
         assert runner_pids(victim) == [runner]  # reported by the pod path, before any replacement
         pod = kube.kubectl_json("get", "pod", victim, "-n", ns)
         assert not pod["metadata"].get("deletionTimestamp")  # nobody deleted it: the unready path fired
-        events = kube.kubectl_json("get", "events", "-n", ns, "--field-selector", "reason=WorkerLost")["items"]
-        assert any(victim in e["message"] for e in events), [e["message"] for e in events]
+
+        def worker_lost_event():  # posted on the operator's next status tick (2 s here)
+            events = kube.kubectl_json("get", "events", "-n", ns, "--field-selector", "reason=WorkerLost")["items"]
+            return [e["message"] for e in events if victim in e["message"]]
+
+        kube.wait_for(worker_lost_event, 30, 0.5, "a WorkerLost Event naming the wedged pod")
     finally:
         try:
             os.kill(runner, signal.SIGCONT)
