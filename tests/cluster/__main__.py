@@ -3,7 +3,10 @@
 - ``build``: build (or find cached) binaries; prints their directory.
 - ``up``: start etcd, kube-apiserver, controllers, scheduler and the process node in the
   background; prints the admin kubeconfig path (``export KUBECONFIG=$(python -m tests.cluster up)``).
-- ``down``: stop what ``up`` started.
+  ``up --real-node``: the real node (tests/cluster/node.py: kubelet, containerd, kube-proxy,
+  CoreDNS, kube-router) instead of the process node (root only).
+- ``down``: stop what ``up`` started (and, for a real node, undo its changes to the host).
+- ``clean-node``: remove what a killed real node left on the host; prints what is still left.
 - ``pin``: regenerate kubebin/go.mod from kubebin/versions.env.
 
 State of ``up`` lives in ``$MORPHML_KUBE_STATE`` (default /tmp/morphml-kube-up).
@@ -28,31 +31,45 @@ def _state_dir() -> Path:
     return Path(os.environ.get("MORPHML_KUBE_STATE", "/tmp/morphml-kube-up"))
 
 
-def _serve(state: Path) -> None:
+def _serve(state: Path, real_node: bool) -> None:
     """Run the control plane in this process until SIGTERM (the body of ``up``)."""
     import shutil
 
+    from .node import NODE_NAME, RealNode
+
     shutil.rmtree(state / "cluster", ignore_errors=True)  # a fresh etcd every time, like the fixture
-    plane = ControlPlane(workdir=state / "cluster")
+    if real_node:
+        plane = ControlPlane(workdir=state / "cluster", node_name=NODE_NAME, process_node=False)
+    else:
+        plane = ControlPlane(workdir=state / "cluster")
+    node = None
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     try:
         plane.start()
+        if real_node:
+            node = RealNode(plane, state_dir=state / "cluster" / "realnode")
+            node.start()
         (state / "kubeconfig").write_text(str(plane.kubeconfig))
         (state / "ready").write_text(f"{plane.timings}\n")
         while not stopping:
             time.sleep(0.5)
             plane.check_alive()
+            if node is not None:
+                node.check_alive()
     except BaseException as err:
         (state / "failed").write_text(f"{err}\n")
         raise
     finally:
+        if node is not None:
+            node.stop()
         plane.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["build", "up", "down", "status", "pin", "serve"])
+    parser.add_argument("command", choices=["build", "up", "down", "status", "pin", "serve", "clean-node"])
+    parser.add_argument("--real-node", action="store_true", help="up: a real kubelet node instead of the process node")
     args = parser.parse_args(argv)
     state = _state_dir()
     if args.command == "build":
@@ -60,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "pin":
         print(build.pin_go_mod())
     elif args.command == "serve":
-        _serve(state)
+        _serve(state, args.real_node)
+    elif args.command == "clean-node":
+        from .node import teardown_host
+
+        left = teardown_host()
+        print(left or "clean")
+        return 1 if left else 0
     elif args.command == "up":
         if (state / "pid").exists():
             print(f"already up (state in {state}); run 'down' first", file=sys.stderr)
@@ -70,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("ready", "failed", "kubeconfig"):
             (state / name).unlink(missing_ok=True)
         log = open(state / "serve.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "tests.cluster", "serve"], stdout=log, stderr=log,
+        serve = ["serve", "--real-node"] if args.real_node else ["serve"]
+        proc = subprocess.Popen([sys.executable, "-m", "tests.cluster", *serve], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 cwd=Path(__file__).resolve().parents[2])
         (state / "pid").write_text(str(proc.pid))
@@ -89,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         pid = int(pid_file.read_text())
         try:
             os.kill(pid, signal.SIGTERM)
-            for _ in range(300):
+            for _ in range(600):  # a real node's teardown takes a few seconds
                 os.kill(pid, 0)
                 time.sleep(0.1)
         except ProcessLookupError:

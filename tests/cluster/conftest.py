@@ -38,9 +38,10 @@ import sys
 
 import pytest
 
-from . import build
+from . import build, realnode_fixtures
 from .controlplane import ControlPlane
 from .kube import ExistingCluster, Kube
+from .realnode_fixtures import real_kube, real_namespace, real_node_stop  # noqa: F401  (fixtures of test_real_node*.py)
 
 CLUSTER_FIXTURES = {"kube", "kube_cluster", "kube_namespace"}
 _state: dict = {}
@@ -88,16 +89,23 @@ def _stop_on_sigterm() -> None:
 
 def pytest_sessionstart(session) -> None:
     _state["session"] = session
+    realnode_fixtures.session_started(session)
 
 
 def pytest_configure(config) -> None:
     _state["config"] = config
+    realnode_fixtures.configure(config)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    realnode_fixtures.collection_modifyitems(items)
 
 
 def pytest_collection_finish(session) -> None:
     _state["session"] = session
     if any(_needs_cluster(item) for item in session.items) and "cluster" not in _state:
         _start(session.config)
+    realnode_fixtures.collection_finish(session)
 
 
 @pytest.fixture(scope="session")
@@ -134,6 +142,8 @@ def kube_namespace(kube, request) -> str:
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    if report.failed:
+        report.sections.extend(realnode_fixtures.failure_sections(item))
     if report.failed and _needs_cluster(item) and "cluster" in _state:
         cluster = _state["cluster"]
         report.sections.append(("control plane logs (tails)", cluster.log_tails(25)))

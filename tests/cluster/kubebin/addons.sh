@@ -16,6 +16,6 @@ kr=github.com/cloudnativelabs/kube-router/v2
 GOBIN="$out" go install -trimpath \
   -ldflags "-s -w -X $kr/pkg/version.Version=$KUBE_ROUTER_VERSION -X $kr/pkg/version.BuildDate=1970-01-01T00:00:00Z" \
   "$kr/cmd/kube-router@$KUBE_ROUTER_VERSION"
-coredns_version=$(awk '$1 == "github.com/coredns/coredns" {print $2}' coredns/go.mod)
+coredns_version=$(cd coredns && go list -m -f "{{.Version}}" github.com/coredns/coredns)
 cd coredns
 go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$coredns_version" -o "$out/coredns" .
