@@ -255,3 +255,43 @@ def test_a_worker_reported_gone_while_its_only_runner_is_wedged_registers_again_
     stale = wait_for(lambda: journal_rows(journal, "SELECT disposition, failure_kind FROM results WHERE task_id = ?"
                                                    " AND attempt = 1", (task_id,)), 10, "the wedged attempt's result")
     assert stale == [("stale", "timeout")]
+
+
+@pytest.mark.timeout(90)
+def test_a_session_loop_blocked_on_a_lock_turns_health_not_serving_until_it_is_released(procs, tmp_path, caplog):
+    # The worker runs in this process (so the test can wedge one of its threads) against a real
+    # master process; its runner is a real child. The master waits for 2 workers before handing
+    # out anything, so the worker idles with its session open, heartbeating, and its runner
+    # never needs the lock. The master's heartbeat timeout (30 x 1 s) is longer than the test.
+    import logging
+
+    from morphml.distributed.worker import WorkerConfig, WorkerNode
+
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:instant", max_trials=1)
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "1", "--missed-heartbeats", "30", "--min-workers", "2"])
+    hp = free_port()
+    node = WorkerNode(WorkerConfig(master=f"127.0.0.1:{port}", token=TOKEN, name="inproc", health_port=hp,
+                                   health_host="127.0.0.1"))
+    caplog.set_level(logging.WARNING, logger="morphml.worker")
+    node.start(block=False)
+    try:
+        wait_for(lambda: (st := status(port)) and any(w.worker_name == "inproc" and w.state != "registering"
+                                                      for w in st.workers), 30, "the worker's session")
+        assert health(hp) == SERVING
+        node._lock.acquire()  # the heartbeat branch of the session loop takes it to list running trials
+        blocked_at = time.monotonic()
+        try:
+            wait_for(lambda: health(hp) == NOT_SERVING, STUCK_AFTER + 8, "NOT_SERVING")
+            blocked_s = time.monotonic() - blocked_at
+        finally:
+            node._lock.release()
+        print(f"\nsession loop blocked -> NOT_SERVING {blocked_s:.2f} s (bound {STUCK_AFTER:g} s)")
+        assert STUCK_AFTER - 1.5 <= blocked_s <= STUCK_AFTER + 3.0, blocked_s
+        stuck = [r.getMessage() for r in caplog.records if "NOT_SERVING" in r.getMessage()]
+        assert stuck and all(m.startswith("session made no progress") for m in stuck), stuck
+        wait_for(lambda: health(hp) == SERVING, 5, "SERVING once the loop runs again")
+        assert not status(port).losses  # the master never lost it: only the worker's own check saw it
+    finally:
+        node.drain("test over")
+        node.wait(30)
