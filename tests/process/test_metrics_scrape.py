@@ -93,3 +93,26 @@ def test_master_metrics_equal_the_journal_during_and_after_a_run_and_across_a_ma
     assert final[("morphml_trial_retries_total", ())] >= 1
     assert scraped[("morphml_experiment_phase", (("phase", "Succeeded"),))] == 1
     assert scraped[("morphml_trials_current", (("state", "running"),))] == 0
+
+
+@pytest.mark.timeout(120)
+def test_local_run_serves_metrics_only_when_asked_and_on_the_port_it_prints(procs, tmp_path):
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.metrics_evaluators:sleepy_sometimes_fails",
+                              max_trials=6, max_failed=6, retries=0)
+    quiet = procs.spawn(["run", str(manifest), "--workers", "2", "--output", str(tmp_path / "quiet")], "quiet.log",
+                        env={"MORPHML_TEST_SLEEP": "0.05"})
+    assert quiet.wait(timeout=90) == 0, quiet.log_path.read_text()
+    assert "metrics on" not in quiet.log_path.read_text()  # off by default
+
+    out = tmp_path / "out"
+    run = procs.spawn(["run", str(manifest), "--workers", "2", "--output", str(out), "--metrics-port", "0"],
+                      "run.log", env={"MORPHML_TEST_SLEEP": "1.0"})
+    line = wait_for(lambda: next((x for x in run.log_path.read_text().splitlines() if "metrics on http" in x), None),
+                    30, "the metrics URL printed")
+    port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+    wait_for(lambda: scrape(port)[("morphml_trials_current", (("state", "running"),))] >= 1, 30, "a trial running")
+    scraped = scrape(port)
+    assert scraped[("morphml_trial_budget", ())] == 6
+    assert scraped[("morphml_experiment_info", (("experiment", "proc"), ("goal", "maximize"),
+                                                ("metric", "val_accuracy")))] == 1
+    assert run.wait(timeout=90) == 0, run.log_path.read_text()
