@@ -143,9 +143,10 @@ def test_nsga2_two_objective_run_writes_a_pareto_front_that_dominates_every_othe
 
 
 @pytest.mark.timeout(300)
-def test_max_params_candidates_are_refused_before_any_lease_and_no_trained_one_exceeds_it(procs, tmp_path):
+@pytest.mark.parametrize("algorithm", ["random", "tpe"])
+def test_max_params_candidates_are_refused_before_any_lease_and_no_trained_one_exceeds_it(procs, tmp_path, algorithm):
     budget, limit = 6, 20000
-    manifest = search_manifest(tmp_path / "small.yaml", "random", budget, constraints={"maxParams": limit})
+    manifest = search_manifest(tmp_path / "small.yaml", algorithm, budget, constraints={"maxParams": limit})
     out = tmp_path / "out"
     proc = run_cli(procs, manifest, out, "run.log")
     assert proc.wait(timeout=280) == 0, proc.log_path.read_text()

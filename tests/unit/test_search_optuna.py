@@ -248,15 +248,36 @@ def test_candidates_over_max_params_are_never_asked_and_the_optimizer_is_told_th
 
 def test_constrained_tpe_replays_identically_after_a_restart():
     def make() -> ConstrainedOptimizer:
-        return ConstrainedOptimizer(TPESearch(space(), population_size=4, seed=2), max_flops=200_000)
+        return ConstrainedOptimizer(TPESearch(space(), population_size=4, seed=2), max_flops=450_000)
 
     whole, head = make(), make()
-    full = [c.arch_hash for c in _asks(whole, 8)]
+    full_candidates = _asks(whole, 8)
+    full = [c.arch_hash for c in full_candidates]
     first = [c.arch_hash for c in _asks(head, 4)]
     restarted = make()
     restarted.load_state_dict(json.loads(head.state_json()))
     assert first + [c.arch_hash for c in _asks(restarted, 4)] == full
-    assert all(ArchitectureGraph.from_json(c.graph.to_json()).flops() <= 200_000 for c in _asks(make(), 6))
+    assert all(c.graph.flops() <= 450_000 for c in full_candidates)
+    assert whole.refused and all(r["flops"] > 450_000 for r in whole.refused)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_optuna_samplers_learn_the_budget_from_the_violations_and_refuse_far_fewer_than_random(seed):
+    def refusals(inner) -> int:
+        optimizer = ConstrainedOptimizer(inner, max_flops=100_000)
+        _asks(optimizer, 30)
+        return len(optimizer.refused)
+
+    tpe = ConstrainedOptimizer(TPESearch(space(), population_size=5, seed=seed), max_flops=100_000)
+    _asks(tpe, 30)
+    refused_ids = {r["id"] for r in tpe.refused}
+    for record in tpe.inner._trials:  # refused candidates reach Optuna as COMPLETE trials violating the constraint
+        if record["candidate"] in refused_ids:
+            assert record["state"] == "COMPLETE" and record["violation"] > 0
+            assert record["system_attrs"]["constraints"][0] == record["violation"]
+    random_refusals = refusals(RandomSearch(space(), seed=seed))
+    assert 2 * len(tpe.refused) < random_refusals
+    assert 2 * refusals(NSGA2Search(space(), population_size=6, seed=seed, objectives=TWO)) < random_refusals
 
 
 def _asks(optimizer, count: int) -> list:

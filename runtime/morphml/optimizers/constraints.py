@@ -5,10 +5,11 @@ handed out.
 contract of the optimizer it wraps. Its `ask(n)` asks the inner optimizer and checks each
 candidate's graph (`param_count()`, `flops()`, known before any training): a candidate over budget
 is told to the inner optimizer at once as a failed trial (metrics ``{"status": "failed",
-"infeasible": true, "error": "infeasible: params 31114 > maxParams 20000", "params": ...,
-"flops": ...}``), so it learns from it as from any failure (GA/evolution: worst fitness; Optuna:
-FAIL), and asks again, until it has ``n`` feasible candidates, the inner optimizer has none now,
-or MAX_REFUSALS_PER_ASK were refused in this ask (then it returns what it has; with nothing found
+"infeasible": true, "error": "infeasible: params 31114 > maxParams 20000", "params": ..., "flops": ...,
+"violation": 0.56}``), so it learns from it (GA/evolution: a failure, worst fitness; Optuna's TPE
+and NSGA-II: a trial violating a constraint by ``violation``, see optuna_samplers.py), and asks
+again, until it has ``n`` feasible candidates, the inner optimizer has none now, or
+MAX_REFUSALS_PER_ASK were refused in this ask (then it returns what it has; with nothing found
 and nothing outstanding it is finished: no feasible architecture turns up). The candidates it
 refused in the last ask are in ``refused_in_last_ask`` (the coordinator journals them as an
 optimizer op ``refuse`` before the ask that follows them, so the journal shows them refused before
@@ -63,6 +64,8 @@ class ConstrainedOptimizer:
                 self.limits[name] = check_setting(name, value, kind, 0 if kind == "number" else 1)
         if not self.limits:
             raise OptimizerError("constraints: none given; set max_params, max_flops or max_latency_ms")
+        if hasattr(inner, "constraints_aware"):
+            inner.constraints_aware = True  # Optuna samplers learn from the violations (constraints_func)
         self.refused: list[dict[str, Any]] = []
         self.refused_in_last_ask: list[dict[str, Any]] = []
         self._gave_up = False
@@ -83,6 +86,17 @@ class ConstrainedOptimizer:
                 if value > self.limits[name]:
                     return f"{metric} {value} > {field} {self.limits[name]}"
         return None
+
+    def excess(self, candidate: Candidate) -> float:
+        """How far over its params/FLOPs budgets the candidate is: the sum of value / limit - 1
+        over the limits it exceeds (what an Optuna sampler learns as the constraint violation)."""
+        graph = candidate.graph
+        total = 0.0
+        for name in ("max_params", "max_flops"):
+            if name in self.limits:
+                value = graph.param_count() if name == "max_params" else graph.flops()
+                total += max(0.0, value / self.limits[name] - 1.0)
+        return total
 
     def ask(self, n: int = 1) -> list[Candidate]:
         self.refused_in_last_ask = []
@@ -115,6 +129,7 @@ class ConstrainedOptimizer:
                         "error": f"infeasible: {reason}",
                         "params": record["params"],
                         "flops": record["flops"],
+                        "violation": self.excess(candidate),
                     },
                 )
                 self.refused.append(record)
@@ -129,13 +144,19 @@ class ConstrainedOptimizer:
         if limit is not None and isinstance(metrics, Mapping):
             ok = str(metrics.get("status", "ok")).lower() not in ("failed", "error")
             latency = metrics.get("latency_ms")
-            reason = None
+            reason, violation = None, 1.0
             if isinstance(latency, bool) or not isinstance(latency, (int, float)) or not math.isfinite(latency):
                 reason = "latency_ms was not reported (a custom evaluator must report it for maxLatencyMs)"
             elif latency > limit:
-                reason = f"latency_ms {latency} > maxLatencyMs {limit}"
+                reason, violation = f"latency_ms {latency} > maxLatencyMs {limit}", latency / limit - 1.0
             if ok and reason is not None:
-                metrics = {**metrics, "status": "failed", "infeasible": True, "error": f"infeasible: {reason}"}
+                metrics = {
+                    **metrics,
+                    "status": "failed",
+                    "infeasible": True,
+                    "violation": violation,
+                    "error": f"infeasible: {reason}",
+                }
         self.inner.tell(candidate_id, metrics)
 
     def is_finished(self) -> bool:

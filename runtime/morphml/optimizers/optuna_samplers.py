@@ -43,6 +43,7 @@ Imports: the standard library, `morphml.graph`, `morphml.space`, the optimizer m
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -113,6 +114,8 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
 
     algorithm = "tpe"
     setting_names: tuple[str, ...] = ("population_size", "max_trials", "seed", "objectives")
+    # Set by ConstrainedOptimizer: infeasible results reach Optuna as constraint violations.
+    constraints_aware = False
 
     @morphml1_call_forms
     def __init__(
@@ -153,6 +156,7 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
                 constant_liar=True,
                 warn_independent_sampling=False,
                 seed=seed,
+                constraints_func=self._constraints if self.constraints_aware else None,
             )
 
     def _new_study(self) -> Any:
@@ -171,8 +175,45 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         record["values"] = list(frozen.values) if frozen.values is not None else None
         record["system_attrs"] = json.loads(json.dumps(frozen.system_attrs))
 
-    def _optuna_tell(self, number: int, values: list[float] | None) -> None:
+    def _constraints(self, frozen: Any) -> tuple[float]:
+        """Optuna's constraints_func: the trial's violation (> 0 infeasible, 0 feasible)."""
+        return (float(self._trials[frozen.number].get("violation", 0.0)),)
+
+    def _optuna_result(self, metrics: Mapping[str, Any] | None) -> tuple[list[float] | None, float]:
+        """(values to tell Optuna or None for FAIL, constraint violation) of one result.
+
+        With constraints (``constraints_aware``) an infeasible result is a COMPLETE trial with a
+        positive violation, so TPE and NSGA-II learn where the budget lies (their constrained
+        variants rank every infeasible trial below every feasible one, whatever its values): its
+        measured values when it has them (maxLatencyMs), else the worst feasible values so far."""
+        violation = 0.0
+        if self.constraints_aware and metrics is not None and metrics.get("infeasible"):
+            given = metrics.get("violation")
+            number = float(given) if isinstance(given, (int, float)) and not isinstance(given, bool) else math.nan
+            violation = number if math.isfinite(number) and number > 0 else 1.0
+        if violation == 0.0:
+            return self.values_of(metrics), 0.0
+        measured = self.values_of({**(metrics or {}), "status": "ok"})
+        return (measured if measured is not None else self._worst_feasible()), violation
+
+    def _worst_feasible(self) -> list[float]:
+        worst: list[float] = []
+        for m, goal in enumerate(self.goals):
+            seen = [
+                r["values"][m]
+                for r in self._trials
+                if r["state"] == "COMPLETE" and not r.get("violation") and r["values"] is not None
+            ]
+            worst.append((min(seen) if goal == "maximize" else max(seen)) if seen else 0.0)
+        return worst
+
+    def _optuna_tell(self, number: int, values: list[float] | None, violation: float = 0.0) -> None:
         state = self._optuna.trial.TrialState
+        self._trials[number]["violation"] = violation
+        if self.constraints_aware:
+            # Optuna records a trial's constraints in the sampler's after_trial, which runs on the
+            # study's current sampler: make it one with constraints_func (its seed draws nothing).
+            self.study.sampler = self._sampler(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if values is None:
@@ -227,7 +268,7 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
             if known is None:
                 return graph, number
             # A duplicate draw: Optuna learns the known result of that architecture (if any).
-            self._optuna_tell(number, self.values_of(self._metrics.get(known)))
+            self._optuna_tell(number, *self._optuna_result(self._metrics.get(known)))
         return None
 
     # -- Optimizer hooks ---------------------------------------------------------------------
@@ -251,8 +292,7 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         return proposed
 
     def _on_result(self, candidate_id: str) -> None:
-        values = self.values_of(self._metrics[candidate_id]) if self._status[candidate_id] == "done" else None
-        self._optuna_tell(self._trial_of[candidate_id], values)
+        self._optuna_tell(self._trial_of[candidate_id], *self._optuna_result(self._metrics[candidate_id]))
 
     def _extra_state(self) -> dict[str, Any]:
         return {"trials": self._trials}
@@ -301,4 +341,8 @@ class NSGA2Search(TPESearch):
     def _sampler(self, seed: int) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return self._optuna.samplers.NSGAIISampler(population_size=self.population_size, seed=seed)
+            return self._optuna.samplers.NSGAIISampler(
+                population_size=self.population_size,
+                seed=seed,
+                constraints_func=self._constraints if self.constraints_aware else None,
+            )
