@@ -165,3 +165,49 @@ def test_prometheus_scraping_the_master_through_a_worker_pod_deletion_agrees_wit
                       f"the operator's metrics to count the Succeeded experiment (last: {phases})")
     finally:
         prometheus.stop()
+
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "morphml"
+
+
+def rendered(kube, *sets: str) -> list[dict]:
+    args = ["template", "morphml", str(CHART), "--namespace", "mon"]
+    for value in sets:
+        args += ["--set", value]
+    return [doc for doc in yaml.safe_load_all(kube.helm(*args).stdout) if doc]
+
+
+@pytest.mark.timeout(120)
+def test_chart_renders_monitors_and_dashboard_only_when_enabled_and_they_select_what_the_operator_makes(kube):
+    from morphml_operator import builders
+
+    plain = rendered(kube)
+    assert not [d for d in plain if d["kind"] in ("ServiceMonitor", "PodMonitor")]
+    assert not [d for d in plain if d["kind"] == "ConfigMap" and "morphml.json" in d.get("data", {})]
+    operator_pod = next(d for d in plain if d["kind"] == "Deployment")["spec"]["template"]
+    assert "annotations" not in operator_pod["metadata"]
+
+    docs = rendered(kube, "metrics.serviceMonitor.enabled=true", "metrics.dashboard.enabled=true",
+                    "metrics.scrapeAnnotations=true", "metrics.serviceMonitor.labels.release=kps")
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    service = builders.build_master_service("digits", "ml")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in [p["name"] for p in service["spec"]["ports"]]
+    assert monitor["spec"]["namespaceSelector"] == {"any": True} and monitor["metadata"]["labels"]["release"] == "kps"
+    deployment = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]
+    pod_monitor = next(d for d in docs if d["kind"] == "PodMonitor")
+    assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= deployment["metadata"]["labels"].items()
+    container = deployment["spec"]["containers"][0]
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MORPHML_OPERATOR_METRICS_PORT"] == "8081"
+    assert env["MORPHML_OPERATOR_METRICS_SCRAPE_ANNOTATIONS"] == "true"
+    assert deployment["metadata"]["annotations"]["prometheus.io/port"] == "8081"
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap" and "morphml.json" in d.get("data", {}))
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((CHART / "dashboards" / "morphml.json").read_text())
+    assert json.loads(dashboard["data"]["morphml.json"]) == shipped
+
+    scoped = rendered(kube, "metrics.serviceMonitor.enabled=true", "operator.watchNamespaces={a,b}")
+    assert next(d for d in scoped if d["kind"] == "ServiceMonitor")["spec"]["namespaceSelector"] == {
+        "matchNames": ["a", "b"]}
