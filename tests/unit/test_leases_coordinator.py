@@ -390,3 +390,21 @@ def test_status_pages_losses_after_a_number_beyond_the_recent_ones_kept_in_memor
     from_one = asyncio.run(servicer.GetStatus(pb.StatusRequest(losses_after_seq=0), None))
     assert [loss.seq for loss in from_one.losses] == list(range(1, total + 1)) and from_one.loss_seq == total
     servicer.close()
+
+
+class RelabellingOptimizer(CountingOptimizer):
+    """Same candidate ids as CountingOptimizer, other architectures behind them."""
+
+    def ask(self, n):
+        out = super().ask(n)
+        for cand in out:
+            cand.graph = FakeGraph(cand.graph.i + 500)
+        return out
+
+
+def test_replay_with_the_same_ids_but_other_architectures_is_refused(tmp_path):
+    coord, _ = make(tmp_path, CountingOptimizer(), max_trials=3)
+    join(coord, "a", slots=2)
+    coord.journal.close()
+    with pytest.raises(RuntimeError, match="architectures"):
+        make(tmp_path, RelabellingOptimizer(), max_trials=3)

@@ -144,13 +144,17 @@ class ShutdownMessage:
 END_OF_STREAM = None
 
 
+def _arch_hash(candidate: Any) -> str:
+    arch_hash = candidate.graph.arch_hash
+    return str(arch_hash() if callable(arch_hash) else arch_hash)
+
+
 def describe_candidate(candidate: Any) -> tuple[str, str, str, str, int]:
     """(candidate id, canonical arch JSON text, arch hash, summary, generation) of a Candidate."""
     graph = candidate.graph
     arch = graph.to_json()
     arch_text = arch if isinstance(arch, str) else json.dumps(arch, sort_keys=True)
-    arch_hash = graph.arch_hash
-    arch_hash = arch_hash() if callable(arch_hash) else arch_hash
+    arch_hash = _arch_hash(candidate)
     summary = getattr(graph, "summary", "")
     summary = summary() if callable(summary) else summary
     generation = int(getattr(candidate, "generation", 0) or 0)
@@ -265,12 +269,15 @@ class ExperimentCoordinator:
         ops = self.journal.optimizer_ops_after(after_seq)
         for seq, op, arg in ops:
             if op == "ask":
-                ids = [str(c.id) for c in self.optimizer.ask(arg["n"])]
-                if ids != arg["ids"]:
+                asked = list(self.optimizer.ask(arg["n"]))
+                ids = [str(c.id) for c in asked]
+                # Journals written before the hashes were logged carry ids only.
+                hashes = [_arch_hash(c) for c in asked] if "hashes" in arg else None
+                if ids != arg["ids"] or (hashes is not None and hashes != arg["hashes"]):
                     raise RuntimeError(
                         f"journal {self.journal.path}: replaying optimizer op {seq} (ask {arg['n']}) gave candidates "
-                        f"{ids}, the journal has {arg['ids']}; the optimizer is not deterministic or the manifest "
-                        f"changed since the journal was written")
+                        f"{ids} (architectures {hashes}), the journal has {arg['ids']} ({arg.get('hashes')}); the "
+                        f"optimizer is not deterministic or the manifest changed since the journal was written")
             elif op == "tell":
                 self.optimizer.tell(arg["id"], arg["metrics"])
         self._ops_since_snapshot = len(ops)
@@ -282,7 +289,10 @@ class ExperimentCoordinator:
         refused = getattr(self.optimizer, "refused_in_last_ask", None)
         if refused:  # candidates a constraint refused before any lease (spec.constraints); replay skips this op
             self.journal.log_optimizer_op("refuse", {"candidates": list(refused)})
-        self._last_op_seq = self.journal.log_optimizer_op("ask", {"n": n, "ids": [str(c.id) for c in candidates]})
+        # The hashes let a replay tell a different architecture behind the same id (ids are
+        # positional, "c17"), which would attach journaled results to the wrong network.
+        self._last_op_seq = self.journal.log_optimizer_op("ask", {
+            "n": n, "ids": [str(c.id) for c in candidates], "hashes": [_arch_hash(c) for c in candidates]})
         self._ops_since_snapshot += 1
         return candidates
 
