@@ -43,6 +43,14 @@ class Event:
     key: str = ""
 
 
+def primary_metric(spec: Mapping[str, Any]) -> str:
+    """The metric the Best column shows: the first of spec.objectives when that list is set,
+    else spec.objective.metric (the CRD's CEL rule keeps the two in agreement)."""
+    objectives = spec.get("objectives") or []
+    if objectives and objectives[0].get("metric"):
+        return str(objectives[0]["metric"])
+    return str((spec.get("objective") or {}).get("metric", "val_accuracy"))
+
 def _condition(previous: list[dict], type_: str, status: bool, reason: str, message: str, now: str,
                generation: int | None) -> dict:
     """A condition, keeping lastTransitionTime when the status did not change."""
@@ -173,7 +181,7 @@ def compute_status(
         value = float(reported.get("metric", 0.0))
         architecture = reported.get("summary", "")
         best = {
-            "metric": (master or {}).get("metric") or (spec.get("objective") or {}).get("metric", "val_accuracy"),
+            "metric": (master or {}).get("metric") or primary_metric(spec),
             "value": value,
             "trialId": reported["trial_id"],
             "architecture": architecture,

@@ -217,3 +217,13 @@ def test_workers_stopped_by_suspend_or_scale_down_are_not_warnings():
     assert ("Normal", "WorkerStopped") in [(e.type, e.reason) for e in events]
     _, events = step(previous, master(losses=[stopped]), ready=1, desired=2)  # a pod died under a steady count
     assert [(e.type, e.reason) for e in events] == [("Warning", "WorkerLost")]
+
+
+def test_best_names_the_first_of_several_objectives_when_the_master_does_not_say():
+    objectives = [{"metric": "val_loss", "goal": "minimize"}, {"metric": "params", "goal": "minimize"}]
+    spec = {**SPEC, "objectives": objectives}
+    best = {"trial_id": "t000003", "metric": 0.12, "summary": "conv16k3-fc64"}
+    reply = master(succeeded=3, best=best)
+    reply.pop("metric", None)
+    status, _ = step({"phase": "Running"}, reply, spec=spec)
+    assert status["best"]["metric"] == "val_loss"
