@@ -20,7 +20,7 @@ Interface (for ``tests.cluster.node`` and ``tests/cluster/test_images.py``):
     - ``ref``: ``"docker.io/library/<repository>:<tag>"``, the name inside the archive
       (``org.opencontainers.image.ref.name``), which ``ctr images import`` keeps as it is and which
       is what the kubelet/CRI resolves ``<repository>:<tag>`` to, so no pull is attempted;
-    - ``archive``: ``Path`` of the OCI archive (uncompressed layers: faster to write and import);
+    - ``archive``: ``Path`` of the OCI archive (zstd-compressed layers);
     - ``key``: sha256 (hex) of the inputs; ``size_bytes``: the archive's size;
     - ``build_seconds``: the buildah build time when it was built (kept in the cache record);
     - ``cached``: True when this call found it in the cache.
@@ -29,7 +29,9 @@ Interface (for ``tests.cluster.node`` and ``tests/cluster/test_images.py``):
   as ``user``; the container is removed afterwards.
 - ``image_config(ref) -> dict``: the image's OCI config (``{"User": ..., "Entrypoint": ...}``).
 - ``input_key(role, root=ROOT) -> str`` and ``input_files(root=ROOT) -> list[Path]``: the cache key
-  and the files it covers (pure; no build).
+  and the files it covers (pure; no build). Builds run on a copy of those files
+  (``snapshot_inputs``) keyed by the copy, so an edit to the tree during a build cannot mislabel it.
+- ``forget(image)``: delete one image's record, archive and buildah image; ``clean()``: the whole cache.
 - ``python3 -m tests.cluster.images [build|status|clean]`` does the same by hand.
 
 Cache: ``~/.cache/morphml-images`` (override with ``MORPHML_IMAGES_CACHE``):
@@ -85,7 +87,9 @@ from . import hostdeps
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Bump when the build procedure changes in a way the inputs do not show (every image rebuilds).
-FORMAT = 1
+FORMAT = 2
+#: The same for the stand-in base's recipe (a new base invalidates every cached layer: torch again).
+BASE_FORMAT = 2
 ROLES = ("master", "worker")
 REPOSITORIES = {"master": "morphml-master", "worker": "morphml-worker"}
 DOCKERFILES = {"master": "Dockerfile.master", "worker": "Dockerfile.worker"}
@@ -303,7 +307,7 @@ def _pip_conf(settings: dict[str, str]) -> str:
 def base_recipe() -> dict[str, object]:
     """Everything the stand-in base is made from, and its key (sha256 of the rest)."""
     recipe: dict[str, object] = {
-        "format": FORMAT,
+        "format": BASE_FORMAT,
         "ref": BASE_REF,
         "suite": BASE_SUITE,
         "variant": "apt",
@@ -506,7 +510,9 @@ def _build(role: str, root: Path, cache: Path, key: str, repository: str, tag: s
     partial = archive.with_name(archive.name + ".partial")
     partial.unlink(missing_ok=True)
     pushed = time.monotonic()
-    _buildah(cache, "push", "--disable-compression", "--quiet", ref, f"oci-archive:{partial}:{ref}",
+    # zstd: faster to write and unpack than gzip (buildah 1.28 compresses oci-archive layers either way),
+    # and containerd 1.5+ unpacks it.
+    _buildah(cache, "push", "--compression-format", "zstd", "--quiet", ref, f"oci-archive:{partial}:{ref}",
              log_name=f"push-{role}", what=f"buildah push {ref}")
     partial.rename(archive)
     push_seconds = time.monotonic() - pushed
@@ -541,35 +547,59 @@ def ensure_images(roles: Iterable[str] = ROLES, root: Path = ROOT, log: Log | No
     cache = cache_dir()
     recipe = base_recipe()
     version = project_version(root)
-    wanted = {}
-    for role in roles:
-        key = input_key(role, root, str(recipe["key"]))
-        repository = REPOSITORIES[role]
-        tag = f"{version}-{key[:12]}"
-        wanted[role] = (key, repository, tag, f"docker.io/library/{repository}:{tag}")
     out: dict[str, BuiltImage] = {}
     with _locked(cache):
-        missing = []
-        for role, (key, repository, tag, ref) in wanted.items():
-            record_path = _record_path(cache, repository, tag)
-            record = _read_record(record_path)
-            archive = cache / "archives" / f"{repository}-{tag}.oci.tar"
-            if record and record.get("key") == key and archive.is_file():
-                os.utime(record_path)  # used now: keeps it from being pruned
-                out[role] = BuiltImage(role, repository, tag, ref, archive, key, archive.stat().st_size,
-                                       float(record.get("build_seconds", 0.0)), cached=True)  # type: ignore[arg-type]
-            else:
-                missing.append(role)
+        missing = [role for role in roles if not _cached(role, root, cache, recipe, version, out)]
         if missing:
             _ensure_tools(log)
-            with _no_system_leftovers():
-                ensure_base(cache, recipe, log)
-                for role in missing:
-                    key, repository, tag, ref = wanted[role]
-                    out[role] = _build(role, root, cache, key, repository, tag, ref, log)
-                keep = {_record_path(cache, image.repository, image.tag) for image in out.values()}
-                _prune(cache, keep, log)
+            # Build from a snapshot of the inputs, keyed by the snapshot: the tree may be edited while
+            # a build runs, and the image must match its key.
+            context = Path(tempfile.mkdtemp(prefix="context-", dir=cache / "tmp"))
+            try:
+                snapshot_inputs(root, context)
+                with _no_system_leftovers():
+                    ensure_base(cache, recipe, log)
+                    for role in missing:
+                        if not _cached(role, context, cache, recipe, version, out):
+                            key, repository, tag, ref = _names(role, context, recipe, version)
+                            out[role] = _build(role, context, cache, key, repository, tag, ref, log)
+                    keep = {_record_path(cache, image.repository, image.tag) for image in out.values()}
+                    _prune(cache, keep, log)
+            finally:
+                shutil.rmtree(context, ignore_errors=True)
     return {role: out[role] for role in roles}
+
+
+def snapshot_inputs(root: Path, dest: Path) -> None:
+    """Copy what the builds read (Dockerfiles, .dockerignore, the input files) from ``root`` to ``dest``."""
+    for rel in [Path(name) for name in (*DOCKERFILES.values(), ".dockerignore")] + input_files(root):
+        if not (root / rel).exists() and rel.name == ".dockerignore":
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, dest / rel)
+
+
+def _names(role: str, root: Path, recipe: dict[str, object], version: str) -> tuple[str, str, str, str]:
+    key = input_key(role, root, str(recipe["key"]))
+    repository = REPOSITORIES[role]
+    tag = f"{version}-{key[:12]}"
+    return key, repository, tag, f"docker.io/library/{repository}:{tag}"
+
+
+def _cached(role: str, root: Path, cache: Path, recipe: dict[str, object], version: str,
+            out: dict[str, BuiltImage]) -> bool:
+    """Put the cached image of ``role`` for the tree at ``root`` into ``out``; False when there is none."""
+    key, repository, tag, ref = _names(role, root, recipe, version)
+    record_path = _record_path(cache, repository, tag)
+    record = _read_record(record_path)
+    archive = cache / "archives" / f"{repository}-{tag}.oci.tar"
+    if not (record and record.get("key") == key and archive.is_file()):
+        return False
+    os.utime(record_path)  # used now: keeps it from being pruned
+    seconds = record.get("build_seconds", 0.0)
+    out[role] = BuiltImage(role, repository, tag, ref, archive, key, archive.stat().st_size,
+                           float(seconds) if isinstance(seconds, (int, float)) else 0.0, cached=True)
+    return True
 
 
 def ensure_image(role: str, root: Path = ROOT, log: Log | None = None) -> BuiltImage:
@@ -603,6 +633,17 @@ def run_in_image(ref: str, argv: Sequence[str], user: str = "1000:1000", timeout
         finally:
             subprocess.run(["buildah", *_storage_args(cache), "rm", name], env=_env(cache), capture_output=True,
                            timeout=120, check=False)
+
+
+def forget(image: BuiltImage) -> None:
+    """Delete one image from the cache: its record, its archive and its buildah image."""
+    cache = cache_dir()
+    with _locked(cache):
+        _record_path(cache, image.repository, image.tag).unlink(missing_ok=True)
+        image.archive.unlink(missing_ok=True)
+        with _no_system_leftovers():
+            subprocess.run(["buildah", *_storage_args(cache), "rmi", image.ref], env=_env(cache), capture_output=True,
+                           timeout=300, check=False)
 
 
 def clean(log: Log | None = None) -> None:
