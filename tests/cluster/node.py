@@ -189,11 +189,13 @@ def _node_pids() -> list[int]:
     """Processes of the node: in a kubepods cgroup (containers), or one of the node's programs."""
     pids: set[int] = set()
     for directory in _cgroup_dirs():
-        for procs in directory.rglob("cgroup.procs"):
-            try:
-                pids.update(int(p) for p in procs.read_text().split())
-            except (OSError, ValueError):
-                pass
+        # os.walk, not rglob: cgroups of exiting containers vanish while we look (walk skips those)
+        for root, _dirs, files in os.walk(directory):
+            if "cgroup.procs" in files:
+                try:
+                    pids.update(int(p) for p in Path(root, "cgroup.procs").read_text().split())
+                except (OSError, ValueError):
+                    pass
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -338,9 +340,9 @@ def _clean_iptables() -> None:
 
 def _rmdir_tree(directory: Path) -> None:
     """rmdir a cgroup tree bottom-up (cgroup dirs cannot be removed recursively in one go)."""
-    for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+    for root, _dirs, _files in os.walk(directory, topdown=False):  # children first; vanished ones skipped
         try:
-            sub.rmdir()
+            os.rmdir(root)
         except OSError:
             pass
     try:

@@ -224,3 +224,21 @@ def _gateway() -> str:
     route = json.loads(subprocess.run(["ip", "-j", "route", "show", "default"], capture_output=True,
                                       text=True).stdout or "[]")
     return str(route[0]["gateway"]) if route else "192.0.2.1"
+
+
+@pytest.mark.timeout(120)
+def test_a_container_over_its_memory_limit_is_oom_killed_and_reported(real_kube: Kube, real_namespace: str) -> None:
+    ns = real_namespace
+    limits = {"resources": {"limits": {"memory": "48Mi"}, "requests": {"memory": "48Mi"}}}
+    _pod(real_kube, ns, "hog", ["alloc", "200"], extra=limits)
+    real_kube.wait_for(lambda: _phase(real_kube, ns, "hog") in ("Succeeded", "Failed"), 60, 0.2, "hog to end")
+    status = real_kube.kubectl_json("get", "pod", "hog", "-n", ns)["status"]
+    terminated = status["containerStatuses"][0]["state"]["terminated"]
+    assert status["phase"] == "Failed"
+    assert terminated["reason"] == "OOMKilled", terminated
+    assert terminated["exitCode"] == 137, terminated
+    # Under the limit the same program runs (the kill above is the limit's doing).
+    _pod(real_kube, ns, "small", ["alloc", "8"], extra=limits, restart="Always")
+    _wait_running(real_kube, ns, "small")
+    real_kube.wait_for(lambda: "allocated 8 MB" in real_kube.kubectl("logs", "small", "-n", ns).stdout, 30, 0.3,
+                       "small to allocate")
