@@ -60,6 +60,7 @@ def _pod(name: str, ns: str, ref: str, container: dict[str, Any], read_only: boo
                      "volumes": [{"name": "tmp", "emptyDir": {}}]}}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_the_master_image_runs_as_uid_1000_on_a_read_only_root(real_kube: Kube, real_namespace: str,
                                                                  master_in_node: str) -> None:

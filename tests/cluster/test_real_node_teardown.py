@@ -64,6 +64,7 @@ def _wait_node_up(child: subprocess.Popen[bytes], timeout: float) -> None:
     raise AssertionError("the child's node did not come up")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_run_interrupted_with_sigint_leaves_the_host_clean(real_kube_stopped) -> None:
     record_before = node_mod.read_sysctls()
