@@ -167,7 +167,7 @@ def _format_eta(seconds: float | None) -> str:
 
 
 def progress_line(st: dict, started: float, done_at_start: int) -> str:
-    done = st["succeeded"] + st["failed"]
+    done = st["succeeded"] + st["failed"] + st.get("stopped", 0)
     elapsed = time.monotonic() - started
     rate_done = done - done_at_start
     eta = (elapsed / rate_done * (st["budget"] - done)) if rate_done > 0 else None
@@ -196,8 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if server.metrics_port is not None:
         print(f"morphml run: metrics on http://127.0.0.1:{server.metrics_port}/metrics", flush=True)
     st = coordinator.status()
+    finished_before = st["succeeded"] + st["failed"] + st.get("stopped", 0)
     print(f"morphml run: {experiment.name}: budget {st['budget']} trials, {args.workers} workers, output {output}"
-          + (f" (resuming: {st['succeeded'] + st['failed']} trials already finished)" if resumed else ""), flush=True)
+          + (f" (resuming: {finished_before} trials already finished)" if resumed else ""), flush=True)
     interrupted = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: interrupted.set())
     signal.signal(signal.SIGTERM, lambda *_: interrupted.set())
@@ -215,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 workers.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=log_file,
                                                 start_new_session=True))
     started = time.monotonic()
-    done_at_start = st["succeeded"] + st["failed"]
+    done_at_start = st["succeeded"] + st["failed"] + st.get("stopped", 0)
     last_line, last_print = "", 0.0
     tty = sys.stdout.isatty()
     while not coordinator.done and not interrupted.is_set():
@@ -252,7 +253,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.get("plot_skipped"):
         print(summary["plot_skipped"], flush=True)
     best = summary["best"]
-    print(f"{final['phase']}: {final['message']}. {summary['succeeded']} succeeded, {summary['failed']} failed; "
+    print(f"{final['phase']}: {final['message']}. {summary['succeeded']} succeeded, "
+          + (f"{summary['stopped']} stopped early, " if summary.get("stopped") else "")
+          + f"{summary['failed']} failed; "
           + (f"best {final['metric']} {best['value']:.4f} ({best['trial_id']}: {best['summary']})"
              if best else "no best")
           + f"\nwrote {output}/trials.csv, best.json, convergence.png, journal.db", flush=True)

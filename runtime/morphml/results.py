@@ -1,7 +1,9 @@
 """Results of a finished (or running) experiment, read from its journal.
 
 `write_results(journal_path, out_dir, metric, goal)` writes `trials.csv` (one row per finished
-trial: trial id, attempt, worker, status, metrics, architecture hash, ...), `best.json`
+trial: trial id, attempt, worker, status (succeeded, stopped by early stopping, or failed), epochs
+(trained: the result's `epochs`, else the last step of its journaled learning curve), metrics,
+architecture hash, ...), `best.json`
 (architecture JSON + metrics of the best trial) and `convergence.png` (each trial's metric and
 the best so far, drawn with matplotlib's Agg backend). For a search with several objectives (the
 `objectives` of the optimizer state in the journal, or `objectives=` given) it also writes
@@ -26,19 +28,21 @@ from morphml.distributed.states import TaskState
 from morphml.graph import ArchitectureGraph, GraphError
 from morphml.pareto import knee_point, orient, pareto_front
 
-FIXED_COLUMNS = ["trial_id", "attempt", "worker", "status", "generation", "arch_hash"]
+FIXED_COLUMNS = ["trial_id", "attempt", "worker", "status", "epochs", "generation", "arch_hash"]
 TAIL_COLUMNS = ["duration_seconds", "retries", "error_kind", "error", "summary"]
 
 
 def finished_trials(journal: Journal) -> list[dict]:
-    """Finished trials (succeeded or failed for good) in the order they finished."""
-    tasks = journal.load_tasks((TaskState.SUCCEEDED, TaskState.FAILED))  # in proposal order: ties keep it
+    """Finished trials (succeeded, stopped or failed for good) in the order they finished."""
+    tasks = journal.load_tasks((TaskState.SUCCEEDED, TaskState.STOPPED, TaskState.FAILED))  # proposal order
     tasks.sort(key=lambda t: t.finished_at if t.finished_at is not None else float("-inf"))
+    steps = journal.curve_steps()
     out = []
     for t in tasks:
         failed = t.state is TaskState.FAILED
+        epochs = (t.metrics or {}).get("epochs", steps.get(t.task_id, ""))
         out.append({"trial_id": t.task_id, "attempt": t.finished_attempt, "worker": t.finished_by,
-                    "status": t.state.value, "generation": t.generation, "arch_hash": t.arch_hash,
+                    "status": t.state.value, "epochs": epochs, "generation": t.generation, "arch_hash": t.arch_hash,
                     "metrics": t.metrics or {}, "duration_seconds": t.duration_seconds, "retries": t.retries_used,
                     "error_kind": t.error_kind if failed else "",
                     "error": t.error_message.splitlines()[0] if failed and t.error_message else "",
@@ -63,7 +67,7 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
             objectives = journaled_objectives(journal)
     finally:
         journal.close()
-    keys = sorted({k for t in trials for k in t["metrics"]} - {metric})
+    keys = sorted({k for t in trials for k in t["metrics"]} - {metric, "epochs"})
     metric_columns = [metric] + keys
     with open(out / "trials.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -77,7 +81,8 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
         if t["status"] == "succeeded" and isinstance(value, (int, float)) and _better(value, best and best[1], goal):
             best = (t, value)
     summary = {"trials": len(trials), "succeeded": sum(t["status"] == "succeeded" for t in trials),
-               "failed": sum(t["status"] == "failed" for t in trials), "metric": metric, "goal": goal, "best": None}
+               "failed": sum(t["status"] == "failed" for t in trials),
+               "stopped": sum(t["status"] == "stopped" for t in trials), "metric": metric, "goal": goal, "best": None}
     if best is not None:
         t, value = best
         doc = {"trial_id": t["trial_id"], "metric": metric, "value": value, "metrics": t["metrics"],

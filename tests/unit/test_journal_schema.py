@@ -41,10 +41,10 @@ def v1_journal(tmp_path) -> Path:
 
 
 def test_a_version_1_journal_is_upgraded_in_place_and_the_experiment_resumes_on_it(v1_journal):
-    with pytest.raises(JournalError, match=f"journal {v1_journal}: schema version 1, this MorphML reads 2"):
+    with pytest.raises(JournalError, match=f"journal {v1_journal}: schema version 1, this MorphML reads 3"):
         Journal.open_read_only(v1_journal)  # read-only never upgrades
     journal = Journal(v1_journal)
-    assert journal.schema_version() == SCHEMA_VERSION == 2
+    assert journal.schema_version() == SCHEMA_VERSION == 3
     # Version 2 numbers worker losses: the two the v1 master saw (w2's clean leave was none).
     assert [(loss["seq"], loss["worker_name"], loss["detected_by"]) for loss in journal.losses()] == \
         [(1, "w1", "heartbeat"), (2, "w0", "stream")]
@@ -79,7 +79,7 @@ def test_a_version_1_journal_is_upgraded_in_place_and_the_experiment_resumes_on_
     counted = [e["task_id"] for e in journal.events("succeeded")]
     assert sorted(counted) == sorted(t.task_id for t in finished)  # each trial counted exactly once
     journal.close()
-    assert Journal.open_read_only(v1_journal).schema_version() == 2
+    assert Journal.open_read_only(v1_journal).schema_version() == 3
 
 
 def test_a_migration_that_fails_leaves_the_file_at_its_old_version(v1_journal, monkeypatch):
@@ -92,7 +92,7 @@ def test_a_migration_that_fails_leaves_the_file_at_its_old_version(v1_journal, m
         Journal(v1_journal)
     monkeypatch.undo()
     journal = Journal(v1_journal)  # nothing of the failed step stayed: the real one runs now
-    assert journal.schema_version() == 2 and len(journal.losses()) == 2
+    assert journal.schema_version() == 3 and len(journal.losses()) == 2
     journal.close()
 
 
@@ -111,6 +111,28 @@ def test_a_new_journal_has_the_current_version_and_the_same_layout_as_an_upgrade
             db.close()
 
     assert layout(tmp_path / "new.db") == layout(v1_journal)
+
+
+def test_a_version_2_journal_gets_the_curves_table_and_keeps_curves_across_reopening(tmp_path):
+    path = tmp_path / "v2.db"
+    Journal(path).close()
+    db = sqlite3.connect(path)  # make it what a version-2 master wrote: no curves table
+    db.execute("DROP TABLE curves")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="schema version 2, this MorphML reads 3"):
+        Journal.open_read_only(path)
+    journal = Journal(path)
+    assert journal.schema_version() == 3 and journal.curves() == []
+    journal.add_curve_point("t000001", 1, 1, 10.0, {"val_accuracy": 0.5})
+    journal.add_curve_point("t000001", 1, 2, 11.0, {"val_accuracy": 0.6})
+    journal.add_curve_point("t000001", 1, 2, 12.0, {"val_accuracy": 0.7})  # the same step again replaces it
+    journal.close()
+    reopened = Journal.open_read_only(path)
+    assert [(p["step"], p["metrics"]["val_accuracy"]) for p in reopened.curves("t000001")] == [(1, 0.5), (2, 0.7)]
+    assert reopened.curve_steps() == {"t000001": 2}
+    reopened.close()
 
 
 def test_a_journal_of_a_newer_schema_version_is_refused_and_left_as_it_was(tmp_path):

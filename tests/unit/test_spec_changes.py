@@ -38,6 +38,7 @@ SAMPLES: dict[str, Any] = {
     "spec.objective": {"metric": "val_loss", "goal": "minimize"},
     "spec.objectives": [{"metric": "val_accuracy", "goal": "maximize"}],
     "spec.constraints.maxParams": 20000,
+    "spec.earlyStopping": {"type": "median", "warmupSteps": 2},
     "spec.master.persistence.size": "5Gi",
     "spec.master.persistence.storageClassName": "fast",
     "spec.budget.maxTrials": 99,

@@ -12,7 +12,13 @@ memory ahead of the file. Any error inside a change therefore halts the coordina
 later call raises the JournalError, on_halt callbacks stop the server); leases, shutdowns and
 "done" are after-commit callbacks, so nothing of the failed change ever left.
 
-Imports: morphml.distributed.{states, clock, leases, registry, journal}; the optimizer is
+Early stopping (spec.earlyStopping): progress reports of live attempts are journaled as the
+trial's learning curve and fed to the scheduler (morphml.distributed.schedulers, a pure state
+machine); a STOP is journaled (event stop_decided) before it is answered, and the attempt's
+result then finishes the task as STOPPED: finished, not failed, the optimizer told its last
+reported value.
+
+Imports: morphml.distributed.{states, clock, leases, registry, journal, schedulers}; the optimizer is
 any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_state_dict).
 """
 
@@ -39,6 +45,7 @@ from .clock import ManualClock, SystemClock
 from .journal import Journal, JournalError
 from .leases import LeaseTable, ResultMatch, Task
 from .registry import WorkerRecord, WorkerRegistry
+from .schedulers import Decision, EarlyStoppingSettings, Report, make_scheduler
 from .states import LossReason, TaskState, WorkerState
 
 log = logging.getLogger("morphml.master")
@@ -85,6 +92,8 @@ class ExperimentSettings:
     # of the last trials is under AUTO_PREFETCH_BELOW_SECONDS (2 under AUTO_PREFETCH_2_BELOW_SECONDS),
     # else 0 (the CLI's default).
     prefetch: int | None = 0
+    # spec.earlyStopping (default type none: every trial trains its full budget).
+    early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
 
     def __post_init__(self) -> None:
         if self.max_trials < 1:
@@ -121,6 +130,17 @@ class ResultReport:
     failure_message: str = ""
     worker_name: str = ""
     duration: float = 0.0
+    lease_key: str | None = None
+
+
+@dataclass
+class ProgressReport:
+    """One progress report as a worker sends it (see ExperimentCoordinator.report_progress)."""
+
+    task_id: str
+    attempt: int
+    step: int
+    metrics: dict
     lease_key: str | None = None
 
 
@@ -185,6 +205,12 @@ class ExperimentCoordinator:
         self.message = ""
         self.succeeded = 0
         self.failed = 0
+        self.stopped = 0  # finished early by the scheduler: counted as finished, never as failed
+        self.scheduler = make_scheduler(settings.early_stopping, settings.goal)
+        # Attempts the scheduler stopped (journaled as stop_decided events), and the last report
+        # of each live attempt (step, metrics): what a stopped trial's result is completed with.
+        self._stop_decided: set[tuple[str, int]] = set()
+        self._last_report: dict[tuple[str, int], tuple[int, dict]] = {}
         self.retries = 0
         self.stale_results = 0
         # Every result by disposition and every loss by detection path, whole journal (restored
@@ -243,6 +269,9 @@ class ExperimentCoordinator:
                     self._update_best(task)
                 elif task.state is TaskState.FAILED:
                     self.failed += 1
+                elif task.state is TaskState.STOPPED:
+                    self.stopped += 1
+            self._restore_curves()
             self.retries = self.journal.count_events("retry")
             self.stale_results = self.journal.count_results("stale")
             self.loss_seq = self.journal.last_loss_seq()
@@ -263,6 +292,23 @@ class ExperimentCoordinator:
             if tasks:
                 log.info("restored %d tasks from %s (%d succeeded, %d failed)", len(tasks), self.journal.path,
                          self.succeeded, self.failed)
+
+    def _restore_curves(self) -> None:
+        """The scheduler's state and the stop decisions after a restart: the journaled curves fed
+        again in order (their decisions are journaled already), and the stop_decided events."""
+        reports = []
+        for point in self.journal.curves():
+            key = (point["task_id"], point["attempt"])
+            self._last_report[key] = (point["step"], point["metrics"])
+            value = point["metrics"].get(self.settings.metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                reports.append(Report(point["task_id"], point["step"], float(value)))
+        self.scheduler.restore(reports)
+        for event in self.journal.events("stop_decided"):
+            self._stop_decided.add((event["task_id"], event["attempt"]))
+
+    def _finished_count(self) -> int:
+        return self.succeeded + self.failed + self.stopped
 
     def _replay_optimizer(self, after_seq: int) -> None:
         """Re-applies the asks and tells logged after the last snapshot."""
@@ -557,7 +603,15 @@ class ExperimentCoordinator:
         self._recent_durations.append(max(0.0, float(duration or 0.0)))
         if self.on_accepted_result is not None:
             self.on_accepted_result(max(0.0, now - att.leased_at), max(0.0, float(duration or 0.0)))
-        if ok:
+        if ok and (task_id, attempt) in self._stop_decided:
+            assert metrics is not None
+            metrics = self._stopped_metrics(task_id, attempt, metrics)
+            self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now, stopped=True)
+            self.stopped += 1
+            self._tell(task.candidate_id, metrics)
+            self.journal.event(now, "stopped", task_id, attempt, att.worker_id, worker_name or att.worker_name,
+                               metric=metrics.get(self.settings.metric), epochs=metrics.get("epochs"))
+        elif ok:
             assert metrics is not None  # _check_metrics made ok mean "a dict with the objective"
             self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now)
             self.succeeded += 1
@@ -585,6 +639,53 @@ class ExperimentCoordinator:
             self.registry.refresh_load(holder)
         self._check_done()
         return disposition
+
+    def _stopped_metrics(self, task_id: str, attempt: int, metrics: dict) -> dict:
+        """A stopped trial's metrics: its result's, with the objective's value and the step of its
+        last report (what the scheduler judged; the optimizer learns that value) as `epochs`."""
+        out = dict(metrics)
+        last = self._last_report.get((task_id, attempt))
+        if last is not None:
+            step, reported = last
+            value = reported.get(self.settings.metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                out[self.settings.metric] = value
+            out["epochs"] = step
+        return out
+
+    # --- progress ----------------------------------------------------------------------------
+    def report_progress(self, reports: list[ProgressReport], worker_name: str = "") -> list[bool]:
+        """Journals the progress reports of live attempts as their trials' curves and returns, per
+        report, whether the trial must stop. Durable first: the curve points and any stop are
+        committed (fsynced) before this returns, so a stop a worker obeys survives a restart.
+
+        A report of an attempt that is not live (stale, unknown, finished) or with a wrong
+        lease_key is not recorded and answered "continue" (its result is not counted either)."""
+        self._check_running()
+        decisions = []
+        with self._lock, self._change():
+            now = self.clock.wall()
+            for r in reports:
+                key = (r.task_id, r.attempt)
+                forged = r.lease_key is not None and not hmac.compare_digest(r.lease_key,
+                                                                              self.lease_key(r.task_id, r.attempt))
+                match = self.leases.match(r.task_id, r.attempt)
+                if forged or match not in (ResultMatch.LIVE, ResultMatch.ORPHAN) or r.step < 1:
+                    decisions.append(False)
+                    continue
+                self.journal.add_curve_point(r.task_id, r.attempt, r.step, now, r.metrics)
+                self._last_report[key] = (r.step, dict(r.metrics))
+                stop = key in self._stop_decided
+                value = r.metrics.get(self.settings.metric)
+                if not stop and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    stop = self.scheduler.observe(Report(r.task_id, r.step, float(value))) is Decision.STOP
+                    if stop:
+                        self._stop_decided.add(key)
+                        self.journal.event(now, "stop_decided", r.task_id, r.attempt, worker_name=worker_name,
+                                           step=r.step, metric=value, scheduler=self.settings.early_stopping.type)
+                decisions.append(stop)
+        return decisions
 
     def _check_metrics(self, metrics: Any) -> tuple[bool, str, str]:
         metric = self.settings.metric
@@ -627,8 +728,8 @@ class ExperimentCoordinator:
                 w.prefetch = prefetch
         free = sum(w.free_slots for w in self.registry.live())
         want = free - self._ready_pending()
-        outstanding = len(self.leases.tasks) - self.succeeded - self.failed
-        budget_left = self.settings.max_trials - self.succeeded - self.failed - outstanding
+        outstanding = len(self.leases.tasks) - self._finished_count()
+        budget_left = self.settings.max_trials - self._finished_count() - outstanding
         n = min(want, budget_left)
         if n <= 0:
             return
@@ -704,10 +805,10 @@ class ExperimentCoordinator:
         if self.failed > s.max_failed_trials:
             self._finish(FAILED,
                          f"{self.failed} failed trials exceed spec.budget.maxFailedTrials={s.max_failed_trials}")
-        elif self.succeeded + self.failed >= s.max_trials:
-            self._finish(SUCCEEDED, f"{self.succeeded + self.failed} trials finished (budget {s.max_trials})")
-        elif self._exhausted and len(self.leases.tasks) == self.succeeded + self.failed:
-            self._finish(SUCCEEDED, f"optimizer finished after {self.succeeded + self.failed} trials")
+        elif self._finished_count() >= s.max_trials:
+            self._finish(SUCCEEDED, f"{self._finished_count()} trials finished (budget {s.max_trials})")
+        elif self._exhausted and len(self.leases.tasks) == self._finished_count():
+            self._finish(SUCCEEDED, f"optimizer finished after {self._finished_count()} trials")
 
     def _finish(self, phase: str, message: str) -> None:
         self._set_phase(phase, message)
@@ -823,7 +924,7 @@ class ExperimentCoordinator:
                 w.state.value for w in self.registry.workers.values())
             return {"phase": self.phase, "experiment_name": self.settings.name, "budget": self.settings.max_trials,
                     "metric": self.settings.metric, "goal": self.settings.goal,
-                    "succeeded": self.succeeded, "failed": self.failed,
+                    "succeeded": self.succeeded, "failed": self.failed, "stopped": self.stopped,
                     "running": self.leases.count(TaskState.LEASED), "pending": len(self.leases.pending_ids()),
                     "retries": self.retries, "results": dict(self.results_by_disposition),
                     "losses": dict(self.losses_by_reason), "workers": dict(workers),
@@ -869,7 +970,7 @@ class ExperimentCoordinator:
                 best = {"trial_id": b.task_id, "metric": metrics[self.settings.metric], "summary": b.summary,
                         "arch_json": b.arch_json, "metrics": metrics, "arch_hash": b.arch_hash}
             return {"phase": self.phase, "message": self.message, "experiment_name": self.settings.name,
-                    "succeeded": self.succeeded, "failed": self.failed,
+                    "succeeded": self.succeeded, "failed": self.failed, "stopped": self.stopped,
                     "running": self.leases.count(TaskState.LEASED), "pending": len(self.leases.pending_ids()),
                     "budget": self.settings.max_trials, "workers": workers, "best": best,
                     "stale_results": self.stale_results, "retries": self.retries, "losses": losses,

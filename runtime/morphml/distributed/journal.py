@@ -3,8 +3,9 @@
 Tables: `tasks` (one row per trial, its state and outcome), `attempts` (one row per lease),
 `results` (every result received, counted or stale), `events` (append-only audit log:
 proposed, leased, adopted, succeeded, failed, retry, requeued with the detection path,
-worker_registered, worker_dead, stale_result, phase), `losses` (every worker loss, numbered
-1, 2, 3, ... for good), `optimizer_ops` (every ask and tell given to the optimizer, in order,
+worker_registered, worker_dead, stale_result, stop_decided, phase), `losses` (every worker loss, numbered
+1, 2, 3, ... for good), `curves` (each trial's learning curve: one row per progress report of
+its live attempt, step and metrics), `optimizer_ops` (every ask and tell given to the optimizer, in order,
 with its arguments), `optimizer` (a snapshot of the optimizer's state_dict and the last op it
 includes), `meta` (schema version, experiment name, phase, best, lease secret).
 
@@ -87,9 +88,9 @@ CREATE TABLE IF NOT EXISTS optimizer_ops(seq INTEGER PRIMARY KEY AUTOINCREMENT, 
   arg_json TEXT NOT NULL);
 """
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 V1_TABLES = frozenset({"meta", "tasks", "attempts", "results", "events", "optimizer", "optimizer_ops"})
-TABLES = V1_TABLES | {"losses"}  # the tables of SCHEMA_VERSION
+TABLES = V1_TABLES | {"losses", "curves"}  # the tables of SCHEMA_VERSION
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 TASK_COLUMNS = ("task_id", "seq", "candidate_id", "arch_json", "arch_hash", "summary", "generation", "seed",
@@ -100,6 +101,7 @@ RESULT_COLUMNS = ("received_at", "task_id", "attempt", "worker_name", "dispositi
                   "failure_kind", "failure_message", "duration_seconds")
 EVENT_COLUMNS = ("ts", "kind", "task_id", "attempt", "worker_id", "worker_name", "detail")
 LOSS_COLUMNS = ("seq", "worker_id", "worker_name", "detected_by", "detected_at", "requeued_json")
+CURVE_COLUMNS = ("task_id", "attempt", "step", "reported_at", "metrics_json")
 
 
 def _insert(table: str, columns: tuple[str, ...], verb: str = "INSERT") -> str:
@@ -111,6 +113,7 @@ INSERT_ATTEMPT = _insert("attempts", ATTEMPT_COLUMNS, "INSERT OR REPLACE")
 INSERT_RESULT = _insert("results", RESULT_COLUMNS)
 INSERT_EVENT = _insert("events", EVENT_COLUMNS)
 INSERT_LOSS = _insert("losses", LOSS_COLUMNS)
+INSERT_CURVE = _insert("curves", CURVE_COLUMNS, "INSERT OR REPLACE")
 
 
 class JournalError(RuntimeError):
@@ -142,9 +145,18 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     db.executemany(INSERT_LOSS, losses)
 
 
+def _migrate_2_to_3(db: sqlite3.Connection) -> None:
+    """Version 3 keeps learning curves (the `curves` table: one row per progress report of a
+    trial's live attempt; a report repeated for the same step replaces the earlier one). A
+    version-2 master received no progress reports, so there is nothing to back-fill."""
+    db.execute("CREATE TABLE IF NOT EXISTS curves(task_id TEXT NOT NULL, attempt INTEGER NOT NULL,"
+               " step INTEGER NOT NULL, reported_at REAL NOT NULL, metrics_json TEXT NOT NULL,"
+               " PRIMARY KEY(task_id, attempt, step))")
+
+
 # Migrations as code: MIGRATIONS[v] turns a version-v file into version v + 1, inside one
 # transaction. Add one per schema change and bump SCHEMA_VERSION; never edit an old one.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 assert sorted(MIGRATIONS) == list(range(1, SCHEMA_VERSION)), "one migration per schema version step"
 
 SYNC_MODES = ("FULL", "NORMAL")
@@ -318,6 +330,7 @@ class Journal:
         self._events: list[tuple] = []
         self._ops: list[tuple] = []
         self._losses: list[tuple] = []
+        self._curves: list[tuple] = []
         self._snapshot: tuple | None = None
         self._after_commit: list = []
 
@@ -462,7 +475,7 @@ class Journal:
     def _write_buffer(self) -> None:
         """Writes the buffered changes into the open SQLite transaction (beginning it if needed)."""
         if not (self._tasks or self._attempts or self._meta or self._results or self._events or self._ops
-                or self._losses or self._snapshot):
+                or self._losses or self._curves or self._snapshot):
             return
         db = self._db
         if not self._begun:
@@ -482,6 +495,8 @@ class Journal:
             db.executemany("INSERT INTO optimizer_ops(seq, op, arg_json) VALUES (?, ?, ?)", self._ops)
         if self._losses:
             db.executemany(INSERT_LOSS, self._losses)
+        if self._curves:
+            db.executemany(INSERT_CURVE, self._curves)
         if self._snapshot:
             db.execute("INSERT OR REPLACE INTO optimizer(id, state_json, saved_at, op_seq) VALUES (1, ?, ?, ?)",
                        self._snapshot)
@@ -538,6 +553,10 @@ class Journal:
         """Journals worker loss number `seq` (1, 2, 3, ...: the caller numbers them, see last_loss_seq)."""
         self._append("_losses", (seq, worker_id, worker_name, detected_by, detected_at,
                                  json.dumps([list(r) for r in requeued])))
+
+    def add_curve_point(self, task_id: str, attempt: int, step: int, reported_at: float, metrics: dict) -> None:
+        """Journals one progress report of a trial's live attempt (the same step again replaces it)."""
+        self._append("_curves", (task_id, attempt, step, reported_at, json.dumps(metrics)))
 
     def log_optimizer_op(self, op: str, arg: dict) -> int:
         """Appends one ask or tell to the optimizer's operation log; returns its sequence number."""
@@ -662,6 +681,24 @@ class Journal:
         else:
             rows = self._read(f"SELECT {columns} FROM losses WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
         return [loss_dict(*row) for row in rows]
+
+    def curves(self, task_id: str | None = None) -> list[dict]:
+        """Learning-curve points ({task_id, attempt, step, reported_at, metrics}) of every trial (or
+        one), by trial, then attempt and step."""
+        sql = f"SELECT {', '.join(CURVE_COLUMNS)} FROM curves"
+        params: tuple = ()
+        if task_id is not None:
+            sql, params = sql + " WHERE task_id = ?", (task_id,)
+        out = []
+        for r in self._read(sql + " ORDER BY task_id, attempt, step", params):
+            row = dict(zip(CURVE_COLUMNS, r, strict=True))
+            row["metrics"] = json.loads(row.pop("metrics_json"))
+            out.append(row)
+        return out
+
+    def curve_steps(self) -> dict[str, int]:
+        """{task id: the highest step its curve reached} for every trial with a curve."""
+        return {str(t): int(n) for t, n in self._read("SELECT task_id, MAX(step) FROM curves GROUP BY task_id")}
 
     def events(self, kind: str | None = None) -> list[dict]:
         sql = "SELECT seq, ts, kind, task_id, attempt, worker_id, worker_name, detail FROM events"

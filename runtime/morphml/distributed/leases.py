@@ -70,7 +70,7 @@ class Task:
 
     @property
     def finished(self) -> bool:
-        return self.state in (TaskState.SUCCEEDED, TaskState.FAILED)
+        return self.state in (TaskState.SUCCEEDED, TaskState.STOPPED, TaskState.FAILED)
 
 
 class ResultMatch:
@@ -223,11 +223,13 @@ class LeaseTable:
         return att
 
     def succeed(self, task_id: str, attempt: int, metrics: dict, worker_name: str, duration: float,
-                now_wall: float) -> Task:
+                now_wall: float, stopped: bool = False) -> Task:
+        """Records a result with metrics: the task SUCCEEDED, or STOPPED when an early-stopping
+        scheduler ended it (the attempt returned its metrics either way: outcome "ok"/"stopped")."""
         task = self.tasks[task_id]
         self._prepare_finish(task)
-        self.close_attempt(task_id, attempt, AttemptState.SUCCEEDED, "ok", now_wall)
-        task.set_state(TaskState.SUCCEEDED)
+        self.close_attempt(task_id, attempt, AttemptState.SUCCEEDED, "stopped" if stopped else "ok", now_wall)
+        task.set_state(TaskState.STOPPED if stopped else TaskState.SUCCEEDED)
         task.metrics = metrics
         task.finished_by, task.finished_attempt, task.finished_at = worker_name, attempt, now_wall
         task.duration_seconds = duration

@@ -36,6 +36,7 @@ from .coordinator import (
     ExperimentCoordinator,
     ExperimentSettings,
     LeaseMessage,
+    ProgressReport,
     ResultReport,
     ShutdownMessage,
 )
@@ -99,6 +100,33 @@ def result_report(request: pb.TrialResult) -> ResultReport:
 REFUSED_DETAIL = "was not leased to this caller (lease_key does not match); recorded as refused, not counted"
 
 
+class DecisionMessage:
+    """Answers to progress reports for an outbox: sent on the session stream in MasterMessage.decisions."""
+
+    __slots__ = ("decisions",)
+
+    def __init__(self, decisions: list[pb.ProgressDecision]):
+        self.decisions = decisions
+
+
+def progress_reports(batch: Any) -> tuple[list[ProgressReport], list[pb.ProgressDecision]]:
+    """The coordinator's view of a ProgressBatch and one (continue) answer per report, in order;
+    a malformed report (no lease, bad JSON, metrics not an object) is answered "continue" and
+    not passed on."""
+    reports, answers = [], []
+    for p in batch:
+        answers.append(pb.ProgressDecision(lease=p.lease, step=p.step, stop=False))
+        try:
+            metrics = json.loads(p.metrics_json or "{}")
+        except ValueError:
+            metrics = None
+        if not p.lease.task_id or p.lease.attempt < 1 or not isinstance(metrics, dict):
+            log.warning("malformed progress report for %s/%d: ignored", p.lease.task_id, p.lease.attempt)
+            continue
+        reports.append(ProgressReport(p.lease.task_id, p.lease.attempt, p.step, metrics, lease_key=p.lease_key))
+    return reports, answers
+
+
 class AckMessage:
     """Acknowledgements for an outbox: sent on the session stream in MasterMessage.acks."""
 
@@ -130,9 +158,11 @@ def pack_outbox(first: Any, outbox: queue.Queue) -> tuple[list[pb.MasterMessage]
                                     evaluation_json=item.evaluation_json, seed=item.seed, lease_key=item.lease_key)
         elif isinstance(item, AckMessage):
             batch.acks.extend(item.acks)
+        elif isinstance(item, DecisionMessage):
+            batch.decisions.extend(item.decisions)
         elif isinstance(item, ShutdownMessage):
             shutdowns.append(pb.MasterMessage(shutdown=pb.Shutdown(reason=item.reason)))
-    messages = ([batch] if batch.HasField("leases") or batch.acks else []) + shutdowns[:1]
+    messages = ([batch] if batch.HasField("leases") or batch.acks or batch.decisions else []) + shutdowns[:1]
     return messages, ended
 
 
@@ -285,6 +315,8 @@ class MasterServicer(pb_grpc.MasterServicer):
                     self.coord.drain(worker_id, msg.drain.reason or "drain")
                 elif kind == "results":
                     await self._accept_results(msg.results.results, outbox)
+                elif kind == "progress":
+                    await self._accept_progress(worker_id, msg.progress.reports, outbox)
         except asyncio.CancelledError:
             raise
         except (grpc.RpcError, JournalError):  # JournalError: the master halted and is stopping
@@ -354,6 +386,20 @@ class MasterServicer(pb_grpc.MasterServicer):
         else:
             outbox.put(AckMessage(acks))
 
+    async def _accept_progress(self, worker_id: str, batch: Any, outbox: queue.Queue) -> None:
+        """Journals a ProgressBatch (curve points, stop decisions) on the commit thread, in order
+        with the results, and puts the answers on the session's outbox once that is durable."""
+        reports, answers = progress_reports(batch)
+        if reports:
+            rec = self.coord.registry.get(worker_id)
+            name = rec.name if rec is not None else ""
+            stops = await asyncio.get_running_loop().run_in_executor(
+                self._commit_pool, self.coord.report_progress, reports, name)
+            by_lease = {(r.task_id, r.attempt, r.step): stop for r, stop in zip(reports, stops, strict=True)}
+            for answer in answers:
+                answer.stop = by_lease.get((answer.lease.task_id, answer.lease.attempt, answer.step), False)
+        outbox.put(DecisionMessage(answers))
+
     @unavailable_when_halted
     async def ReportResult(self, request: pb.TrialResult, context: Context) -> pb.ResultAck:
         try:
@@ -390,7 +436,7 @@ def status_to_proto(st: dict) -> pb.ExperimentStatus:
         phase=st["phase"], succeeded=st["succeeded"], failed=st["failed"], running=st["running"],
         pending=st["pending"], budget=st["budget"], stale_results=st["stale_results"], retries=st["retries"],
         experiment_name=st["experiment_name"], message=st["message"], metric=st["metric"], goal=st["goal"],
-        loss_seq=st["loss_seq"])
+        loss_seq=st["loss_seq"], stopped=st.get("stopped", 0))
     for w in st["workers"]:
         msg.workers.append(pb.WorkerInfo(
             worker_id=w["worker_id"], worker_name=w["worker_name"], state=w["state"], slots=w["slots"],

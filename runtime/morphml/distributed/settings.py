@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from morphml.distributed.coordinator import ExperimentSettings
+from morphml.distributed.schedulers import EarlyStoppingSettings
 from morphml.experiment import Budget, Experiment, FaultTolerance, Objective
 
 # What a MasterNode runs when neither `max_trials` nor the optimizer's population and
@@ -41,8 +42,11 @@ def experiment_settings(
     restart_hold_seconds: float | None = None,
     min_workers: int = 0,
     prefetch: int | None = 0,
+    early_stopping: Mapping[str, Any] | None = None,
 ) -> ExperimentSettings:
     """`ExperimentSettings` for one experiment.
+
+    ``early_stopping``: spec.earlyStopping (None or absent: type none).
 
     ``heartbeat_interval`` / ``missed_heartbeats``: None (or 0) keeps ``fault_tolerance``'s; a value
     overrides it (sub-second intervals are for tests and benchmarks: the CRD takes whole seconds).
@@ -62,6 +66,7 @@ def experiment_settings(
         restart_hold_seconds=restart_hold_seconds,
         min_workers=min_workers,
         prefetch=prefetch,
+        early_stopping=EarlyStoppingSettings.from_spec(early_stopping),
     )
 
 
@@ -87,6 +92,7 @@ def settings_for_experiment(
         restart_hold_seconds=restart_hold_seconds,
         min_workers=min_workers,
         prefetch=prefetch,
+        early_stopping=experiment.spec.get("earlyStopping"),
     )
 
 
@@ -97,7 +103,8 @@ def settings_for_master_config(
 
     Keys (all optional): name, max_trials (default population_size x num_generations when the
     optimizer has them, else 100), max_failed_trials, max_task_retries, heartbeat_interval,
-    missed_heartbeats, evaluation, metric, goal, seed, num_workers (= min_workers), prefetch.
+    missed_heartbeats, evaluation, metric, goal, seed, num_workers (= min_workers), prefetch,
+    early_stopping (spec.earlyStopping's camelCase object).
     """
     max_trials = config.get("max_trials")
     if max_trials is None:
@@ -123,4 +130,5 @@ def settings_for_master_config(
         missed_heartbeats=config.get("missed_heartbeats"),
         min_workers=int(config.get("num_workers", 0)),
         prefetch=config.get("prefetch"),
+        early_stopping=config.get("early_stopping"),
     )

@@ -7,10 +7,13 @@ Task (one trial of one candidate architecture):
 
     PENDING --leased to a worker--> LEASED
     LEASED --result ok--> SUCCEEDED
+    LEASED --result ok after the scheduler stopped it--> STOPPED
     LEASED --failed with retries left / worker lost / master restarted--> PENDING
     LEASED --failed, no retries left--> FAILED
 
-SUCCEEDED and FAILED are final. A task orphaned by a master restart is PENDING with its
+SUCCEEDED, STOPPED and FAILED are final. STOPPED is a trial an early-stopping scheduler ended
+before its full budget (morphml.distributed.schedulers): finished, with the epochs it got, never
+a failure. A task orphaned by a master restart is PENDING with its
 attempt held for the old worker; a result for it passes through LEASED on its way to the end.
 
 Attempt (one lease of a task, identified by (task id, attempt number)):
@@ -48,6 +51,7 @@ class TaskState(str, enum.Enum):
     PENDING = "pending"
     LEASED = "leased"
     SUCCEEDED = "succeeded"
+    STOPPED = "stopped"
     FAILED = "failed"
 
 
@@ -68,8 +72,9 @@ class WorkerState(str, enum.Enum):
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.PENDING: frozenset({TaskState.LEASED}),
-    TaskState.LEASED: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.PENDING}),
+    TaskState.LEASED: frozenset({TaskState.SUCCEEDED, TaskState.STOPPED, TaskState.FAILED, TaskState.PENDING}),
     TaskState.SUCCEEDED: frozenset(),
+    TaskState.STOPPED: frozenset(),
     TaskState.FAILED: frozenset(),
 }
 

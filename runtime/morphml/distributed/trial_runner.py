@@ -15,6 +15,13 @@ seconds, from a thread of its own, idle or training: the worker's liveness check
 morphml.distributed.liveness) tells a busy runner, which keeps beating, from a wedged one
 (SIGSTOPped, stuck in the kernel), which falls silent. Readers skip beat lines.
 
+Progress: while a trial runs, each epoch of the built-in trainer (and each report() of a custom
+evaluator) writes {"progress": {"task_id", "attempt", "step", "metrics"}} and waits for the
+worker's answer on stdin, {"decision": {"task_id", "attempt", "step", "stop": bool}} (the
+master's, or "continue" from the worker itself when no master is there); after DECISION_WAIT
+seconds without one the trial goes on. A reader thread takes stdin apart: decisions go to the
+running trial, requests queue for the main loop.
+
 Evaluation goes through morphml.evaluation.evaluate_architecture: a `module:function` evaluator
 runs without torch; the built-in trainer imports torch on first use.
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import signal
 import sys
 import threading
@@ -38,6 +46,7 @@ from collections.abc import Callable
 from typing import Any
 
 MAX_MESSAGE = 4000
+DECISION_WAIT = 30.0  # seconds a progress report waits for its decision before training goes on
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -49,16 +58,53 @@ def _jsonable(value: Any) -> float | str:
         return str(value)
 
 
-def run_one(request: dict) -> dict:
+class Decisions:
+    """Decisions the worker sent for progress reports, by (task id, attempt, step)."""
+
+    def __init__(self) -> None:
+        self._got: dict[tuple[str, int, int], bool] = {}
+        self._cond = threading.Condition()
+
+    def put(self, decision: dict) -> None:
+        key = (str(decision.get("task_id")), int(decision.get("attempt", 0)), int(decision.get("step", 0)))
+        with self._cond:
+            self._got[key] = bool(decision.get("stop"))
+            self._cond.notify_all()
+
+    def wait(self, key: tuple[str, int, int], timeout: float) -> bool:
+        """The decision for `key` (True: stop), or False (continue) when none came in time."""
+        with self._cond:
+            self._cond.wait_for(lambda: key in self._got, timeout)
+            return self._got.pop(key, False)
+
+
+def run_one(request: dict, write: Callable[[dict], None] | None = None, decisions: Decisions | None = None,
+            decision_wait: float = DECISION_WAIT) -> dict:
     """Runs one trial through morphml.evaluation (which imports torch only for the built-in
-    trainer; a `module:function` evaluator runs without it) and returns the reply object."""
+    trainer; a `module:function` evaluator runs without it) and returns the reply object. With
+    `write` and `decisions`, progress goes out as progress lines and each waits for its decision."""
     from morphml.evaluation import TrialFailure, evaluate_architecture
 
     started = time.monotonic()
+    stopped = False
+    progress = None
+    if write is not None and decisions is not None:
+        task_id, attempt = str(request.get("task_id")), int(request.get("attempt", 0))
+
+        def progress(step: int, metrics: dict) -> bool:
+            nonlocal stopped
+            write({"progress": {"task_id": task_id, "attempt": attempt, "step": step, "metrics": metrics}})
+            stop = decisions.wait((task_id, attempt, step), decision_wait)
+            stopped = stopped or stop
+            return stop
     try:
         metrics = evaluate_architecture(request["arch"], request.get("evaluation") or {},
-                                        device=request.get("device"), seed=int(request.get("seed", 0)))
-        return {"ok": True, "metrics": metrics, "duration": time.monotonic() - started}
+                                        device=request.get("device"), seed=int(request.get("seed", 0)),
+                                        progress=progress)
+        reply = {"ok": True, "metrics": metrics, "duration": time.monotonic() - started}
+        if stopped:
+            reply["stopped"] = True
+        return reply
     except TrialFailure as exc:
         return {"ok": False, "kind": exc.kind, "duration": time.monotonic() - started,
                 "message": exc.message[:MAX_MESSAGE]}
@@ -124,10 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     if args.beat_seconds > 0:
         threading.Thread(target=_beat, args=(write, args.beat_seconds), name="beat", daemon=True).start()
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        write(run_one(json.loads(line)))
+    requests: queue.Queue[dict | None] = queue.Queue()
+    decisions = Decisions()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if "decision" in message:
+                decisions.put(message["decision"])
+            else:
+                requests.put(message)
+        requests.put(None)
+
+    threading.Thread(target=read_stdin, name="stdin", daemon=True).start()
+    while (request := requests.get()) is not None:
+        write(run_one(request, write, decisions))
     return 0
 
 

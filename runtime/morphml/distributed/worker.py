@@ -12,6 +12,11 @@ the results it finished meanwhile, or sent but never saw acknowledged, with Repo
 SIGTERM (drain()): no new leases, the running trials get `grace_seconds` to finish and be
 reported, the rest are handed back, then Deregister.
 
+Progress: a runner's progress line (an epoch, a report() of a custom evaluator) goes to the
+master on the session stream (WorkerMessage.progress); the master's ProgressDecision for it is
+written back to that runner's stdin. With no session (master away) the worker answers
+"continue" itself at once, and a session that ends answers every report still waiting so.
+
 Liveness: the worker's gRPC health (services "" and "morphml.Worker", what the kubelet's
 probes call) is SERVING only while the session loop and every runner make progress; a part
 silent past its bound turns it NOT_SERVING until it recovers, and a runner stuck past the
@@ -24,6 +29,7 @@ only)}. No torch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -129,12 +135,16 @@ class RunnerProcess:
     """One persistent trial_runner child; kill() ends a running trial at once.
 
     The runner beats on its reply pipe every `beat_seconds`; every line read from it (beat or
-    reply) is reported to `on_progress`, the slot's liveness evidence."""
+    reply) is reported to `on_progress`, the slot's liveness evidence. Progress reports of the
+    running trial go to `on_report(message)`; answer them with `decide()`."""
 
-    def __init__(self, slot: int, beat_seconds: float = 0.0, on_progress: Callable[[], None] | None = None):
+    def __init__(self, slot: int, beat_seconds: float = 0.0, on_progress: Callable[[], None] | None = None,
+                 on_report: Callable[[dict], None] | None = None):
         self.slot = slot
         self.beat_seconds = beat_seconds
         self.on_progress = on_progress or (lambda: None)
+        self.on_report = on_report or (lambda message: self.decide(message, False))
+        self._stdin_lock = threading.Lock()  # the slot thread sends trials, the session thread decisions
         self.proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._replies: list[dict] = []
@@ -166,13 +176,25 @@ class RunnerProcess:
 
     def send(self, request: dict) -> None:
         """Queues one trial on the runner's stdin; it starts when the runner is free."""
-        stdin = self._started().stdin
+        self._write(self._started(), request)
+
+    def _write(self, proc: subprocess.Popen[bytes], message: dict) -> None:
+        stdin = proc.stdin
         assert stdin is not None
         try:
-            stdin.write((json.dumps(request) + "\n").encode())
-            stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # the runner died: receive() reports it
+            with self._stdin_lock:
+                stdin.write((json.dumps(message) + "\n").encode())
+                stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the runner died (or its stdin was closed): receive() reports it
+
+    def decide(self, report: dict, stop: bool) -> None:
+        """Answers one progress report (`report` as on_report got it) on the runner's stdin."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return  # the runner is gone: nobody waits for the answer
+        self._write(proc, {"decision": {"task_id": report.get("task_id"), "attempt": report.get("attempt"),
+                                        "step": report.get("step"), "stop": bool(stop)}})
 
     def warm_up(self, timeout: float) -> None:
         """Sends the runner a request that fails at once and waits for the reply, so the worker
@@ -229,7 +251,9 @@ class RunnerProcess:
             if not line.strip():
                 continue
             message = json.loads(line)
-            if "beat" not in message:
+            if "progress" in message:
+                self.on_report(message["progress"])
+            elif "beat" not in message:
                 self._replies.append(message)
         self.on_progress()
         return True
@@ -305,8 +329,12 @@ class WorkerNode:
         self._liveness.add_part(SESSION, self._bounds.stuck_after, active=False)
         for slot in range(config.slots):
             self._liveness.add_part(runner_part(slot), self._bounds.stuck_after, self._bounds.replace_after)
-        self._runners = [RunnerProcess(i, self._bounds.beat_period, self._progress_callback(runner_part(i)))
+        self._runners = [RunnerProcess(i, self._bounds.beat_period, self._progress_callback(runner_part(i)),
+                                       functools.partial(self._on_report, i))
                          for i in range(config.slots)]
+        # Progress reports sent on the live session and not answered yet: (task, attempt, step) -> slot.
+        self._unanswered: dict[tuple[str, int, int], int] = {}
+        self._lease_keys: dict[tuple[str, int], str] = {}  # running lease -> its lease_key
         # Per slot, a pipe that wakes the slot thread out of its wait on the runner when a lease
         # arrives, so it can queue the lease behind the running trial.
         self._wake = [os.pipe() for _ in range(config.slots)]
@@ -506,6 +534,8 @@ class WorkerNode:
             for msg in stream:
                 if msg.acks:
                     self._acknowledged(msg.acks)
+                if msg.decisions:
+                    self._decided(msg.decisions)
                 kind = msg.WhichOneof("kind")
                 if kind == "leases":
                     for lease in msg.leases.leases:
@@ -539,8 +569,41 @@ class WorkerNode:
                 # journaled them; ReportResult delivers them again (a repeat is "duplicate").
                 self._undelivered.extend(self._unacked.values())
                 self._unacked.clear()
+                unanswered, self._unanswered = self._unanswered, {}
+            for (task_id, attempt, step), slot in unanswered.items():  # nobody will answer these now
+                self._runners[slot].decide({"task_id": task_id, "attempt": attempt, "step": step}, False)
             send.put(stop)
             stream.cancel()
+
+    def _on_report(self, slot: int, report: dict) -> None:
+        """A runner's progress line: to the master on the live session, else "continue" at once."""
+        try:
+            key = (str(report["task_id"]), int(report["attempt"]), int(report["step"]))
+            metrics_json = json.dumps(report.get("metrics") or {})
+        except (KeyError, TypeError, ValueError):
+            self._runners[slot].decide(report, False)
+            return
+        with self._lock:
+            send = self._send
+            lease_key = self._lease_keys.get(key[:2])
+            if send is not None and lease_key is not None:
+                self._unanswered[key] = slot
+                send.put(pb.WorkerMessage(progress=pb.ProgressBatch(reports=[pb.Progress(
+                    lease=pb.LeaseRef(task_id=key[0], attempt=key[1]), step=key[2], metrics_json=metrics_json,
+                    lease_key=lease_key)])))
+                return
+        self._runners[slot].decide(report, False)
+
+    def _decided(self, decisions: Iterable[pb.ProgressDecision]) -> None:
+        for d in decisions:
+            key = (d.lease.task_id, d.lease.attempt, d.step)
+            with self._lock:
+                slot = self._unanswered.pop(key, None)
+            if slot is None:
+                continue
+            if d.stop:
+                log.info("trial %s/%d stopped by the master's scheduler at step %d", *key)
+            self._runners[slot].decide({"task_id": key[0], "attempt": key[1], "step": key[2]}, d.stop)
 
     def _acknowledged(self, acks: Iterable[pb.ResultAck]) -> None:
         with self._lock:
@@ -577,6 +640,7 @@ class WorkerNode:
                     continue
                 with self._lock:
                     self._running[item["ref"]] = slot
+                    self._lease_keys[item["ref"]] = lease.lease_key
                 runner.send(item["request"])
                 if not inflight:
                     head_started = time.monotonic()
@@ -675,6 +739,7 @@ class WorkerNode:
         lease, ref = item["lease"], item["ref"]
         with self._lock:
             self._running.pop(ref, None)
+            self._lease_keys.pop(ref, None)
             cancelled = ref in self._cancelled
             self._cancelled.discard(ref)
         if reply is None or cancelled:

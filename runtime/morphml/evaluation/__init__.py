@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from morphml.evaluation.datasets import DATASET_NAMES, Dataset, clear_cache, dataset_shape, load_dataset
 from morphml.evaluation.errors import FAILURE_KINDS, EvaluationSpecError, TrialFailure
-from morphml.evaluation.evaluate import evaluate_architecture, load_user_evaluator
+from morphml.evaluation.evaluate import ReportDecision, evaluate_architecture, load_user_evaluator
 from morphml.evaluation.settings import TrainingSettings, training_settings
 from morphml.evaluation.shapes import GraphPlan, NodePlan, plan_graph
 
@@ -41,6 +41,7 @@ __all__ = [
     "EvaluationSpecError",
     "GraphPlan",
     "NodePlan",
+    "ReportDecision",
     "TrainingSettings",
     "TrialFailure",
     "build_model",

@@ -2,8 +2,12 @@
 
 Either the built-in path (dataset + graph -> torch module -> trainer) or, when
 `spec.evaluation.evaluator` is "module:function", the user's function
-`fn(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict`.
-Every failure leaves as `TrialFailure(kind, message)`.
+`fn(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict`. A user function that
+takes a fourth parameter (or one named `report`) also gets `report(step, metrics) -> decision`:
+it may call it after each step (epoch) with its metrics so far; the decision is
+ReportDecision.CONTINUE or ReportDecision.STOP ("continue" / "stop", str values), STOP meaning
+an early-stopping scheduler ended the trial: return the metrics you have now. Three-argument
+functions are called as before. Every failure leaves as `TrialFailure(kind, message)`.
 
 Imports no torch at import time: the torch modules (model, trainer) are imported inside
 `evaluate_architecture` on the built-in path only, so a user evaluator that does not use torch
@@ -12,7 +16,9 @@ runs in a process that never loads it.
 
 from __future__ import annotations
 
+import enum
 import importlib
+import inspect
 import math
 import os
 import sys
@@ -28,7 +34,43 @@ from morphml.evaluation.settings import training_settings
 from morphml.evaluation.shapes import as_arch_dict, plan_graph
 
 EVALUATOR_FIELD = "spec.evaluation.evaluator"
-UserEvaluator = Callable[[dict, dict, "str | None"], dict]
+UserEvaluator = Callable[..., dict]
+# What the trial runner gives evaluate_architecture: report(step, metrics) -> True to stop.
+ProgressCallback = Callable[[int, dict], bool]
+
+
+class ReportDecision(str, enum.Enum):
+    """What `report(step, metrics)` answers a user evaluator."""
+
+    CONTINUE = "continue"
+    STOP = "stop"
+
+
+def takes_report(fn: Callable[..., Any]) -> bool:
+    """True when a user evaluator accepts the report callable: a parameter named `report`, a
+    fourth positional parameter, or *args. Three-argument evaluators get only the three."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature (some builtins): call it the old way
+        return False
+    if any(p.name == "report" for p in params) or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4
+
+
+def user_report(progress: ProgressCallback | None) -> Callable[[int, Mapping[str, Any]], ReportDecision]:
+    """The report(step, metrics) a user evaluator gets: checks its arguments (TrialFailure
+    "invalid" naming them) and answers CONTINUE or STOP (always CONTINUE without a scheduler)."""
+    def report(step: int, metrics: Mapping[str, Any]) -> ReportDecision:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise TrialFailure("invalid", f"report(step={step!r}, ...): step must be an integer >= 1")
+        if not isinstance(metrics, Mapping):
+            raise TrialFailure("invalid", f"report(step={step}, metrics={metrics!r}): metrics must be a dict")
+        if progress is None:
+            return ReportDecision.CONTINUE
+        return ReportDecision.STOP if progress(step, dict(metrics)) else ReportDecision.CONTINUE
+    return report
 
 
 def load_user_evaluator(path: Any) -> UserEvaluator:
@@ -90,13 +132,20 @@ def _is_oom(exc: BaseException) -> bool:
     return oom_type is not None and isinstance(exc, oom_type)
 
 
-def _call_user_evaluator(path: str, arch: dict, spec: dict, device: str | None) -> dict:
+def _call_user_evaluator(path: str, arch: dict, spec: dict, device: str | None,
+                         progress: ProgressCallback | None = None) -> dict:
     try:
         fn = load_user_evaluator(path)
     except EvaluationSpecError as exc:
         raise TrialFailure("invalid", str(exc)) from None
     try:
-        result = fn(arch, spec, device)
+        if takes_report(fn):
+            if any(p.name == "report" for p in inspect.signature(fn).parameters.values()):
+                result = fn(arch, spec, device, report=user_report(progress))
+            else:
+                result = fn(arch, spec, device, user_report(progress))
+        else:
+            result = fn(arch, spec, device)
     except TrialFailure:
         raise
     except Exception as exc:
@@ -112,12 +161,15 @@ def _call_user_evaluator(path: str, arch: dict, spec: dict, device: str | None) 
 
 
 def evaluate_architecture(
-    arch_json: Any, evaluation_spec: Mapping[str, Any] | None, device: str | None = None, seed: int = 0
+    arch_json: Any, evaluation_spec: Mapping[str, Any] | None, device: str | None = None, seed: int = 0,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Train and validate one architecture; return metrics or raise TrialFailure.
 
     Metrics: val_accuracy, val_loss, train_loss, params, flops, train_seconds, epochs, device
-    (a user evaluator returns its own dict).
+    (a user evaluator returns its own dict). `progress(step, metrics)`, when given, gets each
+    epoch's metrics (the built-in trainer) or each report() of a user evaluator; True from it
+    stops the trial early.
     """
     started = time.monotonic()
     if evaluation_spec is not None and not isinstance(evaluation_spec, Mapping):
@@ -125,9 +177,9 @@ def evaluate_architecture(
     spec = dict(evaluation_spec or {})
     arch = as_arch_dict(arch_json)
     if spec.get("evaluator"):
-        return _call_user_evaluator(spec["evaluator"], arch, spec, device)
+        return _call_user_evaluator(spec["evaluator"], arch, spec, device, progress)
     try:
-        return _train_builtin(arch, spec, device, seed, started)
+        return _train_builtin(arch, spec, device, seed, started, progress)
     except TrialFailure:
         raise
     except ImportError as exc:
@@ -139,7 +191,8 @@ def evaluate_architecture(
         raise TrialFailure(kind, _describe(exc)) from None
 
 
-def _train_builtin(arch: dict, spec: dict, device: str | None, seed: int, started: float) -> dict[str, Any]:
+def _train_builtin(arch: dict, spec: dict, device: str | None, seed: int, started: float,
+                   progress: ProgressCallback | None = None) -> dict[str, Any]:
     plan = plan_graph(arch)
     try:
         settings = training_settings(spec)
@@ -165,6 +218,7 @@ def _train_builtin(arch: dict, spec: dict, device: str | None, seed: int, starte
         model = GraphModule(plan)
     except Exception as exc:
         raise TrialFailure("exception", f"building the model failed: {_describe(exc)}") from None
-    metrics = trainer.train_and_validate(model, dataset, settings, chosen, seed=seed, started=started)
+    metrics = trainer.train_and_validate(model, dataset, settings, chosen, seed=seed, started=started,
+                                         report=progress)
     metrics["flops"] = plan.flops
     return metrics

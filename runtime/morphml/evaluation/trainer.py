@@ -19,6 +19,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,16 +112,21 @@ def train_and_validate(
     device: torch.device,
     seed: int = 0,
     started: float | None = None,
+    report: Callable[[int, dict], bool] | None = None,
 ) -> dict[str, Any]:
     """Train `model` on the dataset and return validation metrics; raise TrialFailure on failure.
 
     `started` (time.monotonic()) is when the trial began, so loading data and building the model
     count against the timeout too; train_seconds counts training and validation only.
+    `report(epoch, {epoch, val_accuracy, val_loss, train_loss, seconds})`, when given, is called
+    after each epoch (the model is validated then; eval mode draws no random numbers, so the
+    trained weights are the same as without it); True from it stops training there, and the
+    metrics are those of the last epoch trained (`epochs` says how many).
     """
     started = time.monotonic() if started is None else started
     deadline = started + settings.timeout_seconds
     try:
-        return _run(model, dataset, settings, device, seed, started, deadline)
+        return _run(model, dataset, settings, device, seed, started, deadline, report)
     except TrialFailure:
         raise
     except Exception as exc:
@@ -136,8 +142,26 @@ def _check_deadline(deadline: float, settings: TrainingSettings, where: str) -> 
         raise TrialFailure("timeout", f"trial ran past timeoutSeconds={settings.timeout_seconds:g} ({where})")
 
 
+def _validate(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, settings: TrainingSettings,
+              deadline: float) -> tuple[float, float]:
+    """(val_accuracy, val_loss) of the model in eval mode."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(x_val), max(settings.batch_size, 256)):
+            _check_deadline(deadline, settings, "validation")
+            logits = model(x_val[start:start + max(settings.batch_size, 256)])
+            target = y_val[start:start + len(logits)]
+            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == target).sum().item())
+    val_loss = loss_sum / len(x_val)
+    if not math.isfinite(val_loss):
+        raise TrialFailure("nan", f"validation loss is {val_loss}")
+    return correct / len(x_val), val_loss
+
+
 def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device: torch.device, seed: int,
-         started: float, deadline: float) -> dict[str, Any]:
+         started: float, deadline: float, report: Callable[[int, dict], bool] | None = None) -> dict[str, Any]:
     train_started = time.monotonic()
     generator = torch.Generator().manual_seed(seed)
     model = model.to(device)
@@ -151,6 +175,7 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
 
     train_loss = float("nan")
     epochs_done = 0
+    validated: tuple[float, float] | None = None  # the last epoch's validation, when reported
     for epoch in range(settings.epochs):
         model.train()
         order = torch.randperm(n_train, generator=generator).to(device)
@@ -172,23 +197,18 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
             seen += len(batch)
         train_loss = total / max(seen, 1)
         epochs_done += 1
+        if report is not None:
+            validated = _validate(model, x_val, y_val, settings, deadline)
+            stop = report(epochs_done, {"epoch": epochs_done, "val_accuracy": validated[0], "val_loss": validated[1],
+                                        "train_loss": train_loss, "seconds": time.monotonic() - train_started})
+            if stop:
+                break
 
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(x_val), max(settings.batch_size, 256)):
-            _check_deadline(deadline, settings, "validation")
-            logits = model(x_val[start:start + max(settings.batch_size, 256)])
-            target = y_val[start:start + len(logits)]
-            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == target).sum().item())
-    val_loss = loss_sum / len(x_val)
-    if not math.isfinite(val_loss):
-        raise TrialFailure("nan", f"validation loss is {val_loss}")
+    val_accuracy, val_loss = validated if validated is not None else _validate(model, x_val, y_val, settings, deadline)
     _check_deadline(deadline, settings, "latency measurement")
     latency_ms = measure_latency_ms(model, x_val[:LATENCY_BATCH], device)
     return {
-        "val_accuracy": correct / len(x_val),
+        "val_accuracy": val_accuracy,
         "val_loss": val_loss,
         "train_loss": train_loss,
         "params": sum(p.numel() for p in model.parameters()),

@@ -166,6 +166,7 @@ class WorkerMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     DRAIN_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """First message of a stream: which registration this stream belongs to."""
@@ -185,6 +186,13 @@ class WorkerMessage(_message.Message):
         and, if the stream breaks, delivers it again (a second copy is recorded as duplicate).
         """
 
+    @_builtins.property
+    def progress(self) -> Global___ProgressBatch:
+        """Progress of running leases (the built-in trainer after each epoch, a custom evaluator
+        each time it calls report()): every report ready when the message was sent. The master
+        answers each one in MasterMessage.decisions once it is journaled.
+        """
+
     def __init__(
         self,
         *,
@@ -192,16 +200,115 @@ class WorkerMessage(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         drain: Global___DrainNotice | None = ...,
         results: Global___ResultBatch | None = ...,
+        progress: Global___ProgressBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "results", b"results"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "progress", b"progress", "results", b"results"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "progress", b"progress", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "drain", "results"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "drain", "results", "progress"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WorkerMessage: _TypeAlias = WorkerMessage  # noqa: Y015
+
+@_typing.final
+class ProgressBatch(_message.Message):
+    """Progress reports of running leases."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___Progress]:
+        """In the order the trials reported them."""
+
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___Progress] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressBatch: _TypeAlias = ProgressBatch  # noqa: Y015
+
+@_typing.final
+class Progress(_message.Message):
+    """One progress report: the metrics of a lease after `step` steps (epochs)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    METRICS_JSON_FIELD_NUMBER: _builtins.int
+    LEASE_KEY_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Steps done so far, from 1 (the built-in trainer: epochs trained)."""
+    metrics_json: _builtins.str
+    """Metrics at this step as a JSON object (epoch, val_accuracy, val_loss, train_loss, seconds
+    for the built-in trainer; a custom evaluator's own keys).
+    """
+    lease_key: _builtins.str
+    """The lease_key of the Lease: a report without the right key is answered "continue" and
+    never recorded.
+    """
+    @_builtins.property
+    def lease(self) -> Global___LeaseRef:
+        """Which attempt of which task reports."""
+
+    def __init__(
+        self,
+        *,
+        lease: Global___LeaseRef | None = ...,
+        step: _builtins.int = ...,
+        metrics_json: _builtins.str = ...,
+        lease_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "lease_key", b"lease_key", "metrics_json", b"metrics_json", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
+
+@_typing.final
+class ProgressDecision(_message.Message):
+    """The master's answer to one Progress: go on training, or stop now (spec.earlyStopping)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The step of the report it answers."""
+    stop: _builtins.bool
+    """True: stop training and report the result now (the trial is recorded as stopped); a stop
+    is journaled before it is sent.
+    """
+    @_builtins.property
+    def lease(self) -> Global___LeaseRef:
+        """Which attempt the decision is for."""
+
+    def __init__(
+        self,
+        *,
+        lease: Global___LeaseRef | None = ...,
+        step: _builtins.int = ...,
+        stop: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "step", b"step", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressDecision: _TypeAlias = ProgressDecision  # noqa: Y015
 
 @_typing.final
 class ResultBatch(_message.Message):
@@ -309,6 +416,7 @@ class MasterMessage(_message.Message):
     SHUTDOWN_FIELD_NUMBER: _builtins.int
     LEASES_FIELD_NUMBER: _builtins.int
     ACKS_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cancel(self) -> Global___LeaseRef:
         """Stop running this lease (its result would be stale); used when a task is revoked."""
@@ -329,6 +437,12 @@ class MasterMessage(_message.Message):
         its result is journaled; may come with or without a kind.
         """
 
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProgressDecision]:
+        """Answers to the worker's Progress reports on this stream, each sent once the report (and a
+        stop) is journaled; may come with or without a kind.
+        """
+
     def __init__(
         self,
         *,
@@ -336,10 +450,11 @@ class MasterMessage(_message.Message):
         shutdown: Global___Shutdown | None = ...,
         leases: Global___LeaseBatch | None = ...,
         acks: _abc.Iterable[Global___ResultAck] | None = ...,
+        decisions: _abc.Iterable[Global___ProgressDecision] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "kind", b"kind", "leases", b"leases", "shutdown", b"shutdown"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "cancel", b"cancel", "kind", b"kind", "leases", b"leases", "shutdown", b"shutdown"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "cancel", b"cancel", "decisions", b"decisions", "kind", b"kind", "leases", b"leases", "shutdown", b"shutdown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["cancel", "shutdown", "leases"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -692,6 +807,7 @@ class ExperimentStatus(_message.Message):
     GOAL_FIELD_NUMBER: _builtins.int
     LOSS_SEQ_FIELD_NUMBER: _builtins.int
     PARETO_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
     phase: _builtins.str
     """Pending (no worker yet), Running, Succeeded or Failed."""
     succeeded: _builtins.int
@@ -720,6 +836,8 @@ class ExperimentStatus(_message.Message):
     """Number of the latest worker loss (WorkerLoss.seq), 0 if none yet: it only grows, also
     across master restarts, so losses_after_seq = loss_seq asks for only new ones.
     """
+    stopped: _builtins.int
+    """Trials an early-stopping scheduler stopped (finished with fewer epochs; not failures)."""
     @_builtins.property
     def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerInfo]:
         """Workers known to the master."""
@@ -758,10 +876,11 @@ class ExperimentStatus(_message.Message):
         goal: _builtins.str = ...,
         loss_seq: _builtins.int = ...,
         pareto: Global___ParetoFront | None = ...,
+        stopped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "pareto", b"pareto"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "budget", b"budget", "experiment_name", b"experiment_name", "failed", b"failed", "goal", b"goal", "loss_seq", b"loss_seq", "losses", b"losses", "message", b"message", "metric", b"metric", "pareto", b"pareto", "pending", b"pending", "phase", b"phase", "retries", b"retries", "running", b"running", "stale_results", b"stale_results", "succeeded", b"succeeded", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best", b"best", "budget", b"budget", "experiment_name", b"experiment_name", "failed", b"failed", "goal", b"goal", "loss_seq", b"loss_seq", "losses", b"losses", "message", b"message", "metric", b"metric", "pareto", b"pareto", "pending", b"pending", "phase", b"phase", "retries", b"retries", "running", b"running", "stale_results", b"stale_results", "stopped", b"stopped", "succeeded", b"succeeded", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
