@@ -39,6 +39,9 @@ def _serve(state: Path, real_node: bool) -> None:
 
     shutil.rmtree(state / "cluster", ignore_errors=True)  # a fresh etcd every time, like the fixture
     if real_node:
+        from .hostdeps import NODE_TOOLS, ensure
+
+        ensure(NODE_TOOLS)  # before the control plane: it needs `ip` to find the address it advertises
         plane = ControlPlane(workdir=state / "cluster", node_name=NODE_NAME, process_node=False)
     else:
         plane = ControlPlane(workdir=state / "cluster")

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from . import build
+from . import build, hostdeps
 from .controlplane import ControlPlane
 from .kube import Kube
 from .node import NODE_NAME, RealNode
@@ -61,6 +61,8 @@ def collection_finish(session: pytest.Session) -> None:
 def _start(config: pytest.Config) -> None:
     try:
         bin_dir = build.ensure_built()
+        # Before the control plane: it needs `ip` (iproute2) to find the address it advertises.
+        hostdeps.ensure(hostdeps.NODE_TOOLS)
         workdir = Path(tempfile.mkdtemp(prefix="morphml-real-"))
         plane = ControlPlane(workdir=workdir / "cp", bin_dir=bin_dir, node_name=NODE_NAME, process_node=False)
         config.add_cleanup(stop)
