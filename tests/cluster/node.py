@@ -185,7 +185,7 @@ def _cgroup_dirs() -> list[Path]:
     return found
 
 
-def _node_pids() -> list[int]:
+def _node_pids(state_dirs: list[str]) -> list[int]:
     """Processes of the node: in a kubepods cgroup (containers), or one of the node's programs."""
     pids: set[int] = set()
     for directory in _cgroup_dirs():
@@ -203,10 +203,21 @@ def _node_pids() -> list[int]:
             argv0 = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        if os.path.basename(argv0) in PROCESS_NAMES:
+        if os.path.basename(argv0) in PROCESS_NAMES and _ours(entry, state_dirs):
             pids.add(int(entry.name))
     pids.discard(os.getpid())
     return sorted(pids)
+
+
+def _ours(proc: Path, state_dirs: list[str]) -> bool:
+    """A containerd/kubelet/... process is the node's only when its command line names one of the
+    node's state dirs (configs, sockets) or the node's name: a containerd or kubelet the machine
+    runs for itself (Docker's, a real node's) is never touched."""
+    try:
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return NODE_NAME in cmdline or any(d and d.rstrip("/") + "/" in cmdline for d in state_dirs)
 
 
 def _iptables_chains() -> dict[str, list[str]]:
@@ -259,7 +270,7 @@ def host_leftovers(record: dict[str, Any] | None = None) -> dict[str, Any]:
         record = load_record()
     state_dirs = (record or {}).get("state_dirs", [])
     leftovers: dict[str, Any] = {
-        "processes": [f"{pid} {_cmdline(pid)}" for pid in _node_pids()],
+        "processes": [f"{pid} {_cmdline(pid)}" for pid in _node_pids(state_dirs)],
         "mounts": [m for m in _mounts() if _our_mount(m, state_dirs) or "/kubelet/" in m or "/containerd/" in m],
         "netns": _netns(),
         "bridges": _bridges(),
@@ -286,18 +297,18 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _kill_node_processes(deadline: float) -> None:
+def _kill_node_processes(deadline: float, state_dirs: list[str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _node_pids()
+        pids = _node_pids(state_dirs)
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         grace = time.monotonic() + (3 if sig == signal.SIGTERM else 10)
-        while _node_pids() and time.monotonic() < min(grace, deadline):
+        while _node_pids(state_dirs) and time.monotonic() < min(grace, deadline):
             time.sleep(0.1)
-        if not _node_pids():
+        if not _node_pids(state_dirs):
             return
 
 
@@ -361,7 +372,7 @@ def teardown_host(extra_state_dirs: list[Path] | None = None, timeout: float = 6
     deadline = time.monotonic() + timeout
     record = load_record()
     state_dirs = list((record or {}).get("state_dirs", [])) + [str(d) for d in extra_state_dirs or []]
-    _kill_node_processes(deadline)
+    _kill_node_processes(deadline, state_dirs)
     for point in sorted((m for m in _mounts() if _our_mount(m, state_dirs)), key=len, reverse=True):
         _umount(point)
     for path in _netns():
