@@ -99,6 +99,7 @@ def test_master_image_runs_morphml_and_the_operator_as_uid_1000_without_torch(ma
     probe = textwrap.dedent("""
         import importlib.util, json, os
         import kopf, morphml, morphml_operator, morphml_operator.handlers
+        import optuna  # spec.optimizer.algorithm tpe / nsga2 run in the master
         print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "home": os.environ["HOME"],
                           "torch": importlib.util.find_spec("torch") is not None,
                           "morphml": morphml.__file__}))

@@ -39,7 +39,7 @@ def test_images_run_as_non_root_with_morphml_entrypoint(dockerfile: Path):
 def test_master_image_has_no_cuda_and_worker_image_has_torch():
     master = (ROOT / "Dockerfile.master").read_text()
     worker = (ROOT / "Dockerfile.worker").read_text()
-    assert "FROM python:3.11-slim" in master and "[operator]" in master
+    assert "FROM python:3.11-slim" in master and "[operator,search]" in master  # Optuna: tpe, nsga2
     assert "cuda" not in master.split("FROM", 1)[1].lower()
     # One base for both (PyPI's torch wheels carry their CUDA libraries): the worker installs the `worker` extra.
     assert "FROM python:3.11-slim-bookworm" in worker and "[worker]" in worker and '["worker"]' in worker
