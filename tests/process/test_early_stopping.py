@@ -90,3 +90,54 @@ def test_a_three_argument_evaluator_runs_unchanged_under_the_median_rule(procs, 
     assert {r["epochs"] for r in rows} == {""}  # it reports nothing: no curve, no epochs
     with reading(out / "journal.db") as journal:
         assert journal.curves() == [] and journal.events("stop_decided") == []
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_whose_master_does_not_answer_progress_lets_its_trials_go_on_at_once(tmp_path):
+    """A master from before progress reports (simulated: a real in-process master whose Register
+    leaves answers_progress unset and which drops progress messages, as an old master drops the
+    unknown oneof) never answers a report; the worker must not make each one wait for an answer
+    (DECISION_WAIT, 30 s): it answers "continue" itself and the trials finish at their pace."""
+    import time
+
+    from morphml.cli import build_search, load_experiment
+    from morphml.distributed.coordinator import ExperimentCoordinator
+    from morphml.distributed.journal import Journal
+    from morphml.distributed.master import MasterServer
+    from morphml.distributed.worker import WorkerConfig, WorkerNode
+    from proc_helpers import TOKEN
+
+    manifest = median_manifest(tmp_path / "m.yaml", "tests.report_evaluators:curve", max_trials=3)
+    optimizer, settings = build_search(load_experiment(str(manifest)), heartbeat_interval=1.0)
+    coordinator = ExperimentCoordinator(optimizer, settings, Journal(tmp_path / "journal.db"))
+    server = MasterServer(coordinator, 0, "127.0.0.1", TOKEN)
+    servicer = server.servicer  # changed before start(): the server binds its methods then
+    register = servicer.Register
+
+    async def old_register(request, context):
+        reply = await register(request, context)
+        reply.answers_progress = False
+        return reply
+
+    async def drop_progress(worker_id, batch, outbox):
+        return None
+
+    servicer.Register = old_register
+    servicer._accept_progress = drop_progress
+    server.start()
+    node = WorkerNode(WorkerConfig(master=f"127.0.0.1:{server.port}", token=TOKEN, name="new-worker"))
+    started = time.monotonic()
+    node.start(block=False)
+    try:
+        assert coordinator.wait_done(60), coordinator.status()
+        took = time.monotonic() - started
+        st = coordinator.status()
+        assert (st["succeeded"], st["stopped"]) == (3, 0)  # nothing reported, nothing judged
+        assert coordinator.journal.curves() == []
+        assert took < 25, took  # one unanswered report alone would have waited 30 s
+    finally:
+        if not node.wait(5):  # told "experiment over" by the master, it leaves by itself
+            node.drain("test over")
+            node.wait(30)
+        server.stop()
+        coordinator.journal.close()

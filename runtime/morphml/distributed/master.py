@@ -256,7 +256,8 @@ class MasterServicer(pb_grpc.MasterServicer):
         s = self.coord.settings
         return pb.RegisterReply(worker_id=worker_id, heartbeat_interval_seconds=s.heartbeat_interval,
                                 missed_heartbeats=s.missed_heartbeats, experiment_name=s.name,
-                                adopted=[pb.LeaseRef(task_id=t, attempt=a) for t, a in adopted])
+                                adopted=[pb.LeaseRef(task_id=t, attempt=a) for t, a in adopted],
+                                answers_progress=True)
 
     @unavailable_when_halted
     async def Connect(  # type: ignore[override]  # writes with context.write instead of yielding

@@ -14,7 +14,8 @@ reported, the rest are handed back, then Deregister.
 
 Progress: a runner's progress line (an epoch, a report() of a custom evaluator) goes to the
 master on the session stream (WorkerMessage.progress); the master's ProgressDecision for it is
-written back to that runner's stdin. With no session (master away) the worker answers
+written back to that runner's stdin. With no session (master away), or a master that does not
+answer progress (RegisterReply.answers_progress false: an older release), the worker answers
 "continue" itself at once, and a session that ends answers every report still waiting so.
 
 Liveness: the worker's gRPC health (services "" and "morphml.Worker", what the kubelet's
@@ -335,6 +336,7 @@ class WorkerNode:
         # Progress reports sent on the live session and not answered yet: (task, attempt, step) -> slot.
         self._unanswered: dict[tuple[str, int, int], int] = {}
         self._lease_keys: dict[tuple[str, int], str] = {}  # running lease -> its lease_key
+        self._master_answers_progress = False  # RegisterReply.answers_progress of the current master
         # Per slot, a pipe that wakes the slot thread out of its wait on the runner when a lease
         # arrives, so it can queue the lease behind the running trial.
         self._wake = [os.pipe() for _ in range(config.slots)]
@@ -467,6 +469,7 @@ class WorkerNode:
                                     f"({exc.code().name}): {exc.details()}") from exc
             raise
         self._worker_id = reply.worker_id
+        self._master_answers_progress = reply.answers_progress
         self._heartbeat_interval = reply.heartbeat_interval_seconds or 10.0
         self._set_liveness_bounds(self._heartbeat_interval)
         adopted = {(r.task_id, r.attempt) for r in reply.adopted}
@@ -586,7 +589,7 @@ class WorkerNode:
         with self._lock:
             send = self._send
             lease_key = self._lease_keys.get(key[:2])
-            if send is not None and lease_key is not None:
+            if send is not None and lease_key is not None and self._master_answers_progress:
                 self._unanswered[key] = slot
                 send.put(pb.WorkerMessage(progress=pb.ProgressBatch(reports=[pb.Progress(
                     lease=pb.LeaseRef(task_id=key[0], attempt=key[1]), step=key[2], metrics_json=metrics_json,

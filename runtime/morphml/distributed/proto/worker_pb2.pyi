@@ -99,6 +99,7 @@ class RegisterReply(_message.Message):
     MISSED_HEARTBEATS_FIELD_NUMBER: _builtins.int
     EXPERIMENT_NAME_FIELD_NUMBER: _builtins.int
     ADOPTED_FIELD_NUMBER: _builtins.int
+    ANSWERS_PROGRESS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """Id of this registration (a new one per reconnect); used in every later call."""
     heartbeat_interval_seconds: _builtins.float
@@ -107,6 +108,11 @@ class RegisterReply(_message.Message):
     """Heartbeats that may be missed before the worker is declared dead."""
     experiment_name: _builtins.str
     """Name of the experiment (metadata.name of the manifest)."""
+    answers_progress: _builtins.bool
+    """True: this master answers WorkerMessage.progress with MasterMessage.decisions. A master
+    from before progress reports leaves it false; its workers then send no Progress and answer
+    their trials "continue" themselves (a report would otherwise wait for an answer never sent).
+    """
     @_builtins.property
     def adopted(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseRef]:
         """Leases from RegisterRequest.running that the master re-adopted (the worker keeps
@@ -121,10 +127,11 @@ class RegisterReply(_message.Message):
         missed_heartbeats: _builtins.int = ...,
         experiment_name: _builtins.str = ...,
         adopted: _abc.Iterable[Global___LeaseRef] | None = ...,
+        answers_progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "experiment_name", b"experiment_name", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "missed_heartbeats", b"missed_heartbeats", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adopted", b"adopted", "answers_progress", b"answers_progress", "experiment_name", b"experiment_name", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "missed_heartbeats", b"missed_heartbeats", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
