@@ -79,6 +79,35 @@ def test_median_rule_stops_weak_reporting_trials_which_finish_stopped_and_keep_t
     assert read_trials(out) == rows
 
 
+@pytest.mark.timeout(180)
+def test_the_builtin_trainer_reports_every_epoch_and_stops_where_the_median_rule_says(procs, tmp_path):
+    manifest = median_manifest(tmp_path / "m.yaml", "tests.report_evaluators:curve", max_trials=5)
+    doc = yaml.safe_load(manifest.read_text())
+    del doc["spec"]["evaluation"]["evaluator"]  # the built-in trainer on digits
+    doc["spec"]["evaluation"].update({"epochs": 3, "batchSize": 64})
+    manifest.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    proc = procs.spawn(["run", str(manifest), "--workers", "1", "--output", str(out)], "run.log")
+    assert proc.wait(timeout=160) == 0, proc.log_path.read_text()
+    rows = read_trials(out)
+    # the seeded search's 4th trial is far below the others after epoch 2 (about 0.78 against 0.85-0.94)
+    assert len(rows) == 5 and {r["status"] for r in rows} == {"succeeded", "stopped"}, rows
+    with reading(out / "journal.db") as journal:
+        curves = {r["trial_id"]: journal.curves(r["trial_id"]) for r in rows}
+        stopped = {e["task_id"]: e["detail"]["step"] for e in journal.events("stop_decided")}
+    for r in rows:
+        points = curves[r["trial_id"]]
+        assert [p["step"] for p in points] == [p["metrics"]["epoch"] for p in points] == \
+            list(range(1, int(r["epochs"]) + 1))
+        assert all(set(p["metrics"]) == {"epoch", "val_accuracy", "val_loss", "train_loss", "seconds"} for p in points)
+        # the result is the last epoch's validation
+        assert float(r["val_accuracy"]) == pytest.approx(points[-1]["metrics"]["val_accuracy"])
+        if r["status"] == "stopped":
+            assert int(r["epochs"]) == stopped[r["trial_id"]] > WARMUP
+        else:
+            assert int(r["epochs"]) == 3 and r["trial_id"] not in stopped
+
+
 @pytest.mark.timeout(90)
 def test_a_three_argument_evaluator_runs_unchanged_under_the_median_rule(procs, tmp_path):
     manifest = median_manifest(tmp_path / "m.yaml", "tests.evaluators:instant", max_trials=4)
