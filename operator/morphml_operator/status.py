@@ -98,16 +98,18 @@ def compute_status(
     if master is not None:
         succeeded = int(master.get("succeeded", 0))
         failed = int(master.get("failed", 0))
+        stopped = int(master.get("stopped", 0))  # early-stopped: finished, not failed
         running = int(master.get("running", 0))
         registered = sum(1 for w in master.get("workers", []) if w.get("state") != "dead")
     else:
-        succeeded = failed = running = 0
+        succeeded = failed = stopped = running = 0
         registered = int((previous.get("workers") or {}).get("registered", 0))
     succeeded = max(succeeded, int(old_trials.get("succeeded", 0)))
     failed = max(failed, int(old_trials.get("failed", 0)))
+    stopped = max(stopped, int(old_trials.get("stopped", 0)))
     if master is None:
         running = int(old_trials.get("running", 0))
-    done = succeeded + failed
+    done = succeeded + failed + stopped
 
     # Phase.
     master_phase = (master or {}).get("phase", "")
@@ -137,7 +139,7 @@ def compute_status(
     status: dict[str, Any] = {
         "phase": phase,
         "observedGeneration": generation,
-        "trials": {"done": done, "succeeded": succeeded, "failed": failed,
+        "trials": {"done": done, "succeeded": succeeded, "failed": failed, "stopped": stopped,
                    "running": running if phase not in TERMINAL_PHASES else 0, "budget": budget},
         "trialsSummary": f"{done}/{budget}",
         "workers": {

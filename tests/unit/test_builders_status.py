@@ -48,7 +48,7 @@ def test_running_master_starts_the_experiment_once():
                                                        workers=[{"state": "busy"}, {"state": "dead"}]),
                           now="2026-11-29T09:01:00Z")
     assert status["phase"] == "Running"
-    assert status["trials"] == {"done": 4, "succeeded": 3, "failed": 1, "running": 2, "budget": 24}
+    assert status["trials"] == {"done": 4, "succeeded": 3, "failed": 1, "stopped": 0, "running": 2, "budget": 24}
     assert status["trialsSummary"] == "4/24"
     assert status["workers"]["registered"] == 1
     assert status["startTime"] == "2026-11-29T09:01:00Z"
@@ -227,3 +227,11 @@ def test_best_names_the_first_of_several_objectives_when_the_master_does_not_say
     reply.pop("metric", None)
     status, _ = step({"phase": "Running"}, reply, spec=spec)
     assert status["best"]["metric"] == "val_loss"
+
+
+def test_early_stopped_trials_count_as_done_not_failed():
+    reply = master(succeeded=3, failed=1)
+    reply["stopped"] = 5
+    status, _ = step({"phase": "Running"}, reply)
+    assert status["trials"]["done"] == 9 and status["trials"]["stopped"] == 5 and status["trials"]["failed"] == 1
+    assert status["trialsSummary"] == "9/24"
