@@ -103,7 +103,7 @@ def journal_counts(path: Path) -> dict[str, dict[str, int]]:
     journal = Journal.open_read_only(path)
     try:
         tasks = journal.load_tasks()
-        return {"outcome": {o: sum(t.state.value == o for t in tasks) for o in ("succeeded", "failed")},
+        return {"outcome": {o: sum(t.state.value == o for t in tasks) for o in ("succeeded", "failed", "stopped")},
                 "detected_by": journal.count_losses_by_reason(),
                 "disposition": journal.count_results_by_disposition(),
                 "phase": {journal.get_meta("phase"): 1}}

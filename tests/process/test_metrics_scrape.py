@@ -32,7 +32,7 @@ def journal_counts(path: Path) -> dict[tuple[str, tuple], float]:
     try:
         tasks = journal.load_tasks()
         out = {("morphml_trials_total", (("outcome", outcome),)): float(sum(t.state.value == outcome for t in tasks))
-               for outcome in ("succeeded", "failed")}
+               for outcome in ("succeeded", "failed", "stopped")}
         for reason, count in journal.count_losses_by_reason().items():
             out[("morphml_worker_losses_total", (("detected_by", reason),))] = float(count)
         for disposition, count in journal.count_results_by_disposition().items():

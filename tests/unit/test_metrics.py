@@ -130,6 +130,7 @@ def test_counters_and_gauges_follow_the_coordinator_and_equal_the_journal_after_
     drive(coord, clock)
     s = scrape(metrics)
     expected = {("morphml_trials_total", "outcome", "succeeded"): 2, ("morphml_trials_total", "outcome", "failed"): 1,
+                ("morphml_trials_total", "outcome", "stopped"): 0,
                 ("morphml_worker_losses_total", "detected_by", "stream"): 1,
                 ("morphml_worker_losses_total", "detected_by", "pod_gone"): 1,
                 ("morphml_worker_losses_total", "detected_by", "heartbeat"): 0,
@@ -210,3 +211,25 @@ def test_a_halted_master_reports_no_counts(tmp_path):
     scraped = scrape(metrics)
     assert "morphml_trials_total" not in scraped and "morphml_journal_commit_seconds" in scraped
     coord.journal.close()
+
+
+def test_a_trial_the_median_rule_stopped_is_counted_as_stopped_not_failed(tmp_path):
+    from morphml.distributed.coordinator import ProgressReport
+    from morphml.distributed.schedulers import EarlyStoppingSettings
+
+    settings = ExperimentSettings(max_trials=3, max_failed_trials=0, heartbeat_interval=1.0,
+                                  early_stopping=EarlyStoppingSettings("median", 1))
+    coord = ExperimentCoordinator(CountingOptimizer(), settings, Journal(tmp_path / "j.db"), ManualClock())
+    _, box = join(coord, "w", slots=3)
+    trials = leases(box)
+    for lease, curve in zip(trials, ([0.5, 0.8], [0.5, 0.85], [0.2, 0.3]), strict=True):
+        key = coord.lease_key(lease.task_id, lease.attempt)
+        for step, v in enumerate(curve, 1):
+            coord.report_progress([ProgressReport(lease.task_id, lease.attempt, step, {"val_accuracy": v},
+                                                  lease_key=key)])
+    for lease in trials:
+        assert coord.report_result(lease.task_id, lease.attempt, True, {"val_accuracy": 0.5}) == "accepted"
+    s = scrape(MasterMetrics(coord))
+    assert value(s, "morphml_trials_total", outcome="stopped") == 1
+    assert value(s, "morphml_trials_total", outcome="succeeded") == 2
+    assert value(s, "morphml_trials_total", outcome="failed") == 0

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("morphml.metrics")
 
-TRIAL_OUTCOMES = ("succeeded", "failed")
+TRIAL_OUTCOMES = ("succeeded", "failed", "stopped")
 TRIAL_STATES = ("pending", "running")
 RESULT_DISPOSITIONS = ("accepted", "stale", "duplicate", "unknown", "refused")
 LOSS_REASONS = ("stream", "heartbeat", "pod_gone", "deregister")
@@ -60,7 +60,8 @@ class MetricSpec:
 
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("morphml_trials", "counter", ("outcome",),
-               "Trials finished, by outcome (succeeded, failed); each trial counted once, over the whole journal."),
+               "Trials finished, by outcome (succeeded, failed, stopped); each trial counted once, "
+               "over the whole journal."),
     MetricSpec("morphml_trials_current", "gauge", ("state",),
                "Trials proposed and not finished, by state (pending: waiting for a lease, running: leased)."),
     MetricSpec("morphml_trial_budget", "gauge", (), "Trials the experiment may finish (spec.budget.maxTrials)."),
