@@ -1,0 +1,190 @@
+"""The operator end to end on the real node (issue 14, acceptance 2):
+``helm install`` of the real chart, the operator as a pod from the ``morphml-master`` image built in
+this run, a short digits experiment whose master and workers run as containers from the
+``morphml-master`` / ``morphml-worker`` images, to Succeeded with each trial counted once in the
+journal.
+
+The images come from ``tests.cluster.images`` (built if the tree changed, then imported into the
+node's containerd: the worker archive, ~3 GB with torch, takes minutes), once per module. The
+journal claim is bound to a hostPath PersistentVolume this module creates, pre-bound to the claim
+(``claimRef``): the process node made one such volume per claim; the real node has no provisioner.
+
+Imports: pytest, PyYAML, the standard library, this package's modules.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster import images
+from tests.cluster.kube import Kube
+from tests.cluster.operator_trials import finished_once, journal_file, read_journal
+
+pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "morphml"
+DIGITS = ROOT / "examples" / "digits.yaml"
+#: Small requests: the node has the machine's CPUs (2 here), and the default worker asks for one each.
+WORKER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "3Gi"}}
+
+
+def digits(name: str, trials: int, epochs: int = 1) -> dict[str, Any]:
+    """examples/digits.yaml, shortened: ``trials`` trials of ``epochs`` epochs on 2 CPU workers."""
+    manifest: dict[str, Any] = yaml.safe_load(DIGITS.read_text())
+    manifest["metadata"]["name"] = name
+    spec = manifest["spec"]
+    spec["optimizer"].update({"populationSize": trials, "generations": 1, "elitism": 1, "tournamentSize": 2})
+    spec["evaluation"]["epochs"] = epochs
+    spec["budget"] = {"maxTrials": trials, "maxFailedTrials": 2}
+    spec["workers"] = {"replicas": 2, "gpusPerWorker": 0, "resources": WORKER_RESOURCES}
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def built_images(real_kube: Kube) -> dict[str, images.BuiltImage]:
+    """Both images, built (or cached) for this tree and imported into the node's containerd."""
+    t0 = time.monotonic()
+    built = images.ensure_images()
+    t1 = time.monotonic()
+    for image in built.values():
+        real_kube.node.import_image(image.archive)  # type: ignore[attr-defined]
+    print(f"\nmorphml: images ready in {t1 - t0:.1f} s, imported in {time.monotonic() - t1:.1f} s "
+          f"({', '.join(i.ref for i in built.values())})", flush=True)
+    return built
+
+
+@pytest.fixture(scope="module")
+def real_operator(real_kube: Kube, built_images: dict[str, images.BuiltImage]) -> Iterator[tuple[str, str]]:
+    """The chart installed with the built images' tags; yields (namespace, operator pod name)."""
+    kube = real_kube
+    namespace = f"morphml-system-{os.urandom(2).hex()}"
+    kube.kubectl("create", "namespace", namespace)
+    kube.wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", namespace,
+                                       check=False).returncode == 0, 30, 0.1, "the default ServiceAccount")
+    try:
+        t0 = time.monotonic()
+        # pullPolicy Never: the images are in the node's containerd or the pods fail at once
+        # (nothing is pulled from anywhere).
+        kube.helm("install", "morphml", str(CHART), "--namespace", namespace,
+                  "--set", f"image.tag={built_images['master'].tag}",
+                  "--set", f"workerImage.tag={built_images['worker'].tag}",
+                  "--set", "image.pullPolicy=Never", "--set", "operator.statusIntervalSeconds=2",
+                  "--wait", "--timeout", "180s", timeout=240)
+        pods = kube.wait_pods_ready(namespace, "app.kubernetes.io/component=operator", 1, timeout=60)
+        print(f"\nmorphml: helm install to a Ready operator pod in {time.monotonic() - t0:.1f} s", flush=True)
+        yield namespace, pods[0]["metadata"]["name"]
+    finally:
+        kube.helm("uninstall", "morphml", "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@pytest.fixture
+def journal_volume(real_kube: Kube) -> Iterator[Any]:
+    """``bind(namespace, experiment) -> Path``: a hostPath PersistentVolume pre-bound to the
+    experiment's journal claim, on a directory the master (UID 1000) can write; removed afterwards."""
+    made: list[tuple[str, Path]] = []
+
+    def bind(namespace: str, experiment: str) -> Path:
+        directory = Path(tempfile.mkdtemp(prefix="morphml-journal-"))
+        os.chown(directory, 1000, 1000)  # hostPath ignores fsGroup: the master runs as 1000
+        name = f"journal-{namespace}"[:63]
+        made.append((name, directory))
+        real_kube.apply({
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                     "claimRef": {"namespace": namespace, "name": f"{experiment}-journal"},
+                     "hostPath": {"path": str(directory), "type": "Directory"}}})
+        return directory
+
+    yield bind
+    for name, directory in made:
+        real_kube.kubectl("delete", "pv", name, "--wait=false", check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
+    status: dict[str, Any] = kube.kubectl_json("get", "nasexperiment", name, "-n", ns).get("status", {})
+    return status
+
+
+def _ended(kube: Kube, ns: str, name: str) -> dict[str, Any] | None:
+    status = _status(kube, ns, name)
+    return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+
+def _running_pods(kube: Kube, ns: str, selector: str) -> list[dict[str, Any]]:
+    return [p for p in kube.pods(ns, selector) if not p["metadata"].get("deletionTimestamp")
+            and p["status"].get("phase") == "Running"
+            and all(c.get("state", {}).get("running") for c in p["status"].get("containerStatuses", [{}]))]
+
+
+def _container_images(kube: Kube, pods: list[dict[str, Any]]) -> dict[str, str]:
+    """pod name -> the image containerd runs its (first) container from, read from ``ctr containers list``."""
+    listing = kube.node.ctr("containers", "list")  # type: ignore[attr-defined]
+    by_id = {line.split()[0]: line.split()[1] for line in listing.splitlines()[1:] if len(line.split()) >= 2}
+    out = {}
+    for pod in pods:
+        container_id = pod["status"]["containerStatuses"][0]["containerID"].split("//", 1)[1]
+        out[pod["metadata"]["name"]] = by_id.get(container_id, f"<{container_id} not in ctr containers list>")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_digits_succeeds_with_operator_master_and_workers_running_from_the_built_images(
+        real_kube: Kube, real_operator: tuple[str, str], built_images: dict[str, images.BuiltImage],
+        real_namespace: str, journal_volume: Any) -> None:
+    kube, ns = real_kube, real_namespace
+    op_ns, op_pod = real_operator
+    trials = 4
+    journal_volume(ns, "digits")
+    t0 = time.monotonic()
+    kube.apply(digits("digits", trials), ns)
+    timings: dict[str, float] = {}
+
+    # While it runs: the operator, the master and both workers are containers from the built images.
+    def all_running() -> list[dict[str, Any]] | None:
+        master = _running_pods(kube, ns, "morphml.io/experiment=digits,app.kubernetes.io/component=master")
+        workers = _running_pods(kube, ns, "morphml.io/experiment=digits,app.kubernetes.io/component=worker")
+        return master + workers if len(master) == 1 and len(workers) == 2 else None
+
+    pods = kube.wait_for(all_running, 300, 0.5, "the master and 2 worker pods running")
+    timings["pods_running"] = time.monotonic() - t0
+    operator_pod = kube.kubectl_json("get", "pod", op_pod, "-n", op_ns)
+    running = _container_images(kube, [operator_pod, *pods])
+    master_ref, worker_ref = built_images["master"].ref, built_images["worker"].ref
+    assert running[op_pod] == master_ref, running
+    for pod in pods:
+        component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert running[pod["metadata"]["name"]] == (master_ref if component == "master" else worker_ref), running
+    assert master_ref.split("/")[-1].startswith("morphml-master:") and worker_ref.split("/")[-1].startswith(
+        "morphml-worker:")
+
+    kube.wait_for(lambda: (_status(kube, ns, "digits").get("workers") or {}).get("registered") == 2, 300, 0.5,
+                  "both workers registered with the master")
+    timings["workers_registered"] = time.monotonic() - t0
+    status = kube.wait_for(lambda: _ended(kube, ns, "digits"), 600, 1.0, "digits to end")
+    timings["succeeded"] = time.monotonic() - t0
+    print(f"\nmorphml: digits ({trials} trials x 1 epoch, 2 workers) from apply: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()), flush=True)
+    assert status["phase"] == "Succeeded", status
+    assert status["trials"]["done"] == trials and status["trialsSummary"] == f"{trials}/{trials}", status
+    assert status["best"]["metric"] == "val_accuracy" and 0 < status["best"]["value"] <= 1, status["best"]
+
+    # The journal, on the hostPath volume: each trial finished (accepted) exactly once.
+    journal = read_journal(journal_file(kube, ns, "digits"))
+    accepted, twice = finished_once(journal)
+    assert len(accepted) == trials and twice == [], journal["results"]
+    assert journal["phase"] == "Succeeded", journal["phase"]
+
