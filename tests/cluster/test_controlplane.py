@@ -402,3 +402,52 @@ def test_up_and_down_commands_run_a_cluster_a_person_can_use(kube, tmp_path):
         os.kill(serve_pid, 0)
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "state")], capture_output=True, text=True)
     assert leftovers.stdout == "", f"processes of the stopped cluster still run: {leftovers.stdout}"
+
+
+@pytest.mark.timeout(60)
+def test_components_die_with_a_test_process_killed_before_its_teardown(tmp_path):
+    """A run killed with SIGKILL cannot stop what it started: the kernel must (parent-death signal)."""
+    import os
+    import signal
+    import subprocess
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from tests.cluster.controlplane import Component\n"
+        "c = Component('sleeper', ['sleep', '300'], Path(sys.argv[1]))\n"
+        "print(c.proc.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "sleeper.log")], cwd=root,
+                              stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 5  # setpriv execs the component: same pid, its own command line
+        while Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0] != b"sleep":
+            assert time.monotonic() < deadline, "the component never started"
+            time.sleep(0.02)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                state = Path(f"/proc/{child}/stat").read_text().split()[2]
+            except FileNotFoundError:
+                break
+            if state == "Z":  # killed, waiting for init to reap it
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"component {child} outlived the killed test process")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if child is not None:
+            try:
+                os.killpg(child, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
