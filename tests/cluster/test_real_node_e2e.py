@@ -1,4 +1,4 @@
-"""The operator end to end on the real node (issue 14, acceptance 2):
+"""The operator end to end on the real node (issue 14, acceptance 2; item 5's NetworkPolicy test):
 ``helm install`` of the real chart, the operator as a pod from the ``morphml-master`` image built in
 this run, a short digits experiment whose master and workers run as containers from the
 ``morphml-master`` / ``morphml-worker`` images, to Succeeded with each trial counted once in the
@@ -34,6 +34,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "morphml"
 DIGITS = ROOT / "examples" / "digits.yaml"
+MASTER_PORT = 50051
+METRICS_PORT = 9464
 #: Small requests: the node has the machine's CPUs (2 here), and the default worker asks for one each.
 WORKER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "3Gi"}}
 
@@ -140,6 +142,11 @@ def _container_images(kube: Kube, pods: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def _exec(kube: Kube, ns: str, pod: str, *args: str) -> tuple[int, str]:
+    done = kube.kubectl("exec", pod, "-n", ns, "--", "/testbox", *args, check=False, timeout=30)
+    return done.returncode, done.stdout + done.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_digits_succeeds_with_operator_master_and_workers_running_from_the_built_images(
@@ -188,3 +195,91 @@ def test_digits_succeeds_with_operator_master_and_workers_running_from_the_built
     assert len(accepted) == trials and twice == [], journal["results"]
     assert journal["phase"] == "Succeeded", journal["phase"]
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_experiments_network_policy_blocks_other_pods_from_the_master_port(
+        real_kube: Kube, real_operator: tuple[str, str], real_namespace: str, journal_volume: Any) -> None:
+    kube, ns = real_kube, real_namespace
+    journal_volume(ns, "guarded")
+    # A budget it will not reach while the test looks.
+    kube.apply(digits("guarded", 200), ns)
+    testbox = kube.node.images["testbox"]  # type: ignore[attr-defined]
+    worker_labels = {"morphml.io/experiment": "guarded", "app.kubernetes.io/component": "worker"}
+    for name, labels in (("intruder", {"app": "intruder"}), ("lookalike", worker_labels)):
+        kube.apply({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": ns, "labels": labels},
+                    "spec": {"terminationGracePeriodSeconds": 1,
+                             "containers": [{"name": "main", "image": testbox, "imagePullPolicy": "Never",
+                                             "args": ["sleep", "3600"]}]}})
+    kube.wait_for(lambda: (_status(kube, ns, "guarded").get("workers") or {}).get("registered") == 2, 300, 0.5,
+                  "both workers registered with the master (they reach its port)")
+    master = _running_pods(kube, ns, "morphml.io/experiment=guarded,app.kubernetes.io/component=master")[0]
+    master_ip = master["status"]["podIP"]
+    kube.wait_for(lambda: len(_running_pods(kube, ns, "app=intruder")) == 1, 60, 0.3, "the intruder pod running")
+    kube.wait_for(lambda: len(_running_pods(kube, ns, "morphml.io/experiment=guarded,"
+                                            "app.kubernetes.io/component=worker")) == 3, 60, 0.3, "the lookalike")
+    # The intruder has a network: the master's metrics port (open to anyone) answers it with metrics.
+    code, out = _exec(kube, ns, "intruder", "get", f"http://{master_ip}:{METRICS_PORT}/metrics")
+    assert code == 0 and "morphml_" in out, out
+    # ...but not the gRPC port; a pod with the workers' labels connects to it.
+    # (kube-router programs the policy a moment after it appears; it was made with the master pod.)
+    kube.wait_for(lambda: _exec(kube, ns, "intruder", "connect", f"{master_ip}:{MASTER_PORT}")[0] != 0, 30, 0.5,
+                  "kube-router to block the intruder")
+    code, out = _exec(kube, ns, "intruder", "connect", f"{master_ip}:{MASTER_PORT}")
+    assert code != 0 and "connected to" not in out and f"connect {master_ip}:{MASTER_PORT}: " in out, out
+    code, out = _exec(kube, ns, "lookalike", "connect", f"{master_ip}:{MASTER_PORT}")
+    assert code == 0 and f"connected to {master_ip}:{MASTER_PORT}" in out, out
+    # The intruder and the lookalike differ only in their labels, and the intruder reaches the
+    # metrics port: the refusal is the policy's (the operator restores a deleted policy at once, so
+    # "delete it and see" is no control here; test_real_node.py shows kube-router does the blocking).
+    policy = kube.kubectl_json("get", "networkpolicy", "guarded-master", "-n", ns)
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"morphml.io/experiment": "guarded",
+                                                           "app.kubernetes.io/component": "master"}, policy
+    kube.kubectl("delete", "nasexperiment", "guarded", "-n", ns, "--wait=true", timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_master_container_killed_by_the_runtime_resumes_from_its_journal(
+        real_kube: Kube, real_operator: tuple[str, str], real_namespace: str, journal_volume: Any) -> None:
+    kube, ns = real_kube, real_namespace
+    trials = 12
+    journal_volume(ns, "killed")
+    kube.apply(digits("killed", trials), ns)
+    selector = "morphml.io/experiment=killed,app.kubernetes.io/component=master"
+    kube.wait_for(lambda: (_status(kube, ns, "killed").get("trials") or {}).get("done", 0) >= 2, 600, 0.5,
+                  "two trials done")
+    path = journal_file(kube, ns, "killed")
+    before, _ = finished_once(read_journal(path))
+    master = _running_pods(kube, ns, selector)[0]
+    container_id = master["status"]["containerStatuses"][0]["containerID"].split("//", 1)[1]
+    killed_at = time.time()
+    # SIGKILL from the runtime itself: no pod deletion, no grace period; the kubelet restarts the
+    # container (restartPolicy Always) in the same pod, on the same journal volume.
+    kube.node.ctr("tasks", "kill", "--signal", "SIGKILL", container_id)  # type: ignore[attr-defined]
+
+    def restarted() -> dict[str, Any] | None:
+        pods = _running_pods(kube, ns, selector)
+        status = pods[0]["status"]["containerStatuses"][0] if pods else {}
+        return status if status.get("restartCount", 0) >= 1 else None
+
+    container = kube.wait_for(restarted, 120, 0.5, "the kubelet to restart the master container")
+    assert pods_uid(kube, ns, selector) == master["metadata"]["uid"]  # the same pod: only the container died
+    assert container["lastState"]["terminated"]["exitCode"] == 137, container
+    assert container["containerID"].split("//", 1)[1] != container_id
+    status = kube.wait_for(lambda: _ended(kube, ns, "killed"), 600, 1.0, "killed to end")
+    assert status["phase"] == "Succeeded", status
+    assert status["trials"]["done"] == trials, status
+    journal = read_journal(path)
+    accepted, twice = finished_once(journal)
+    assert len(accepted) == trials and twice == [], journal["results"]
+    # What was done before the kill was kept, not run again: its results are the ones from before.
+    first = {r["task_id"]: r["received_at"] for r in journal["results"] if r["disposition"] == "accepted" and r["ok"]}
+    assert before and all(first[task] < killed_at for task in before), (before, first, killed_at)
+
+
+def pods_uid(kube: Kube, ns: str, selector: str) -> str:
+    pods = [p for p in kube.pods(ns, selector) if not p["metadata"].get("deletionTimestamp")]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    return str(pods[0]["metadata"]["uid"])
