@@ -683,14 +683,22 @@ class RealNode:
         return self
 
     def _lock(self) -> None:
+        """Wait for the host. ``_lock_file`` is set only once the lock is held: ``stop()`` undoes the
+        host only then, so a run interrupted while it waits (Ctrl-C, SIGTERM) leaves the node of
+        the run that holds the host alone."""
         HOST_RECORD_DIR.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(NODE_LOCK, "w")
+        lock_file = open(NODE_LOCK, "w")  # held open (flocked) for the node's lifetime
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"morphml: another real node runs on this host; waiting for {NODE_LOCK}", file=sys.stderr,
-                  flush=True)
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"morphml: another real node runs on this host; waiting for {NODE_LOCK}", file=sys.stderr,
+                      flush=True)
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+        except BaseException:
+            lock_file.close()
+            raise
+        self._lock_file = lock_file
 
     def _unlock(self) -> None:
         if self._lock_file is not None:

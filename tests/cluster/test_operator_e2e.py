@@ -60,8 +60,11 @@ def operator(kube):
 
 
 def operator_log(kube, operator) -> str:
+    """The log of the operator pod running now (a test may have replaced the fixture's pod)."""
     namespace, pod = operator
-    return kube.pod_log(namespace, pod)[-6000:]
+    live = [p["metadata"]["name"] for p in kube.pods(namespace, "app.kubernetes.io/component=operator")
+            if not p["metadata"].get("deletionTimestamp")]
+    return kube.pod_log(namespace, pod if pod in live or not live else live[0])[-6000:]
 
 
 def experiment(kube, namespace: str, name: str) -> dict:
