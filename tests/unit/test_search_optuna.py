@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
 from morphml.experiment import ManifestError, load_manifest
-from morphml.graph import ArchitectureGraph, build_graph_from_choices
+from morphml.graph import build_graph_from_choices
 from morphml.optimizers import (
     ConstrainedOptimizer,
     MultiObjectiveEvolution,
@@ -27,37 +25,11 @@ from morphml.optimizers import (
 )
 from morphml.optimizers.optuna_samplers import program_from_trial
 from morphml.pareto import dominates, pareto_front
-from morphml.space import Block, Layer, SearchSpace
+from test_optimizers import DIGITS, score, space  # one test space and landscape for both
 
 pytestmark = pytest.mark.unit
 
-DIGITS = Path(__file__).resolve().parents[2] / "examples" / "digits.yaml"
 TWO = [{"metric": "val_accuracy", "goal": "maximize"}, {"metric": "params", "goal": "minimize"}]
-
-
-def space() -> SearchSpace:
-    return (
-        SearchSpace("opt")
-        .add_layers(
-            Layer.conv2d(filters=[8, 16, 32], kernel_size=[3, 5], activation=["relu", "gelu"]),
-            Layer.batchnorm(optional=True),
-            Block([Layer.conv2d(filters=[8, 16, 32])], repeat=(0, 2), skip=["none", "add", "concat"]),
-            Layer.maxpool(pool_size=[2]),
-            Layer.flatten(),
-            Layer.dense(units=[16, 32, 64]),
-            Layer.dropout(rate=[0.0, 0.2]),
-        )
-        .bind([1, 8, 8], 10)
-    )
-
-
-def score(graph: ArchitectureGraph) -> dict:
-    """Deterministic: best near 20k parameters, a little hash-derived noise; params reported."""
-    noise = int(graph.arch_hash[:6], 16) / 16**6 * 0.01
-    return {
-        "val_accuracy": 1.0 - abs(math.log(graph.param_count() / 20000)) / 10 + noise,
-        "params": graph.param_count(),
-    }
 
 
 def run(optimizer, batch: int = 3, stop_after: int | None = None) -> list[str]:
