@@ -17,7 +17,6 @@ helpers, tests.cluster.operator_trials.
 
 from __future__ import annotations
 
-import errno
 import re
 import subprocess
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from morphml.distributed.journal import Journal, JournalError
+from tests.disk import fill
 
 from .operator_trials import finished_once, journal_file, read_journal, repo_on_pythonpath
 from .test_operator_e2e import operator, quick_trials, wait_status  # noqa: F401 (operator: a fixture)
@@ -40,20 +40,6 @@ TRIAL_SECONDS = 2
 FILL_AFTER = 3  # trials journaled as succeeded before the disk fills
 MASTER = f"morphml.io/experiment={NAME},app.kubernetes.io/component=master"
 FAILED_COMMIT = re.compile(r"journal \S*journal\.db: (commit|a write) failed: \w+: .*(full|space)")
-
-
-def fill(directory: Path) -> Path:
-    """Writes zeros into directory until its file system is full (ENOSPC)."""
-    path = directory / "fill"
-    block = b"\0" * 65536
-    with open(path, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(block)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    return path
 
 
 def succeeded_in_journal(path: Path) -> int:

@@ -9,7 +9,6 @@ budget with every trial counted exactly once. Needs root (mount); the test suite
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
 import re
@@ -26,6 +25,7 @@ from morphml.distributed.journal import Journal
 from morphml.distributed.proto import worker_pb2 as pb
 from morphml.distributed.proto import worker_pb2_grpc as pb_grpc
 from proc_helpers import REPO, TOKEN, finished, free_port, status, wait_for, write_manifest
+from tests.disk import fill
 
 pytestmark = pytest.mark.process
 
@@ -82,20 +82,6 @@ class RecordingWorker(threading.Thread):
         finally:
             self.ended.set()
             self._outgoing.put(None)
-
-
-def fill(directory: Path) -> Path:
-    """Writes zeros into directory until the file system is full (ENOSPC)."""
-    path = directory / "fill"
-    block = b"\0" * 65536
-    with open(path, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(block)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-    return path
 
 
 @pytest.fixture
