@@ -139,6 +139,15 @@ def status(port: int, token: str = TOKEN) -> pb.ExperimentStatus | None:
         return None
 
 
+def running_worker(port: int) -> tuple[str, str, int] | None:
+    """(worker name, task id, attempt) of some live worker holding a lease, None if none does."""
+    st = status(port)
+    for w in st.workers if st else []:
+        if w.state != "dead" and w.running:
+            return w.worker_name, w.running[0].task_id, w.running[0].attempt
+    return None
+
+
 def finished(st) -> bool:
     return st is not None and st.phase in ("Succeeded", "Failed")
 

@@ -23,21 +23,13 @@ from proc_helpers import (
     journal_results,
     journal_task,
     journal_tasks,
+    running_worker,
     status,
     wait_for,
     write_manifest,
 )
 
 pytestmark = pytest.mark.process
-
-
-def running_worker(port: int):
-    """(worker name, task id, attempt) of some worker holding a lease."""
-    st = status(port)
-    for w in st.workers if st else []:
-        if w.state != "dead" and w.running:
-            return w.worker_name, w.running[0].task_id, w.running[0].attempt
-    return None
 
 
 @pytest.mark.timeout(90)

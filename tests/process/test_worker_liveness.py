@@ -30,6 +30,7 @@ from proc_helpers import (
     free_port,
     journal_events,
     journal_rows,
+    running_worker,
     status,
     wait_for,
     write_manifest,
@@ -69,15 +70,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def running_worker(port: int):
-    """(worker name, task id, attempt) of some live worker holding a lease."""
-    st = status(port)
-    for w in st.workers if st else []:
-        if w.state != "dead" and w.running:
-            return w.worker_name, w.running[0].task_id, w.running[0].attempt
-    return None
 
 
 @pytest.mark.timeout(150)
