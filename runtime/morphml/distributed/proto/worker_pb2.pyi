@@ -505,6 +505,10 @@ class Lease(_message.Message):
     EVALUATION_JSON_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     LEASE_KEY_FIELD_NUMBER: _builtins.int
+    START_EPOCH_FIELD_NUMBER: _builtins.int
+    STOP_EPOCH_FIELD_NUMBER: _builtins.int
+    SAVE_EPOCHS_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id (trial id)."""
     attempt: _builtins.int
@@ -520,6 +524,25 @@ class Lease(_message.Message):
     knows (kept in its journal, so it survives a restart). The result must quote it; the token
     lets a process talk to the master, the lease key lets it finish this one trial.
     """
+    start_epoch: _builtins.int
+    """Epochs the trial has trained already (0: a fresh start). With start_epoch > 0 the worker
+    resumes from `checkpoint` and trains epochs start_epoch+1 .. stop_epoch; progress steps are
+    absolute epochs, so a trial's curve continues across leases.
+    """
+    stop_epoch: _builtins.int
+    """Train until this many epochs in total (0: the evaluation's full budget, spec.evaluation.
+    training.epochs). A scheduler that runs trials in rungs (asha, hyperband) sets it.
+    """
+    @_builtins.property
+    def save_epochs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """After each of these epochs (sorted, in (start_epoch, stop_epoch]) save a checkpoint and
+        upload it with UploadCheckpoint; empty: no checkpoints (spec.artifacts, or no store).
+        """
+
+    @_builtins.property
+    def checkpoint(self) -> Global___Checkpoint:
+        """The checkpoint to resume from (set when start_epoch > 0); download it with DownloadArtifact."""
+
     def __init__(
         self,
         *,
@@ -529,14 +552,190 @@ class Lease(_message.Message):
         evaluation_json: _builtins.str = ...,
         seed: _builtins.int = ...,
         lease_key: _builtins.str = ...,
+        start_epoch: _builtins.int = ...,
+        stop_epoch: _builtins.int = ...,
+        save_epochs: _abc.Iterable[_builtins.int] | None = ...,
+        checkpoint: Global___Checkpoint | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_json", b"architecture_json", "attempt", b"attempt", "evaluation_json", b"evaluation_json", "lease_key", b"lease_key", "seed", b"seed", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_json", b"architecture_json", "attempt", b"attempt", "checkpoint", b"checkpoint", "evaluation_json", b"evaluation_json", "lease_key", b"lease_key", "save_epochs", b"save_epochs", "seed", b"seed", "start_epoch", b"start_epoch", "stop_epoch", b"stop_epoch", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class Checkpoint(_message.Message):
+    """A stored checkpoint of a trial."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    ARCH_HASH_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Store key, e.g. "checkpoints/t000017/epoch-0003.pt"."""
+    epoch: _builtins.int
+    """Epochs trained when it was saved."""
+    sha256: _builtins.str
+    """sha256 of the file (hex); the worker checks it after downloading."""
+    size: _builtins.int
+    """Size of the file in bytes."""
+    arch_hash: _builtins.str
+    """The architecture hash of the trial it belongs to (a checkpoint of another one is refused)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+        arch_hash: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch_hash", b"arch_hash", "epoch", b"epoch", "key", b"key", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Checkpoint: _TypeAlias = Checkpoint  # noqa: Y015
+
+@_typing.final
+class ArtifactChunk(_message.Message):
+    """One piece of an artifact in UploadCheckpoint (worker -> master) and DownloadArtifact
+    (master -> worker or `morphml results`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the file (at most 1 MiB per chunk; may be empty on the header chunk)."""
+    size: _builtins.int
+    """On the first chunk of a download only: the file's total size in bytes."""
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointHeader:
+        """On the first chunk of an upload only: what the file is."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint: Global___CheckpointHeader | None = ...,
+        data: _builtins.bytes = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "data", b"data", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactChunk: _TypeAlias = ArtifactChunk  # noqa: Y015
+
+@_typing.final
+class CheckpointHeader(_message.Message):
+    """What an uploaded checkpoint is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_FIELD_NUMBER: _builtins.int
+    LEASE_KEY_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    lease_key: _builtins.str
+    """The Lease's lease_key."""
+    epoch: _builtins.int
+    """Epochs trained when it was saved; one of Lease.save_epochs."""
+    sha256: _builtins.str
+    """sha256 of the whole file (hex)."""
+    size: _builtins.int
+    """Size of the whole file in bytes."""
+    @_builtins.property
+    def lease(self) -> Global___LeaseRef:
+        """The lease it was saved by (the live attempt)."""
+
+    def __init__(
+        self,
+        *,
+        lease: Global___LeaseRef | None = ...,
+        lease_key: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "lease", b"lease", "lease_key", b"lease_key", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointHeader: _TypeAlias = CheckpointHeader  # noqa: Y015
+
+@_typing.final
+class CheckpointAck(_message.Message):
+    """The master's answer to UploadCheckpoint, once the file is stored and journaled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    RECORDED_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The store key it was saved under."""
+    recorded: _builtins.bool
+    """False when the file is stored but the attempt stopped being live meanwhile (not journaled;
+    the trial will not resume from it).
+    """
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        recorded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "recorded", b"recorded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointAck: _TypeAlias = CheckpointAck  # noqa: Y015
+
+@_typing.final
+class ArtifactRequest(_message.Message):
+    """Which artifact DownloadArtifact should send."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    LEASE_KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """Store key ("checkpoints/...") or a file beside the journal ("best/model.pt", "trials.csv")."""
+    lease_key: _builtins.str
+    """That lease's lease_key."""
+    @_builtins.property
+    def lease(self) -> Global___LeaseRef:
+        """A worker's lease (needed for checkpoints); unset for `morphml results`."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        lease: Global___LeaseRef | None = ...,
+        lease_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "lease", b"lease", "lease_key", b"lease_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactRequest: _TypeAlias = ArtifactRequest  # noqa: Y015
 
 @_typing.final
 class Shutdown(_message.Message):

@@ -65,6 +65,16 @@ class MasterStub:
                 request_serializer=worker__pb2.StatusRequest.SerializeToString,
                 response_deserializer=worker__pb2.ExperimentStatus.FromString,
                 _registered_method=True)
+        self.UploadCheckpoint = channel.stream_unary(
+                '/morphml.Master/UploadCheckpoint',
+                request_serializer=worker__pb2.ArtifactChunk.SerializeToString,
+                response_deserializer=worker__pb2.CheckpointAck.FromString,
+                _registered_method=True)
+        self.DownloadArtifact = channel.unary_stream(
+                '/morphml.Master/DownloadArtifact',
+                request_serializer=worker__pb2.ArtifactRequest.SerializeToString,
+                response_deserializer=worker__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -116,6 +126,30 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadCheckpoint(self, request_iterator, context):
+        """A worker stores a checkpoint of a running lease (Lease.save_epochs). The first chunk carries
+        the header (ArtifactChunk.checkpoint), every chunk a piece of the file. The master streams it
+        to a temporary file (at most CheckpointHeader.size bytes, capped by the master), checks size
+        and sha256, stores it (spec.artifacts) and journals it; the ack comes only after all that.
+        A lease that is not live, or a wrong lease_key, is PERMISSION_DENIED; a size or sha256
+        mismatch INVALID_ARGUMENT (nothing stored). A master from before checkpoints answers
+        UNIMPLEMENTED: the worker then trains on without checkpoints.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadArtifact(self, request, context):
+        """Reads a stored artifact in chunks. A worker names its lease: it may read the checkpoint that
+        lease resumes from (Lease.checkpoint). Without a lease only the finished experiment's files
+        beside the journal may be read: best/model.pt, best/architecture.json, best/metrics.json and
+        trials.csv (what `morphml results` fetches). Anything else is PERMISSION_DENIED; a missing
+        file NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +182,16 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=worker__pb2.StatusRequest.FromString,
                     response_serializer=worker__pb2.ExperimentStatus.SerializeToString,
+            ),
+            'UploadCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadCheckpoint,
+                    request_deserializer=worker__pb2.ArtifactChunk.FromString,
+                    response_serializer=worker__pb2.CheckpointAck.SerializeToString,
+            ),
+            'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArtifact,
+                    request_deserializer=worker__pb2.ArtifactRequest.FromString,
+                    response_serializer=worker__pb2.ArtifactChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +357,60 @@ class Master:
             '/morphml.Master/GetStatus',
             worker__pb2.StatusRequest.SerializeToString,
             worker__pb2.ExperimentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/morphml.Master/UploadCheckpoint',
+            worker__pb2.ArtifactChunk.SerializeToString,
+            worker__pb2.CheckpointAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/morphml.Master/DownloadArtifact',
+            worker__pb2.ArtifactRequest.SerializeToString,
+            worker__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,

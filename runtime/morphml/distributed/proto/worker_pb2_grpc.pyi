@@ -70,6 +70,22 @@ class MasterStub:
     """The operator reports a worker pod gone (deleted, failed, unready): death at once."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_worker_pb2.StatusRequest, _worker_pb2.ExperimentStatus]
     """Progress of the experiment, for the operator (CR status) and the local CLI."""
+    UploadCheckpoint: _grpc.StreamUnaryMultiCallable[_worker_pb2.ArtifactChunk, _worker_pb2.CheckpointAck]
+    """A worker stores a checkpoint of a running lease (Lease.save_epochs). The first chunk carries
+    the header (ArtifactChunk.checkpoint), every chunk a piece of the file. The master streams it
+    to a temporary file (at most CheckpointHeader.size bytes, capped by the master), checks size
+    and sha256, stores it (spec.artifacts) and journals it; the ack comes only after all that.
+    A lease that is not live, or a wrong lease_key, is PERMISSION_DENIED; a size or sha256
+    mismatch INVALID_ARGUMENT (nothing stored). A master from before checkpoints answers
+    UNIMPLEMENTED: the worker then trains on without checkpoints.
+    """
+    DownloadArtifact: _grpc.UnaryStreamMultiCallable[_worker_pb2.ArtifactRequest, _worker_pb2.ArtifactChunk]
+    """Reads a stored artifact in chunks. A worker names its lease: it may read the checkpoint that
+    lease resumes from (Lease.checkpoint). Without a lease only the finished experiment's files
+    beside the journal may be read: best/model.pt, best/architecture.json, best/metrics.json and
+    trials.csv (what `morphml results` fetches). Anything else is PERMISSION_DENIED; a missing
+    file NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class MasterAsyncStub(MasterStub):
@@ -93,6 +109,22 @@ class MasterAsyncStub(MasterStub):
     """The operator reports a worker pod gone (deleted, failed, unready): death at once."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_worker_pb2.StatusRequest, _worker_pb2.ExperimentStatus]  # type: ignore[assignment]
     """Progress of the experiment, for the operator (CR status) and the local CLI."""
+    UploadCheckpoint: _aio.StreamUnaryMultiCallable[_worker_pb2.ArtifactChunk, _worker_pb2.CheckpointAck]  # type: ignore[assignment]
+    """A worker stores a checkpoint of a running lease (Lease.save_epochs). The first chunk carries
+    the header (ArtifactChunk.checkpoint), every chunk a piece of the file. The master streams it
+    to a temporary file (at most CheckpointHeader.size bytes, capped by the master), checks size
+    and sha256, stores it (spec.artifacts) and journals it; the ack comes only after all that.
+    A lease that is not live, or a wrong lease_key, is PERMISSION_DENIED; a size or sha256
+    mismatch INVALID_ARGUMENT (nothing stored). A master from before checkpoints answers
+    UNIMPLEMENTED: the worker then trains on without checkpoints.
+    """
+    DownloadArtifact: _aio.UnaryStreamMultiCallable[_worker_pb2.ArtifactRequest, _worker_pb2.ArtifactChunk]  # type: ignore[assignment]
+    """Reads a stored artifact in chunks. A worker names its lease: it may read the checkpoint that
+    lease resumes from (Lease.checkpoint). Without a lease only the finished experiment's files
+    beside the journal may be read: best/model.pt, best/architecture.json, best/metrics.json and
+    trials.csv (what `morphml results` fetches). Anything else is PERMISSION_DENIED; a missing
+    file NOT_FOUND.
+    """
 
 class MasterServicer(metaclass=_abc_1.ABCMeta):
     """The master: task queue, leases, worker registry and journal of one NAS experiment."""
@@ -149,5 +181,33 @@ class MasterServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.ExperimentStatus, _abc.Awaitable[_worker_pb2.ExperimentStatus]]:
         """Progress of the experiment, for the operator (CR status) and the local CLI."""
+
+    @_abc_1.abstractmethod
+    def UploadCheckpoint(
+        self,
+        request_iterator: _MaybeAsyncIterator[_worker_pb2.ArtifactChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.CheckpointAck, _abc.Awaitable[_worker_pb2.CheckpointAck]]:
+        """A worker stores a checkpoint of a running lease (Lease.save_epochs). The first chunk carries
+        the header (ArtifactChunk.checkpoint), every chunk a piece of the file. The master streams it
+        to a temporary file (at most CheckpointHeader.size bytes, capped by the master), checks size
+        and sha256, stores it (spec.artifacts) and journals it; the ack comes only after all that.
+        A lease that is not live, or a wrong lease_key, is PERMISSION_DENIED; a size or sha256
+        mismatch INVALID_ARGUMENT (nothing stored). A master from before checkpoints answers
+        UNIMPLEMENTED: the worker then trains on without checkpoints.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadArtifact(
+        self,
+        request: _worker_pb2.ArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_worker_pb2.ArtifactChunk], _abc.AsyncIterator[_worker_pb2.ArtifactChunk]]:
+        """Reads a stored artifact in chunks. A worker names its lease: it may read the checkpoint that
+        lease resumes from (Lease.checkpoint). Without a lease only the finished experiment's files
+        beside the journal may be read: best/model.pt, best/architecture.json, best/metrics.json and
+        trials.csv (what `morphml results` fetches). Anything else is PERMISSION_DENIED; a missing
+        file NOT_FOUND.
+        """
 
 def add_MasterServicer_to_server(servicer: MasterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
