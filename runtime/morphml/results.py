@@ -3,9 +3,10 @@
 `write_results(journal_path, out_dir, metric, goal)` writes `trials.csv` (one row per finished
 trial: trial id, attempt, worker, status (succeeded, stopped by early stopping, or failed), epochs
 (trained: the result's `epochs`, else the last step of its journaled learning curve), metrics,
-architecture hash, ...), `best.json`
-(architecture JSON + metrics of the best trial) and `convergence.png` (each trial's metric and
-the best so far, drawn with matplotlib's Agg backend). For a search with several objectives (the
+architecture hash, ...), `best.json` (architecture JSON + metrics of the best trial) and
+`convergence.png` (`convergence_figure`: each trial's metric by trial number with integer ticks,
+stopped-early and failed trials drawn apart, the best so far, and the legend outside the axes so
+it hides no point; matplotlib's Agg backend). For a search with several objectives (the
 `objectives` of the optimizer state in the journal, or `objectives=` given) it also writes
 `pareto.csv` (the succeeded trials no other succeeded trial dominates: mutually non-dominated, and
 each other trial is dominated by or equal to one of them; `knee` marks the one closest to the
@@ -22,11 +23,15 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from morphml.distributed.journal import Journal
 from morphml.distributed.states import TaskState
 from morphml.graph import ArchitectureGraph, GraphError
 from morphml.pareto import knee_point, orient, pareto_front
+
+if TYPE_CHECKING:  # typing only: matplotlib is imported when a chart is drawn
+    from matplotlib.figure import Figure
 
 FIXED_COLUMNS = ["trial_id", "attempt", "worker", "status", "epochs", "generation", "arch_hash"]
 TAIL_COLUMNS = ["duration_seconds", "retries", "error_kind", "error", "summary"]
@@ -195,30 +200,91 @@ def plot_pareto(scored: list[tuple[dict, list[float]]], rows: list[dict], object
     plt.close(fig)
 
 
-def plot_convergence(trials: list[dict], metric: str, goal: str, path: Path) -> None:
+# Marker styles of convergence.png, one per trial outcome (the legend names each with its count).
+OUTCOME_STYLES: dict[str, dict[str, Any]] = {
+    "succeeded": {"marker": "o", "s": 18, "color": "C0", "alpha": 0.7, "label": "succeeded"},
+    "stopped": {"marker": "o", "s": 22, "facecolors": "none", "edgecolors": "C2", "linewidths": 1.2,
+                "label": "stopped early (last reported value)"},
+    "failed": {"marker": "x", "s": 26, "color": "C3", "label": "failed (no value)"},
+}
+
+
+def convergence_points(trials: list[dict], metric: str, goal: str) -> dict:
+    """What convergence.png draws, trial numbers 1..N in finish order: {"succeeded": [(x, y)],
+    "stopped": [(x, y)], "failed": [x], "no_value": [x], "best": [(x, y)]}.
+
+    A stopped trial is drawn at its last reported value (the value the optimizer was told) but is
+    never the best (best.json takes succeeded trials only). Failed trials, and finished ones whose
+    result lacks the metric, have no value: they are drawn on the bottom edge. The best-so-far line
+    starts at the first succeeded trial with a value."""
+    points: dict = {"succeeded": [], "stopped": [], "failed": [], "no_value": [], "best": []}
+    best = None
+    for number, t in enumerate(trials, 1):
+        value = t["metrics"].get(metric)
+        valued = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        if t["status"] == "failed":
+            points["failed"].append(number)
+        elif not valued:
+            points["no_value"].append(number)
+        else:
+            points["stopped" if t["status"] == "stopped" else "succeeded"].append((number, value))
+            if t["status"] == "succeeded" and _better(value, best, goal):
+                best = value
+        if best is not None:
+            points["best"].append((number, best))
+    return points
+
+
+def convergence_figure(trials: list[dict], metric: str, goal: str) -> Figure:
+    """The convergence chart as a matplotlib Figure (Agg): trial number on x with integer ticks,
+    every trial's value (succeeded filled, stopped early hollow, failed as an x on the bottom edge),
+    the best-so-far step line, and the legend outside the axes (constrained layout makes room for
+    it), so it can never cover a point however the values fall."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    xs, ys, best_line, best = [], [], [], None
-    for i, t in enumerate(trials, 1):
-        value = t["metrics"].get(metric) if t["status"] == "succeeded" else None
-        if isinstance(value, (int, float)):
-            xs.append(i)
-            ys.append(value)
-            if _better(value, best, goal):
-                best = value
-        best_line.append(best)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.scatter(xs, ys, s=14, alpha=0.6, label=f"trial {metric}")
-    ax.step(range(1, len(trials) + 1), [b if b is not None else float("nan") for b in best_line], where="post",
-            color="C1", label="best so far")
-    ax.set_xlabel("finished trials")
+    points = convergence_points(trials, metric, goal)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100, layout="constrained")
+    for outcome in ("succeeded", "stopped"):
+        if points[outcome]:
+            style = dict(OUTCOME_STYLES[outcome])
+            label = f"{style.pop('label')} ({len(points[outcome])})"
+            ax.scatter([x for x, _ in points[outcome]], [y for _, y in points[outcome]], label=label, zorder=3,
+                       **style)
+    # Trials without a value sit on the bottom edge: x in data, y in axes coordinates.
+    edge = ax.get_xaxis_transform()
+    if points["failed"]:
+        style = dict(OUTCOME_STYLES["failed"])
+        label = f"{style.pop('label')} ({len(points['failed'])})"
+        ax.scatter(points["failed"], [0.03] * len(points["failed"]), transform=edge, label=label, zorder=3,
+                   clip_on=False, **style)
+    if points["no_value"]:
+        ax.scatter(points["no_value"], [0.03] * len(points["no_value"]), transform=edge, marker="|", s=40,
+                   color="0.4", label=f"finished without {metric} ({len(points['no_value'])})", zorder=3,
+                   clip_on=False)
+    if points["best"]:
+        xs = [x for x, _ in points["best"]] + [len(trials)]
+        ys = [y for _, y in points["best"]] + [points["best"][-1][1]]
+        ax.step(xs, ys, where="post", color="C1", linewidth=1.8, label="best so far", zorder=2)
+    count = max(len(trials), 1)
+    ax.set_xlim(0.5, count + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("trial (in the order trials finished)")
     ax.set_ylabel(metric)
-    ax.set_title(f"convergence ({goal} {metric})")
+    ax.set_title(f"convergence: {goal} {metric}, {len(trials)} trials")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right" if goal == "maximize" else "upper right")
-    fig.tight_layout()
+    if ax.get_legend_handles_labels()[0]:
+        fig.legend(loc="outside right upper", fontsize="small")
+    return fig
+
+
+def plot_convergence(trials: list[dict], metric: str, goal: str, path: Path) -> None:
+    """Writes convergence.png (see convergence_figure)."""
+    fig = convergence_figure(trials, metric, goal)  # selects the Agg backend before pyplot is imported
+    import matplotlib.pyplot as plt
+
     fig.savefig(path)
     plt.close(fig)
