@@ -2,7 +2,8 @@
 
 - `morphml master MANIFEST --port P --journal FILE --token-file F`: the master pod's entrypoint.
 - `morphml worker --master HOST:PORT --token-file F [--gpus K] [--slots N]`: the worker's.
-- `morphml run MANIFEST --workers N [--output DIR]`: master + N worker processes on loopback,
+- `morphml run MANIFEST --workers N [--output DIR] [--set PATH=VALUE ...]`: master + N worker
+  processes on loopback (`--set` changes manifest fields first, e.g. a shorter budget),
   live progress, then DIR/trials.csv, best.json, convergence.png (journal in DIR/journal.db;
   rerun the same command to resume after Ctrl-C).
 - `morphml status --master HOST:PORT`: the master's GetStatus as JSON.
@@ -40,10 +41,11 @@ class CliError(Exception):
 
 
 # --- manifest -> master ------------------------------------------------------------------------
-def load_experiment(manifest: str) -> Experiment:
+def load_experiment(manifest: str, overrides: list[str] | None = None) -> Experiment:
+    """The manifest, with `--set PATH=VALUE` overrides applied before it is validated."""
     from morphml.experiment import load_manifest
 
-    return load_manifest(manifest)
+    return load_manifest(manifest, tuple(overrides or ()))
 
 
 def build_search(experiment: Experiment, heartbeat_interval: float | None = None, missed_heartbeats: int | None = None,
@@ -69,7 +71,7 @@ def search_from_args(args: argparse.Namespace) -> tuple[Experiment, Optimizer, E
     where the command says so: `run` holds no leases after a restart (its workers are all new
     processes), `master` takes --restart-hold and --min-workers.
     """
-    experiment = load_experiment(args.manifest)
+    experiment = load_experiment(args.manifest, getattr(args, "overrides", None))
     if args.command == "run":
         restart_hold, min_workers = 0.0, 0
     else:
@@ -309,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--slots", type=int, default=None, help="trials per worker (default spec.workers.trialsPerWorker)")
     p.add_argument("--output", default=None, help="output directory (default runs/<name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="change a manifest field before it is validated, e.g. --set spec.budget.maxTrials=2 "
+                        "(VALUE is YAML; repeatable; see docs/cli.md)")
     heartbeat_overrides(p)
     p.set_defaults(func=cmd_run)
 

@@ -602,10 +602,69 @@ class Experiment:
         return yaml.safe_dump(self.manifest, sort_keys=False)
 
 
-def load_manifest(source: str | os.PathLike[str] | Mapping[str, Any]) -> Experiment:
+# --------------------------------------------------------------------------- --set overrides
+
+OVERRIDE_SEGMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)((?:\[\d+\])*)$")
+
+
+def _override_steps(text: str) -> tuple[list[Any], Any]:
+    """('spec.searchSpace.layers[0].filters=[16]') -> (['spec', 'searchSpace', 'layers', 0, 'filters'], [16])."""
+    path, sep, raw = text.partition("=")
+    segments = path.split(".") if sep else []
+    if len(segments) < 2 or segments[0] not in ("spec", "metadata"):
+        why = f"--set {text!r}: expected PATH=VALUE with PATH under spec or metadata, e.g. spec.budget.maxTrials=2"
+        raise ManifestError([("", why)])
+    steps: list[Any] = []
+    for segment in segments:
+        match = OVERRIDE_SEGMENT.match(segment)
+        if not match:
+            why = f"--set {text!r}: {segment!r} is not a field name (letters, digits and _; a list item as name[0])"
+            raise ManifestError([("", why)])
+        steps.append(match.group(1))
+        steps += [int(index) for index in re.findall(r"\d+", match.group(2))]
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ManifestError([(path, f"--set {text!r}: the value is not valid YAML: {error}")]) from error
+    return steps, value
+
+
+def apply_overrides(document: Any, overrides: list[str] | tuple[str, ...]) -> Any:
+    """`morphml run --set PATH=VALUE`: set fields of a manifest before it is defaulted and validated.
+
+    PATH is a dotted field path under `spec` or `metadata` (`spec.budget.maxTrials`, list items as
+    `spec.searchSpace.layers[0].filters`); VALUE is read as YAML (`2` an integer, `true` a boolean,
+    `[16, 32]` a list, anything else a string). Missing objects on the way are created; validation
+    then judges the result like any manifest, so a bad value is refused naming its field.
+    Returns a copy; the input is not changed.
+    """
+    document = copy.deepcopy(document)
+    for text in overrides:
+        steps, value = _override_steps(text)
+        node: Any = document
+        for position, step in enumerate(steps):
+            here = format_path(steps[: position + 1])
+            last = position == len(steps) - 1
+            if isinstance(step, int):
+                if not isinstance(node, list) or step >= len(node):
+                    raise ManifestError([(here, f"--set {text!r}: there is no list item {step} here")])
+            elif not isinstance(node, dict):
+                raise ManifestError([(here, f"--set {text!r}: {format_path(steps[:position])} is not an object")])
+            elif not last and node.get(step) is None:
+                node[step] = [] if isinstance(steps[position + 1], int) else {}
+            if last:
+                node[step] = value
+            else:
+                node = node[step]
+    return document
+
+
+def load_manifest(source: str | os.PathLike[str] | Mapping[str, Any],
+                  overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read, default and validate a NASExperiment manifest; raise ManifestError naming bad fields.
 
-    `source` is a path to a YAML file, YAML text (anything with a newline), or a dict.
+    `source` is a path to a YAML file, YAML text (anything with a newline), or a dict;
+    `overrides` are `PATH=VALUE` texts applied first (`apply_overrides`, `morphml run --set`).
     """
     label: str | None = None
     if not isinstance(source, (str, os.PathLike)):
@@ -628,4 +687,6 @@ def load_manifest(source: str | os.PathLike[str] | Mapping[str, Any]) -> Experim
         if len(documents) != 1:
             raise ManifestError([("", f"expected exactly one YAML document, found {len(documents)}")], label)
         document = documents[0]
+    if overrides:
+        document = apply_overrides(document, overrides)
     return Experiment.from_manifest(validate_manifest(document, label))
