@@ -64,7 +64,7 @@ def test_none_never_stops():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ({"type": "asha"}, r"spec.earlyStopping.type='asha': allowed none, median"),
+    ({"type": "pbt"}, r"spec.earlyStopping.type='pbt': allowed none, median, asha, hyperband"),
     ({"type": "median", "warmupSteps": -1}, r"spec.earlyStopping.warmupSteps=-1: must be an integer >= 0"),
     ({"type": "median", "warmupSteps": True}, r"spec.earlyStopping.warmupSteps=True"),
     ({"type": "median", "rate": 2}, r"spec.earlyStopping: unknown field\(s\) rate"),

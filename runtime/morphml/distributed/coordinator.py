@@ -41,11 +41,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checkpoints import ArtifactSettings, ArtifactStore, CheckpointRef, validate_key
 from .clock import ManualClock, SystemClock
 from .journal import Journal, JournalError
-from .leases import LeaseTable, ResultMatch, Task
+from .leases import Attempt, LeaseTable, ResultMatch, Task
 from .registry import WorkerRecord, WorkerRegistry
-from .schedulers import Decision, EarlyStoppingSettings, Report, make_scheduler
+from .schedulers import Asha, Decision, EarlyStoppingSettings, Promotion, Report, Value, make_scheduler
 from .states import LossReason, TaskState, WorkerState
 
 log = logging.getLogger("morphml.master")
@@ -53,6 +54,7 @@ log = logging.getLogger("morphml.master")
 FAILURE_KINDS = ("exception", "nan", "timeout", "oom", "invalid")
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 MAX_ERROR_TEXT = 4000
+DEFAULT_EPOCHS = 5  # spec.evaluation.epochs when a settings dict lacks it (the CRD's default)
 AUTO_PREFETCH_BELOW_SECONDS = 2.0  # prefetch=None: one queued lease per worker while trials are this short,
 AUTO_PREFETCH_2_BELOW_SECONDS = 0.05  # two while they are shorter than a result's round trip (commit + fsync)
 AUTO_PREFETCH_WINDOW = 16  # ...judged by the median duration of this many last finished trials
@@ -94,6 +96,10 @@ class ExperimentSettings:
     prefetch: int | None = 0
     # spec.earlyStopping (default type none: every trial trains its full budget).
     early_stopping: EarlyStoppingSettings = field(default_factory=EarlyStoppingSettings)
+    # spec.artifacts (checkpoint interval, retention, store) and spec.budget.maxEpochs (total
+    # epochs leased over all trials; None = no limit).
+    artifacts: ArtifactSettings = field(default_factory=ArtifactSettings)
+    max_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_trials < 1:
@@ -106,6 +112,9 @@ class ExperimentSettings:
             raise ValueError(f"spec.faultTolerance.maxTaskRetries={self.max_task_retries!r}: must be >= 0")
         if self.goal not in ("maximize", "minimize"):
             raise ValueError(f"spec.objective.goal={self.goal!r}: allowed maximize, minimize")
+        if self.max_epochs is not None and (isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int)
+                                            or self.max_epochs < 1):
+            raise ValueError(f"spec.budget.maxEpochs={self.max_epochs!r}: must be an integer >= 1")
 
 
 @dataclass
@@ -116,6 +125,13 @@ class LeaseMessage:
     evaluation_json: str
     seed: int
     lease_key: str = ""
+    # The segment to train (docs/early-stopping.md, MF_CONTRACT): epochs already trained (0 =
+    # fresh), train until this many in total (0 = the evaluation's full epochs), the checkpoint to
+    # resume from (None unless start_epoch > 0), the epochs after which to save a checkpoint.
+    start_epoch: int = 0
+    stop_epoch: int = 0
+    checkpoint: CheckpointRef | None = None
+    save_epochs: tuple[int, ...] = ()
 
 
 @dataclass
@@ -206,7 +222,25 @@ class ExperimentCoordinator:
         self.succeeded = 0
         self.failed = 0
         self.stopped = 0  # finished early by the scheduler: counted as finished, never as failed
-        self.scheduler = make_scheduler(settings.early_stopping, settings.goal)
+        self.full_epochs = int(settings.evaluation.get("epochs", DEFAULT_EPOCHS))
+        objectives = getattr(optimizer, "objectives", None)
+        goals = [o["goal"] for o in objectives] if objectives and len(objectives) > 1 else None
+        self._objective_metrics = [o["metric"] for o in objectives] if goals and objectives else [settings.metric]
+        self.scheduler = make_scheduler(settings.early_stopping, settings.goal, self.full_epochs, goals)
+        # asha/hyperband: trials train in segments up to their rung and pause there (see _segment_result).
+        self._asha: Asha | None = self.scheduler if isinstance(self.scheduler, Asha) else None
+        # Trials whose candidate the optimizer was told about (asha/hyperband: at the first rung
+        # result, once per trial; see docs/early-stopping.md).
+        self._told: set[str] = set()
+        # Epochs leased so far (each lease's segment; a finished attempt's unused epochs are given
+        # back): what spec.budget.maxEpochs limits. Journaled (meta epochs_leased) with each lease.
+        self.epochs_leased = 0
+        # The store checkpoints are kept in (set by whoever builds the master; None = no checkpoints).
+        self.artifact_store: ArtifactStore | None = None
+        # Journaled checkpoints still in the store, per trial by epoch; the checkpoint each attempt
+        # was leased to resume from (task -> attempt -> ref).
+        self._checkpoints: dict[str, list[CheckpointRef]] = {}
+        self._resume: dict[str, dict[int, CheckpointRef]] = {}
         # Attempts the scheduler stopped (journaled as stop_decided events), and the last report
         # of each live attempt (step, metrics): what a stopped trial's result is completed with.
         self._stop_decided: set[tuple[str, int]] = set()
@@ -271,7 +305,9 @@ class ExperimentCoordinator:
                     self.failed += 1
                 elif task.state is TaskState.STOPPED:
                     self.stopped += 1
+                    self._update_best(task)
             self._restore_curves()
+            self._restore_segments(tasks)
             self.retries = self.journal.count_events("retry")
             self.stale_results = self.journal.count_results("stale")
             self.loss_seq = self.journal.last_loss_seq()
@@ -306,6 +342,37 @@ class ExperimentCoordinator:
         self.scheduler.restore(reports)
         for event in self.journal.events("stop_decided"):
             self._stop_decided.add((event["task_id"], event["attempt"]))
+
+    def _restore_segments(self, tasks: list[Task]) -> None:
+        """After a restart: the epochs leased, the checkpoints in the store and what each attempt
+        resumed from, and (asha/hyperband) every trial's bracket, rung results and promotions, all
+        from the journal's events in the order they happened."""
+        self.epochs_leased = int(self.journal.get_meta("epochs_leased", 0))
+        for event in self.journal.events(("checkpoint_saved", "checkpoint_deleted", "resumed")):
+            d, task_id = event["detail"], event["task_id"]
+            if event["kind"] == "checkpoint_saved":
+                self._add_checkpoint(CheckpointRef(task_id, d["epoch"], d["key"], d["sha256"], d["size"],
+                                                   d["arch_hash"]))
+            elif event["kind"] == "checkpoint_deleted":
+                refs = self._checkpoints.get(task_id, [])
+                refs[:] = [r for r in refs if r.key != d["key"]]
+            else:
+                self._resume.setdefault(task_id, {})[event["attempt"]] = CheckpointRef(
+                    task_id, d["epoch"], d["key"], d["sha256"], d["size"], d["arch_hash"])
+        if self._asha is None:
+            return
+        for task in tasks:  # brackets are dealt round-robin in proposal order: the same again
+            self._asha.assign(task.task_id)
+            if task.finished:
+                self._told.add(task.task_id)
+        for event in self.journal.events(("rung_result", "promoted")):
+            d = event["detail"]
+            if event["kind"] == "rung_result":
+                value = d["value"]
+                self._asha.record(event["task_id"], d["epoch"], tuple(value) if isinstance(value, list) else value)
+                self._told.add(event["task_id"])
+            else:
+                self._asha.promote(Promotion(event["task_id"], d["from_epoch"], d["to_epoch"], d.get("bracket", 0)))
 
     def _finished_count(self) -> int:
         return self.succeeded + self.failed + self.stopped
@@ -600,6 +667,8 @@ class ExperimentCoordinator:
         att = self.leases.attempts[(task_id, attempt)]
         holder = self.registry.get(att.worker_id)
         task = self.leases.tasks[task_id]
+        old_best = self.best.task_id if self.best is not None else None
+        self._account_result(task, att, metrics if ok else None, now)
         self._recent_durations.append(max(0.0, float(duration or 0.0)))
         if self.on_accepted_result is not None:
             self.on_accepted_result(max(0.0, now - att.leased_at), max(0.0, float(duration or 0.0)))
@@ -611,6 +680,9 @@ class ExperimentCoordinator:
             self._tell(task.candidate_id, metrics)
             self.journal.event(now, "stopped", task_id, attempt, att.worker_id, worker_name or att.worker_name,
                                metric=metrics.get(self.settings.metric), epochs=metrics.get("epochs"))
+        elif ok and self._asha is not None:
+            assert metrics is not None
+            self._segment_result(task, att, metrics, worker_name or att.worker_name, duration, now)
         elif ok:
             assert metrics is not None  # _check_metrics made ok mean "a dict with the objective"
             self.leases.succeed(task_id, attempt, metrics, worker_name or att.worker_name, duration, now)
@@ -629,7 +701,10 @@ class ExperimentCoordinator:
                                    retries_used=task.retries_used)
             else:
                 self.failed += 1
-                self._tell(task.candidate_id, None)
+                if task_id not in self._told:  # asha: a promoted trial was told at its first rung
+                    if self._asha is not None:
+                        self._told.add(task_id)
+                    self._tell(task.candidate_id, None)
                 self.journal.event(now, "failed", task_id, attempt, att.worker_id, worker_name or att.worker_name,
                                    failure_kind=failure_kind, message=failure_message)
         self.journal.save_attempt(att)
@@ -637,8 +712,76 @@ class ExperimentCoordinator:
         if holder is not None:
             holder.leases.discard((task_id, attempt))
             self.registry.refresh_load(holder)
+        self._retain({task_id, old_best or task_id, self.best.task_id if self.best is not None else task_id})
         self._check_done()
         return disposition
+
+    def _account_result(self, task: Task, att: Attempt, metrics: dict | None, now: float) -> None:
+        """The epochs an accepted result used: a segment that ended early (median stop, fewer
+        epochs) gives the rest back to the epoch budget; a checkpoint the worker could not use
+        (it trained from 0, metrics["checkpoint_fallback"]) is journaled and costs the epochs it
+        retrained."""
+        ref = self._resume.get(task.task_id, {}).get(att.attempt)
+        start = ref.epoch if ref is not None else 0
+        if metrics is not None and metrics.get("checkpoint_fallback"):
+            self.journal.event(now, "checkpoint_fallback", task.task_id, att.attempt, att.worker_id, att.worker_name,
+                               key=ref.key if ref is not None else "", reason=str(metrics["checkpoint_fallback"]))
+            self.epochs_leased += start
+            start = 0
+        before = self.epochs_leased
+        # A failed attempt keeps its whole segment (unknown how far it got); so does one leased
+        # before a restart (which start it had is not known).
+        if metrics is not None and task.orphan_attempt != att.attempt:
+            stop = self._asha.target(task.task_id) if self._asha is not None else 0
+            end = stop or self.full_epochs
+            reached = metrics.get("epochs")
+            if isinstance(reached, int) and not isinstance(reached, bool) and start <= reached < end:
+                self.epochs_leased -= end - reached
+        if self.epochs_leased != before:
+            self.journal.set_meta("epochs_leased", self.epochs_leased)
+
+    def _rung_value(self, metrics: dict) -> Value:
+        """What ranks a trial at its rung: the objective's value, or with several objectives one
+        value per objective (a missing one ranks worst)."""
+        if len(self._objective_metrics) == 1:
+            return float(metrics[self.settings.metric])
+        assert self._asha is not None
+        values = []
+        for metric, goal in zip(self._objective_metrics, self._asha.goals, strict=True):
+            value = metrics.get(metric)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            values.append(float(value) if ok else (-math.inf if goal == "maximize" else math.inf))  # type: ignore[arg-type]
+        return tuple(values)
+
+    def _segment_result(self, task: Task, att: Attempt, metrics: dict, worker_name: str, duration: float,
+                        now: float) -> None:
+        """asha/hyperband: a segment's result is the trial's result at the rung it was leased to
+        reach. Below the full budget the trial PAUSES there (a promotion may resume it); at the
+        full budget (or if it trained that far anyway) it SUCCEEDS. The optimizer is told once per
+        trial, at its first rung result, so evolution and TPE learn while the search runs."""
+        assert self._asha is not None
+        rung = self._asha.target(task.task_id)
+        reached = metrics.get("epochs")
+        if isinstance(reached, bool) or not isinstance(reached, int):
+            metrics = {**metrics, "epochs": rung}
+            reached = rung
+        value = self._rung_value(metrics)
+        final = self._asha.record(task.task_id, rung, value) or reached >= self._asha.full
+        self.journal.event(now, "rung_result", task.task_id, att.attempt, att.worker_id, worker_name, epoch=rung,
+                           value=list(value) if isinstance(value, tuple) else value, epochs=reached,
+                           bracket=self._asha.bracket_of[task.task_id])
+        self.leases.succeed(task.task_id, att.attempt, metrics, worker_name, duration, now, paused=not final)
+        if task.task_id not in self._told:
+            self._told.add(task.task_id)
+            self._tell(task.candidate_id, metrics)
+        if final:
+            self.succeeded += 1
+            self.journal.event(now, "succeeded", task.task_id, att.attempt, att.worker_id, worker_name,
+                               metric=metrics.get(self.settings.metric), epochs=reached)
+            self._update_best(task, journal=True)
+        else:
+            self.journal.event(now, "paused", task.task_id, att.attempt, att.worker_id, worker_name, epoch=rung,
+                               metric=metrics.get(self.settings.metric))
 
     def _stopped_metrics(self, task_id: str, attempt: int, metrics: dict) -> dict:
         """A stopped trial's metrics: its result's, with the objective's value and the step of its
@@ -676,6 +819,11 @@ class ExperimentCoordinator:
                 self.journal.add_curve_point(r.task_id, r.attempt, r.step, now, r.metrics)
                 self._last_report[key] = (r.step, dict(r.metrics))
                 stop = key in self._stop_decided
+                if not stop and self._asha is not None and r.step >= self._asha.target(r.task_id):
+                    # The segment's end (its lease's stop_epoch): said again here for a worker or
+                    # evaluator that does not stop there itself; the result then pauses the trial.
+                    decisions.append(True)
+                    continue
                 value = r.metrics.get(self.settings.metric)
                 if not stop and isinstance(value, (int, float)) and not isinstance(value, bool) \
                         and math.isfinite(value):
@@ -686,6 +834,89 @@ class ExperimentCoordinator:
                                            step=r.step, metric=value, scheduler=self.settings.early_stopping.type)
                 decisions.append(stop)
         return decisions
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def record_checkpoint(self, task_id: str, attempt: int, lease_key: str, epoch: int, key: str, sha256: str,
+                          size: int) -> bool:
+        """A checkpoint of a live attempt is in the store (the servicer stored it durably first):
+        journals `checkpoint_saved` and returns True once that is committed and fsynced. False,
+        nothing journaled, when the attempt is not live (or orphaned by a restart), the lease_key
+        is wrong, or epoch/key are not valid. Older checkpoints it supersedes are deleted
+        (spec.artifacts.keep: best)."""
+        self._check_running()
+        with self._lock, self._change():
+            if not hmac.compare_digest(str(lease_key), self.lease_key(task_id, attempt)):
+                return False
+            if self.leases.match(task_id, attempt) not in (ResultMatch.LIVE, ResultMatch.ORPHAN):
+                return False
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+                return False
+            try:
+                validate_key(key)
+            except ValueError:
+                return False
+            task = self.leases.tasks[task_id]
+            ref = CheckpointRef(task_id, epoch, key, str(sha256), int(size), task.arch_hash)
+            self.journal.event(self.clock.wall(), "checkpoint_saved", task_id, attempt, epoch=epoch, key=key,
+                               sha256=ref.sha256, size=ref.size, arch_hash=ref.arch_hash)
+            self._add_checkpoint(ref)
+            self._retain({task_id})
+            return True
+
+    def checkpoint_for(self, task_id: str, attempt: int, lease_key: str) -> CheckpointRef | None:
+        """The checkpoint that live attempt was leased to resume from (None: none, or the
+        attempt is not live, or the lease_key is wrong). The download RPC checks with this."""
+        with self._lock:
+            self._check_running()
+            if not hmac.compare_digest(str(lease_key), self.lease_key(task_id, attempt)):
+                return None
+            if self.leases.match(task_id, attempt) not in (ResultMatch.LIVE, ResultMatch.ORPHAN):
+                return None
+            return self._resume.get(task_id, {}).get(attempt)
+
+    def _add_checkpoint(self, ref: CheckpointRef) -> None:
+        refs = [r for r in self._checkpoints.get(ref.task_id, []) if r.key != ref.key and r.epoch != ref.epoch]
+        self._checkpoints[ref.task_id] = sorted(refs + [ref], key=lambda r: r.epoch)
+
+    def _final_checkpoint(self, task_id: str) -> CheckpointRef | None:
+        refs = self._checkpoints.get(task_id)
+        return refs[-1] if refs else None
+
+    def _retain(self, task_ids: set[str]) -> None:
+        """spec.artifacts.keep best: of these trials' checkpoints keep only what a trial can still
+        resume from (the latest of a trial not finished; what a live attempt resumes from) and the
+        best trial's final one; the rest are journaled `checkpoint_deleted` here and deleted from
+        the store after the commit (a crash between the two leaves a file no journal row names;
+        never a row naming a deleted file)."""
+        if self.artifact_store is None or self.settings.artifacts.keep == "all":
+            return
+        best = self.best.task_id if self.best is not None else None
+        now = self.clock.wall()
+        for task_id in sorted(task_ids):
+            refs = self._checkpoints.get(task_id)
+            if not refs:
+                continue
+            task = self.leases.tasks.get(task_id)
+            keep = {ref.key for attempt, ref in self._resume.get(task_id, {}).items()
+                    if self.leases.match(task_id, attempt) in (ResultMatch.LIVE, ResultMatch.ORPHAN)}
+            if task is None or not task.finished or task_id == best:
+                keep.add(refs[-1].key)
+            for ref in [r for r in refs if r.key not in keep]:
+                refs.remove(ref)
+                self.journal.event(now, "checkpoint_deleted", task_id, key=ref.key, epoch=ref.epoch, size=ref.size)
+                self.journal.after_commit(functools.partial(self._delete_stored, self.artifact_store, ref.key))
+
+    @staticmethod
+    def _delete_stored(store: ArtifactStore, key: str) -> None:
+        try:
+            store.delete(key)
+        except Exception as exc:  # the journal says it is gone: a leftover file only costs disk
+            log.warning("could not delete checkpoint %s from %s: %s", key, store.describe(), exc)
+
+    def _artifacts_status(self) -> dict:
+        refs = [r for refs in self._checkpoints.values() for r in refs]
+        return {"checkpoints": len(refs), "bytes": sum(r.size for r in refs),
+                "store": self.artifact_store.describe() if self.artifact_store is not None else None}
 
     def _check_metrics(self, metrics: Any) -> tuple[bool, str, str]:
         metric = self.settings.metric
@@ -718,20 +949,25 @@ class ExperimentCoordinator:
         return sum(1 for t in self._pending_tasks() if t.held_until is None or t.held_until <= mono)
 
     def _refill(self) -> None:
-        """Asks the optimizer for as many new candidates as there are free slots without a
-        pending task, never beyond the budget."""
-        if self._exhausted:
-            return
+        """Fills the free slots without a pending task: first with promotions of paused trials
+        (asha/hyperband), then with new candidates from the optimizer, never beyond the trial or
+        epoch budget."""
         if self.settings.prefetch is None:
             prefetch = self._prefetch()
             for w in self.registry.live():
                 w.prefetch = prefetch
         free = sum(w.free_slots for w in self.registry.live())
         want = free - self._ready_pending()
-        outstanding = len(self.leases.tasks) - self._finished_count()
-        budget_left = self.settings.max_trials - self._finished_count() - outstanding
-        n = min(want, budget_left)
+        if want > 0 and self._asha is not None:
+            want -= self._promote(want)
+        if self._exhausted:
+            self._check_done()
+            return
+        budget_left = self.settings.max_trials - len(self.leases.tasks)
+        n = min(want, budget_left, self._new_trials_that_fit(want))
         if n <= 0:
+            if self.settings.max_epochs is not None or self._asha is not None:
+                self._check_done()  # the epoch budget or the last paused trials may end the search here
             return
         if self.optimizer.is_finished():
             candidates = []
@@ -745,13 +981,146 @@ class ExperimentCoordinator:
                         summary=summary, generation=generation, seed=self.settings.seed * 1_000_003 + self._seq,
                         proposed_at=now)
             self.leases.add(task)
+            if self._asha is not None:
+                self._asha.assign(task.task_id)
             self.journal.save_task(task, self._seq)
             self.journal.event(now, "proposed", task.task_id, candidate_id=cid, arch_hash=arch_hash,
                                generation=generation)
-        if not candidates and outstanding == 0:
-            # Nothing in flight and the optimizer has nothing more: the search is over.
+        active = len(self.leases.pending_ids()) + self.leases.count(TaskState.LEASED)
+        if not candidates and active == 0:
+            # Nothing in flight and the optimizer has nothing more: the search is over (paused
+            # trials that can still be promoted go on: see _end_paused).
             self._exhausted = True
             self._check_done()
+
+    # --- segments and the epoch budget (asha/hyperband, spec.budget.maxEpochs) ---------------
+    def _segment(self, task: Task) -> tuple[int, int, CheckpointRef | None]:
+        """(start_epoch, stop_epoch, checkpoint) of the task's next lease: stop at its rung (asha;
+        0 = the full budget otherwise), resume from its latest checkpoint below that, else from 0."""
+        stop = self._asha.target(task.task_id) if self._asha is not None else 0
+        end = stop or self.full_epochs
+        ref = None
+        if self.artifact_store is not None:
+            usable = [r for r in self._checkpoints.get(task.task_id, ())
+                      if r.epoch < end and r.arch_hash == task.arch_hash]
+            ref = usable[-1] if usable else None
+        return (ref.epoch if ref else 0), stop, ref
+
+    def _segment_epochs(self, task: Task) -> int:
+        start, stop, _ = self._segment(task)
+        return (stop or self.full_epochs) - start
+
+    def _reserved_epochs(self) -> int:
+        """Epochs the pending tasks will lease (counted before they are leased, so that new
+        trials and promotions never promise more than spec.budget.maxEpochs)."""
+        return sum(self._segment_epochs(t) for t in self._pending_tasks())
+
+    def _epochs_left(self) -> int | None:
+        if self.settings.max_epochs is None:
+            return None
+        return self.settings.max_epochs - self.epochs_leased - self._reserved_epochs()
+
+    def _new_trials_that_fit(self, want: int) -> int:
+        left = self._epochs_left()
+        if left is None or want <= 0:
+            return want
+        n = 0
+        while n < want:
+            first = self._asha.next_first_epochs(n) if self._asha is not None else self.full_epochs
+            if first > left:
+                break
+            left -= first
+            n += 1
+        return n
+
+    def _epochs_spent(self) -> bool:
+        """True when spec.budget.maxEpochs leaves no room for another new trial."""
+        left = self._epochs_left()
+        if left is None:
+            return False
+        first = self._asha.next_first_epochs() if self._asha is not None else self.full_epochs
+        return first > left
+
+    def _promotion_epochs(self, promotion: Promotion) -> int:
+        task = self.leases.tasks[promotion.trial_id]
+        refs = [r for r in self._checkpoints.get(task.task_id, ()) if r.epoch < promotion.to_epoch] \
+            if self.artifact_store is not None else []
+        return promotion.to_epoch - (refs[-1].epoch if refs else 0)
+
+    def _next_promotion(self) -> Promotion | None:
+        """The promotion ASHA takes next among those that fit the epoch budget (None: none)."""
+        assert self._asha is not None
+        left = self._epochs_left()
+        for promotion in self._asha.promotions():
+            task = self.leases.tasks.get(promotion.trial_id)
+            if task is None or task.state is not TaskState.PAUSED:
+                continue
+            if left is None or self._promotion_epochs(promotion) <= left:
+                return promotion
+        return None
+
+    def _promote(self, slots: int) -> int:
+        """Promotes up to `slots` paused trials (ASHA's rule); returns how many."""
+        made = 0
+        now = self.clock.wall()
+        while made < slots:
+            promotion = self._next_promotion()
+            if promotion is None:
+                break
+            assert self._asha is not None
+            self._asha.promote(promotion)
+            task = self.leases.promote(promotion.trial_id)
+            self._save_task(task)
+            self.journal.event(now, "promoted", task.task_id, task.attempt, from_epoch=promotion.from_epoch,
+                               to_epoch=promotion.to_epoch, bracket=promotion.bracket)
+            made += 1
+        return made
+
+    def _save_epochs(self, start: int, end: int) -> tuple[int, ...]:
+        """The epochs after which the worker saves a checkpoint: every checkpointIntervalEpochs
+        and the segment's last (asha/hyperband: at least the rung it ends at); () without a store."""
+        if self.artifact_store is None:
+            return ()
+        interval = self.settings.artifacts.checkpoint_interval
+        if interval <= 0 and self._asha is None:
+            return ()
+        epochs = {e for e in range(start + 1, end + 1) if interval > 0 and e % interval == 0}
+        return tuple(sorted(epochs | {end}))
+
+    def _stop_task(self, task: Task, reason: str, now: float) -> None:
+        """A paused trial at the end of the search, or a pending one whose next segment does not
+        fit the epoch budget, finishes STOPPED with its last rung result (never a failure)."""
+        orphan = task.orphan_attempt
+        self.leases.stop(task.task_id, now)
+        if orphan is not None:
+            self.journal.save_attempt(self.leases.attempts[(task.task_id, orphan)])
+        self.stopped += 1
+        if task.task_id not in self._told:
+            self._told.add(task.task_id)
+            self._tell(task.candidate_id, task.metrics)
+        metrics = task.metrics or {}
+        self._save_task(task)
+        self.journal.event(now, "stopped", task.task_id, task.attempt, reason=reason,
+                           metric=metrics.get(self.settings.metric), epochs=metrics.get("epochs", 0))
+        self._update_best(task, journal=True)
+        self._retain({task.task_id})
+
+    def _end_paused(self) -> None:
+        """The search can start nothing more (no new trial: trial or epoch budget used up, or the
+        optimizer exhausted; no promotion allowed; nothing pending or running): every paused
+        trial finishes STOPPED with the epochs it got."""
+        if self._asha is None or self.leases.pending_ids() or self.leases.count(TaskState.LEASED):
+            return
+        paused = self.leases.in_state(TaskState.PAUSED)
+        if not paused:
+            return
+        can_start = not self._exhausted and len(self.leases.tasks) < self.settings.max_trials \
+            and not self._epochs_spent()
+        if can_start or self._next_promotion() is not None:
+            return
+        now = self.clock.wall()
+        for task in paused:
+            self._stop_task(task, "search over", now)
 
     def _dispatch(self) -> None:
         if self.phase == PENDING:
@@ -776,6 +1145,12 @@ class ExperimentCoordinator:
                 task = self.leases.choose_for(rec.name, names, mono)
                 if task is None:
                     continue
+                if self.settings.max_epochs is not None and \
+                        self.epochs_leased + self._segment_epochs(task) > self.settings.max_epochs:
+                    # A re-lease (lost worker, retry) the epoch budget has no room for.
+                    self._stop_task(task, f"spec.budget.maxEpochs={self.settings.max_epochs} reached", now)
+                    progress = True
+                    continue
                 self._lease(task, rec, now)
                 progress = True
             if not progress:
@@ -784,6 +1159,8 @@ class ExperimentCoordinator:
 
     def _lease(self, task: Task, rec: WorkerRecord, now: float) -> None:
         orphan = task.orphan_attempt
+        previous = self.leases.attempts.get((task.task_id, task.attempt))
+        start, stop, ref = self._segment(task)
         att = self.leases.lease(task.task_id, rec.worker_id, rec.name, now)
         if orphan is not None:
             self.journal.save_attempt(self.leases.attempts[(task.task_id, orphan)])
@@ -791,10 +1168,20 @@ class ExperimentCoordinator:
         self.registry.refresh_load(rec)
         self.journal.save_attempt(att)
         self._save_task(task)
-        self.journal.event(now, "leased", task.task_id, att.attempt, rec.worker_id, rec.name)
+        end = stop or self.full_epochs
+        self.epochs_leased += end - start
+        self.journal.set_meta("epochs_leased", self.epochs_leased)
+        segment = {"start_epoch": start, "stop_epoch": stop} if start or stop else {}
+        self.journal.event(now, "leased", task.task_id, att.attempt, rec.worker_id, rec.name, **segment)
+        if ref is not None:
+            self._resume.setdefault(task.task_id, {})[att.attempt] = ref
+            after = "promoted" if previous is not None and previous.outcome == "paused" else "requeued"
+            self.journal.event(now, "resumed", task.task_id, att.attempt, rec.worker_id, rec.name, epoch=ref.epoch,
+                               key=ref.key, sha256=ref.sha256, size=ref.size, arch_hash=ref.arch_hash, after=after)
         # Sent once the lease is durable: a worker never runs a lease a master crash could forget.
         message = LeaseMessage(task.task_id, att.attempt, task.arch_json, self._evaluation_json, task.seed,
-                               self.lease_key(task.task_id, att.attempt))
+                               self.lease_key(task.task_id, att.attempt), start_epoch=start, stop_epoch=stop,
+                               checkpoint=ref, save_epochs=self._save_epochs(start, end))
         self.journal.after_commit(functools.partial(self._outboxes[rec.worker_id].put, message))
 
     # --- completion --------------------------------------------------------------------------
@@ -805,10 +1192,15 @@ class ExperimentCoordinator:
         if self.failed > s.max_failed_trials:
             self._finish(FAILED,
                          f"{self.failed} failed trials exceed spec.budget.maxFailedTrials={s.max_failed_trials}")
-        elif self._finished_count() >= s.max_trials:
+            return
+        self._end_paused()
+        if self._finished_count() >= s.max_trials:
             self._finish(SUCCEEDED, f"{self._finished_count()} trials finished (budget {s.max_trials})")
         elif self._exhausted and len(self.leases.tasks) == self._finished_count():
             self._finish(SUCCEEDED, f"optimizer finished after {self._finished_count()} trials")
+        elif len(self.leases.tasks) == self._finished_count() and self._epochs_spent():
+            self._finish(SUCCEEDED, f"spec.budget.maxEpochs={s.max_epochs} reached: {self.epochs_leased} epochs "
+                                    f"leased over {self._finished_count()} trials")
 
     def _finish(self, phase: str, message: str) -> None:
         self._set_phase(phase, message)
@@ -904,10 +1296,17 @@ class ExperimentCoordinator:
         return a > b if self.settings.goal == "maximize" else a < b
 
     def _update_best(self, task: Task, journal: bool = False) -> None:
+        """The best trial: the best objective value among the trials that trained their full
+        budget (SUCCEEDED); with asha/hyperband, while none has, among the stopped ones too."""
         value = task.metrics.get(self.settings.metric) if task.metrics else None
         if value is None:
             return
-        if self.best is None or self._better(value, (self.best.metrics or {})[self.settings.metric]):
+        full = task.state is TaskState.SUCCEEDED
+        if not full and (self._asha is None or task.state is not TaskState.STOPPED):
+            return
+        best_full = self.best is not None and self.best.state is TaskState.SUCCEEDED
+        if self.best is None or (full and not best_full) or (
+                full == best_full and self._better(value, (self.best.metrics or {})[self.settings.metric])):
             self.best = task
             if journal:
                 self.journal.set_meta("best", {"trial_id": task.task_id, "metric": value, "summary": task.summary,
@@ -967,8 +1366,10 @@ class ExperimentCoordinator:
             if self.best is not None:
                 b = self.best
                 metrics = b.metrics or {}  # a best trial succeeded: it has its metrics
+                final = self._final_checkpoint(b.task_id)
                 best = {"trial_id": b.task_id, "metric": metrics[self.settings.metric], "summary": b.summary,
-                        "arch_json": b.arch_json, "metrics": metrics, "arch_hash": b.arch_hash}
+                        "arch_json": b.arch_json, "metrics": metrics, "arch_hash": b.arch_hash,
+                        "status": b.state.value, "checkpoint": final.key if final is not None else None}
             return {"phase": self.phase, "message": self.message, "experiment_name": self.settings.name,
                     "succeeded": self.succeeded, "failed": self.failed, "stopped": self.stopped,
                     "running": self.leases.count(TaskState.LEASED), "pending": len(self.leases.pending_ids()),
@@ -978,4 +1379,15 @@ class ExperimentCoordinator:
                     "metric": self.settings.metric, "goal": self.settings.goal,
                     "workers_alive": sum(1 for w in self.registry.workers.values()
                                          if w.alive and w.state is not WorkerState.REGISTERING),
-                    "pareto": self._pareto_status()}
+                    "pareto": self._pareto_status(),
+                    "paused": self.leases.count(TaskState.PAUSED) if self._asha is not None else 0,
+                    "epochs": self.epochs_leased, "max_epochs": self.settings.max_epochs,
+                    "scheduler": self._scheduler_status(), "artifacts": self._artifacts_status()}
+
+    def _scheduler_status(self) -> dict:
+        """spec.earlyStopping's type and, with asha/hyperband, each bracket's rungs (epochs,
+        results, promoted)."""
+        out: dict[str, Any] = {"type": self.settings.early_stopping.type}
+        if self._asha is not None:
+            out["rungs"] = self._asha.rungs_status()
+        return out

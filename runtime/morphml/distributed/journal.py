@@ -3,8 +3,10 @@
 Tables: `tasks` (one row per trial, its state and outcome), `attempts` (one row per lease),
 `results` (every result received, counted or stale), `events` (append-only audit log:
 proposed, leased, adopted, succeeded, failed, retry, requeued with the detection path,
-worker_registered, worker_dead, stale_result, stop_decided, phase), `losses` (every worker loss, numbered
-1, 2, 3, ... for good), `curves` (each trial's learning curve: one row per progress report of
+worker_registered, worker_dead, stale_result, stop_decided, phase; with asha/hyperband
+rung_result, paused, promoted; with checkpoints resumed, checkpoint_saved, checkpoint_deleted,
+checkpoint_fallback), `losses` (every worker loss, numbered 1, 2, 3, ... for good), `curves`
+(each trial's learning curve: one row per progress report of
 its live attempt, step and metrics), `optimizer_ops` (every ask and tell given to the optimizer, in order,
 with its arguments), `optimizer` (a snapshot of the optimizer's state_dict and the last op it
 includes), `meta` (schema version, experiment name, phase, best, lease secret).
@@ -700,10 +702,14 @@ class Journal:
         """{task id: the highest step its curve reached} for every trial with a curve."""
         return {str(t): int(n) for t, n in self._read("SELECT task_id, MAX(step) FROM curves GROUP BY task_id")}
 
-    def events(self, kind: str | None = None) -> list[dict]:
+    def events(self, kind: str | tuple[str, ...] | None = None) -> list[dict]:
+        """Events (of one kind, or of several kinds interleaved) in the order they were journaled."""
         sql = "SELECT seq, ts, kind, task_id, attempt, worker_id, worker_name, detail FROM events"
         params: tuple = ()
-        if kind:
+        if isinstance(kind, tuple):
+            sql += f" WHERE kind IN ({', '.join('?' * len(kind))})"
+            params = kind
+        elif kind:
             sql += " WHERE kind = ?"
             params = (kind,)
         out = []

@@ -223,16 +223,37 @@ class LeaseTable:
         return att
 
     def succeed(self, task_id: str, attempt: int, metrics: dict, worker_name: str, duration: float,
-                now_wall: float, stopped: bool = False) -> Task:
-        """Records a result with metrics: the task SUCCEEDED, or STOPPED when an early-stopping
-        scheduler ended it (the attempt returned its metrics either way: outcome "ok"/"stopped")."""
+                now_wall: float, stopped: bool = False, paused: bool = False) -> Task:
+        """Records a result with metrics: the task SUCCEEDED, STOPPED when an early-stopping
+        scheduler ended it, or PAUSED at an ASHA rung (the attempt returned its metrics every
+        way: outcome "ok"/"stopped"/"paused")."""
         task = self.tasks[task_id]
         self._prepare_finish(task)
-        self.close_attempt(task_id, attempt, AttemptState.SUCCEEDED, "stopped" if stopped else "ok", now_wall)
-        task.set_state(TaskState.STOPPED if stopped else TaskState.SUCCEEDED)
+        outcome = "paused" if paused else "stopped" if stopped else "ok"
+        self.close_attempt(task_id, attempt, AttemptState.SUCCEEDED, outcome, now_wall)
+        task.set_state(TaskState.PAUSED if paused else TaskState.STOPPED if stopped else TaskState.SUCCEEDED)
         task.metrics = metrics
         task.finished_by, task.finished_attempt, task.finished_at = worker_name, attempt, now_wall
         task.duration_seconds = duration
+        self.track(task)
+        return task
+
+    def promote(self, task_id: str) -> Task:
+        """A PAUSED trial promoted to its next rung: back to the queue for a new lease (the next
+        attempt number; no retry used)."""
+        task = self.tasks[task_id]
+        task.set_state(TaskState.PENDING)
+        self.track(task)
+        return task
+
+    def stop(self, task_id: str, now_wall: float) -> Task:
+        """A PAUSED (or PENDING, when its next segment does not fit the epoch budget) trial ends
+        STOPPED with the metrics of its last rung result (None: it never had one)."""
+        task = self.tasks[task_id]
+        task.set_state(TaskState.STOPPED)
+        task.orphan_attempt, task.held_until = None, None
+        if task.finished_at is None:
+            task.finished_at = now_wall
         self.track(task)
         return task
 

@@ -8,12 +8,18 @@ Task (one trial of one candidate architecture):
     PENDING --leased to a worker--> LEASED
     LEASED --result ok--> SUCCEEDED
     LEASED --result ok after the scheduler stopped it--> STOPPED
+    LEASED --result ok at a rung below the full budget (asha/hyperband)--> PAUSED
     LEASED --failed with retries left / worker lost / master restarted--> PENDING
     LEASED --failed, no retries left--> FAILED
+    PAUSED --promoted to the next rung--> PENDING
+    PAUSED --search over, never promoted--> STOPPED
+    PENDING --its next segment does not fit spec.budget.maxEpochs--> STOPPED
 
 SUCCEEDED, STOPPED and FAILED are final. STOPPED is a trial an early-stopping scheduler ended
 before its full budget (morphml.distributed.schedulers): finished, with the epochs it got, never
-a failure. A task orphaned by a master restart is PENDING with its
+a failure. PAUSED is a trial waiting at an ASHA rung: not finished, holding no lease, maybe
+promoted later (a new lease resuming from its checkpoint, attempt + 1, no retry used); the
+paused trials left when the search ends become STOPPED. A task orphaned by a master restart is PENDING with its
 attempt held for the old worker; a result for it passes through LEASED on its way to the end.
 
 Attempt (one lease of a task, identified by (task id, attempt number)):
@@ -53,6 +59,7 @@ class TaskState(str, enum.Enum):
     SUCCEEDED = "succeeded"
     STOPPED = "stopped"
     FAILED = "failed"
+    PAUSED = "paused"
 
 
 class AttemptState(str, enum.Enum):
@@ -71,8 +78,10 @@ class WorkerState(str, enum.Enum):
 
 
 TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.PENDING: frozenset({TaskState.LEASED}),
-    TaskState.LEASED: frozenset({TaskState.SUCCEEDED, TaskState.STOPPED, TaskState.FAILED, TaskState.PENDING}),
+    TaskState.PENDING: frozenset({TaskState.LEASED, TaskState.STOPPED}),
+    TaskState.LEASED: frozenset({TaskState.SUCCEEDED, TaskState.STOPPED, TaskState.FAILED, TaskState.PENDING,
+                                 TaskState.PAUSED}),
+    TaskState.PAUSED: frozenset({TaskState.PENDING, TaskState.STOPPED}),
     TaskState.SUCCEEDED: frozenset(),
     TaskState.STOPPED: frozenset(),
     TaskState.FAILED: frozenset(),
