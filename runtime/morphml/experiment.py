@@ -458,10 +458,12 @@ class Objective:
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """When the search stops: trials finished, and failed trials that fail the experiment."""
+    """When the search stops: trials finished, epochs leased (None: no limit), and failed trials
+    that fail the experiment."""
 
     max_trials: int = 50
     max_failed_trials: int = 10
+    max_epochs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,7 +527,8 @@ class Experiment:
             objective=Objective(metric=spec["objectives"][0]["metric"], goal=spec["objectives"][0]["goal"])
             if spec.get("objectives")
             else Objective(metric=spec["objective"]["metric"], goal=spec["objective"]["goal"]),
-            budget=Budget(max_trials=budget["maxTrials"], max_failed_trials=budget["maxFailedTrials"]),
+            budget=Budget(max_trials=budget["maxTrials"], max_failed_trials=budget["maxFailedTrials"],
+                          max_epochs=budget.get("maxEpochs")),
             fault_tolerance=FaultTolerance(
                 heartbeat_interval_seconds=faults["heartbeatIntervalSeconds"],
                 missed_heartbeats=faults["missedHeartbeats"],

@@ -32,7 +32,7 @@ def test_absent_means_none_and_median_reaches_the_coordinator_settings():
 
 
 @pytest.mark.parametrize("value, field", [
-    ({"type": "asha"}, "spec.earlyStopping.type"),
+    ({"type": "pbt"}, "spec.earlyStopping.type"),
     ({"type": "median", "warmupSteps": -1}, "spec.earlyStopping.warmupSteps"),
     ({"type": "none", "warmupSteps": 2}, "spec.earlyStopping.warmupSteps"),  # CEL: median only
     ({"type": "median", "rungs": 3}, "spec.earlyStopping.rungs: unknown field"),

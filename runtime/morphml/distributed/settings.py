@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from morphml.distributed.coordinator import ExperimentSettings
+from morphml.distributed.checkpoints import ArtifactSettings
+from morphml.distributed.coordinator import DEFAULT_EPOCHS, ExperimentSettings
 from morphml.distributed.schedulers import EarlyStoppingSettings
 from morphml.experiment import Budget, Experiment, FaultTolerance, Objective
 
@@ -43,10 +44,13 @@ def experiment_settings(
     min_workers: int = 0,
     prefetch: int | None = 0,
     early_stopping: Mapping[str, Any] | None = None,
+    artifacts: Mapping[str, Any] | None = None,
 ) -> ExperimentSettings:
     """`ExperimentSettings` for one experiment.
 
-    ``early_stopping``: spec.earlyStopping (None or absent: type none).
+    ``early_stopping``: spec.earlyStopping (None or absent: type none); its minResource and
+    maxResource are checked against ``evaluation``'s epochs. ``artifacts``: spec.artifacts (None:
+    the defaults). ``budget.max_epochs``: spec.budget.maxEpochs (None: no limit).
 
     ``heartbeat_interval`` / ``missed_heartbeats``: None (or 0) keeps ``fault_tolerance``'s; a value
     overrides it (sub-second intervals are for tests and benchmarks: the CRD takes whole seconds).
@@ -66,7 +70,10 @@ def experiment_settings(
         restart_hold_seconds=restart_hold_seconds,
         min_workers=min_workers,
         prefetch=prefetch,
-        early_stopping=EarlyStoppingSettings.from_spec(early_stopping),
+        early_stopping=EarlyStoppingSettings.from_spec(early_stopping,
+                                                       epochs=int(evaluation.get("epochs", DEFAULT_EPOCHS))),
+        artifacts=ArtifactSettings.from_spec(artifacts),
+        max_epochs=budget.max_epochs,
     )
 
 
@@ -93,6 +100,7 @@ def settings_for_experiment(
         min_workers=min_workers,
         prefetch=prefetch,
         early_stopping=experiment.spec.get("earlyStopping"),
+        artifacts=experiment.spec.get("artifacts"),
     )
 
 
@@ -104,7 +112,7 @@ def settings_for_master_config(
     Keys (all optional): name, max_trials (default population_size x num_generations when the
     optimizer has them, else 100), max_failed_trials, max_task_retries, heartbeat_interval,
     missed_heartbeats, evaluation, metric, goal, seed, num_workers (= min_workers), prefetch,
-    early_stopping (spec.earlyStopping's camelCase object).
+    early_stopping (spec.earlyStopping's camelCase object), artifacts (spec.artifacts'), max_epochs.
     """
     max_trials = config.get("max_trials")
     if max_trials is None:
@@ -117,6 +125,7 @@ def settings_for_master_config(
         budget=Budget(
             max_trials=int(max_trials),
             max_failed_trials=int(config.get("max_failed_trials", budget.max_failed_trials)),
+            max_epochs=config.get("max_epochs"),
         ),
         fault_tolerance=FaultTolerance(
             heartbeat_interval_seconds=faults.heartbeat_interval_seconds,
@@ -131,4 +140,5 @@ def settings_for_master_config(
         min_workers=int(config.get("num_workers", 0)),
         prefetch=config.get("prefetch"),
         early_stopping=config.get("early_stopping"),
+        artifacts=config.get("artifacts"),
     )
