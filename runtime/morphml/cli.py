@@ -86,15 +86,35 @@ def start_master(optimizer: Optimizer, settings: ExperimentSettings, journal_pat
                  metrics_port: int | None = None) -> tuple[ExperimentCoordinator, MasterServer]:
     """Open the journal, resume from it, and serve (Prometheus /metrics too when metrics_port is
     not None; 0 picks a free port); returns (coordinator, server)."""
+    from morphml.distributed.checkpoints import make_store
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
     from morphml.distributed.master import MasterServer
 
     journal = Journal(journal_path, journal_sync)
     coordinator = ExperimentCoordinator(optimizer, settings, journal)
+    # Checkpoints and best/ live beside the journal (or in S3 per spec.artifacts); set before any
+    # lease is granted, since a lease carries save_epochs only when there is a store.
+    coordinator.artifact_store = make_store(settings.artifacts, Path(journal_path).resolve().parent)
     server = MasterServer(coordinator, port, host, token, metrics_port=metrics_port)
     server.start()
     return coordinator, server
+
+
+def write_outputs(coordinator: ExperimentCoordinator, out_dir: Path) -> None:
+    """A finished experiment's files beside its journal: trials.csv (with best.json and
+    convergence.png, morphml.results) and best/ (architecture.json, metrics.json, model.pt from
+    the best trial's final checkpoint). A failure is logged: the master keeps serving."""
+    from morphml.distributed.checkpoints import write_best
+    from morphml.results import write_results
+
+    st = coordinator.status()
+    try:
+        write_results(coordinator.journal.path, out_dir, st["metric"], st["goal"])
+        written = write_best(out_dir, st["best"], coordinator.artifact_store, st["metric"])
+        logging.getLogger("morphml.master").info("wrote %s/trials.csv and %s", out_dir, ", ".join(written))
+    except Exception:
+        logging.getLogger("morphml.master").exception("writing the results beside the journal failed")
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -111,8 +131,13 @@ def cmd_master(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    wrote_outputs = False
     while not stop.wait(0.5):
         server.raise_if_failed()  # fail-stop: the journal failed, the server stopped serving
+        if coordinator.done and not wrote_outputs:
+            # best/ and trials.csv beside the journal, for `morphml results` (DownloadArtifact).
+            wrote_outputs = True
+            write_outputs(coordinator, Path(args.journal).resolve().parent)
         if args.exit_when_done and coordinator.done:
             break
     server.stop(grace=1.0)
@@ -248,6 +273,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     server.stop(grace=0.5)
     coordinator.journal.close()
     summary = write_results(journal_path, output, final["metric"], final["goal"])
+    if coordinator.done:  # best/: the trained best model (morphml.evaluation.load_model reads it)
+        from morphml.distributed.checkpoints import write_best
+
+        summary["best_files"] = write_best(output, final["best"], coordinator.artifact_store, final["metric"])
     if interrupted.is_set() and not coordinator.done:
         print(f"interrupted: {summary['trials']}/{final['budget']} trials finished; rerun the same command to resume",
               flush=True)

@@ -10,6 +10,8 @@ What lives here:
 - `ArtifactStore`: the protocol every store implements (`LocalStore` here, beside the journal on
   the master's volume; `S3Store` in `morphml.distributed.s3store`), and `make_store`.
 - `validate_key`: keys are store-relative paths of `[A-Za-z0-9._/-]`, never absolute, never `..`.
+- `write_best`: the finished experiment's best/ folder (architecture.json, metrics.json, model.pt)
+  beside the journal.
 
 The file format of a checkpoint (torch tensors) is not known here: the worker side writes and
 reads it (`morphml.evaluation.checkpoint_file`); the master only stores bytes, checks their
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import re
 import tempfile
@@ -66,11 +69,18 @@ def validate_key(key: str) -> str:
     return key
 
 
-def checkpoint_key(task_id: str, epoch: int) -> str:
-    """The store key of task `task_id`'s checkpoint after `epoch` epochs."""
+def checkpoint_key(task_id: str, epoch: int, attempt: int = 0) -> str:
+    """The store key of task `task_id`'s checkpoint after `epoch` epochs:
+    "checkpoints/<task_id>/epoch-<NNNN>.pt", or with `attempt` (what the master stores uploads
+    under) "checkpoints/<task_id>/epoch-<NNNN>.a<attempt>.pt": two attempts of a trial can save
+    the same epoch (a fallback to epoch 0, a zombie worker), and a journaled file must never be
+    overwritten by another one."""
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise ValueError(f"checkpoint epoch {epoch!r}: must be an integer >= 0")
-    return validate_key(f"{CHECKPOINTS_PREFIX}/{task_id}/epoch-{epoch:04d}.pt")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+        raise ValueError(f"checkpoint attempt {attempt!r}: must be an integer >= 0")
+    suffix = f".a{attempt}" if attempt else ""
+    return validate_key(f"{CHECKPOINTS_PREFIX}/{task_id}/epoch-{epoch:04d}{suffix}.pt")
 
 
 @dataclass(frozen=True)
@@ -219,3 +229,59 @@ def make_store(settings: ArtifactSettings, root: Path | str) -> ArtifactStore:
         store: ArtifactStore = importlib.import_module("morphml.distributed.s3store").S3Store(settings.s3)
         return store
     return LocalStore(root)
+
+
+# --------------------------------------------------------------------------- the best model out
+
+BEST_DIR = "best"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def write_best(out_dir: Path | str, best: Mapping[str, Any] | None, store: ArtifactStore | None,
+               metric: str = "val_accuracy") -> list[str]:
+    """Writes the finished experiment's best trial into `out_dir`/best/ (beside the journal):
+    architecture.json (the canonical architecture), metrics.json ({"trial_id", "metric", "value",
+    "checkpoint", "metrics"}) and, when the trial has a final checkpoint in `store`, model.pt: that
+    checkpoint file as stored (a torch file of tensors whose "model" entry is the state dict;
+    `morphml.evaluation.load_model` reads it). `best` is `status()["best"]` (None: nothing is
+    written). Each file is written whole or not at all. Returns the keys written ("best/...")."""
+    if not best:
+        return []
+    folder = Path(out_dir) / BEST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    arch = best.get("arch_json") or "{}"
+    arch_doc = json.loads(arch) if isinstance(arch, str) else arch
+    written = []
+    key = str(best.get("checkpoint") or "")
+    if key and store is not None:
+        try:
+            chunks = store.open_chunks(validate_key(key))
+        except (KeyError, ValueError):
+            chunks = None
+        if chunks is not None:
+            tmp = folder / ".model.pt.tmp"
+            with open(tmp, "wb") as out:
+                for block in chunks:
+                    out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, folder / "model.pt")
+            written.append(f"{BEST_DIR}/model.pt")
+    stale = folder / "model.pt"
+    if f"{BEST_DIR}/model.pt" not in written and stale.exists():
+        stale.unlink()  # a model of an earlier best would not match architecture.json
+    _write_atomic(folder / "architecture.json", (json.dumps(arch_doc, indent=2, sort_keys=True) + "\n").encode())
+    doc = {"trial_id": best.get("trial_id"), "metric": metric, "value": best.get("metric"),
+           "checkpoint": key or None, "metrics": best.get("metrics") or {}}
+    _write_atomic(folder / "metrics.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    written += [f"{BEST_DIR}/architecture.json", f"{BEST_DIR}/metrics.json"]
+    _fsync_dir(folder)
+    return written

@@ -7,28 +7,42 @@ per second through the master than the thread-per-stream server (docs/benchmarks
 Python API: `MasterNode(optimizer, {'port': 50051, 'num_workers': 4}).start()` then
 `run_experiment(num_generations=...)`.
 
-Imports: grpc, grpc_health, morphml.distributed.{proto, coordinator, journal, auth, clock, metrics}.
+Checkpoints (issue 12): `UploadCheckpoint` streams a worker's checkpoint into a temporary file
+(size capped, sha256 checked), stores it in `coordinator.artifact_store` and journals it
+(`coordinator.record_checkpoint`) before it acknowledges; `DownloadArtifact` gives a worker the
+checkpoint its lease resumes from (`coordinator.checkpoint_for`), and anyone with the token the
+finished experiment's public files beside the journal (best/..., trials.csv).
+
+Imports: grpc, grpc_health, morphml.distributed.{proto, coordinator, journal, auth, clock, metrics,
+checkpoints}.
 Never torch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
+import hmac
 import json
 import logging
 import os
 import queue
+import re
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from .auth import TOKEN_ENV, TokenInterceptor
+from .checkpoints import LocalStore, checkpoint_key, validate_key
 from .clock import SystemClock
 from .coordinator import (
     END_OF_STREAM,
@@ -56,6 +70,12 @@ _Reply = TypeVar("_Reply")
 
 SERVICE_NAME = "morphml.Master"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The largest checkpoint UploadCheckpoint takes (model + optimizer state of one trial).
+DEFAULT_MAX_CHECKPOINT_BYTES = 4 * 1024 * 1024 * 1024
+ARTIFACT_CHUNK = 1 << 20  # bytes per ArtifactChunk sent
+# What DownloadArtifact gives a caller without a lease: the finished experiment's files.
+PUBLIC_ARTIFACTS = ("best/model.pt", "best/architecture.json", "best/metrics.json", "trials.csv")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -154,8 +174,15 @@ def pack_outbox(first: Any, outbox: queue.Queue) -> tuple[list[pb.MasterMessage]
             ended = True
             break
         if isinstance(item, LeaseMessage):
-            batch.leases.leases.add(task_id=item.task_id, attempt=item.attempt, architecture_json=item.arch_json,
-                                    evaluation_json=item.evaluation_json, seed=item.seed, lease_key=item.lease_key)
+            lease = batch.leases.leases.add(
+                task_id=item.task_id, attempt=item.attempt, architecture_json=item.arch_json,
+                evaluation_json=item.evaluation_json, seed=item.seed, lease_key=item.lease_key,
+                start_epoch=getattr(item, "start_epoch", 0), stop_epoch=getattr(item, "stop_epoch", 0),
+                save_epochs=list(getattr(item, "save_epochs", ())))
+            ref = getattr(item, "checkpoint", None)
+            if ref is not None:
+                lease.checkpoint.CopyFrom(pb.Checkpoint(key=ref.key, epoch=ref.epoch, sha256=ref.sha256,
+                                                        size=ref.size, arch_hash=ref.arch_hash))
         elif isinstance(item, AckMessage):
             batch.acks.extend(item.acks)
         elif isinstance(item, DecisionMessage):
@@ -237,9 +264,133 @@ class MasterServicer(pb_grpc.MasterServicer):
         self._pending: list[tuple[list[ResultReport], Any, asyncio.Future[list[str]]]] = []
         self._committer: asyncio.Task | None = None
         self._commit_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
+        # Checkpoint uploads and downloads: file and store I/O off the event loop.
+        self._artifact_pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="artifacts")
+        self.max_checkpoint_bytes = DEFAULT_MAX_CHECKPOINT_BYTES
 
     def close(self) -> None:
         self._commit_pool.shutdown(wait=True)
+        self._artifact_pool.shutdown(wait=False, cancel_futures=True)
+
+    def artifact_root(self) -> Path | None:
+        """The journal's directory, where best/ and trials.csv are written (None: in-memory journal)."""
+        path = getattr(self.coord.journal, "path", ":memory:")
+        return None if path == ":memory:" else Path(path).resolve().parent
+
+    async def _in_pool(self, call: Callable[..., _Reply], *args: Any) -> _Reply:
+        return await asyncio.get_running_loop().run_in_executor(self._artifact_pool, call, *args)
+
+    @unavailable_when_halted
+    async def UploadCheckpoint(
+            self, request_iterator: AsyncIterator[pb.ArtifactChunk], context: Context) -> pb.CheckpointAck:
+        store = self.coord.artifact_store
+        if store is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "UploadCheckpoint: this experiment keeps no checkpoints (no artifact store)")
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "UploadCheckpoint: no chunks (the first must carry the checkpoint header)")
+        h = first.checkpoint
+        where = f"UploadCheckpoint {h.lease.task_id}/{h.lease.attempt} epoch {h.epoch}"
+        problem = None
+        if not first.HasField("checkpoint") or not h.lease.task_id or h.lease.attempt < 1:
+            problem = "the first chunk must carry checkpoint.lease (task_id, attempt >= 1)"
+        elif h.epoch < 1:
+            problem = f"checkpoint.epoch={h.epoch}: must be >= 1"
+        elif not _SHA256.match(h.sha256):
+            problem = f"checkpoint.sha256={h.sha256[:80]!r}: must be 64 lowercase hex digits"
+        elif not 0 < h.size <= self.max_checkpoint_bytes:
+            problem = f"checkpoint.size={h.size}: must be in 1..{self.max_checkpoint_bytes} bytes"
+        if problem is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {problem}")
+        try:
+            key = checkpoint_key(h.lease.task_id, h.epoch, h.lease.attempt)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {exc}")
+        if not hmac.compare_digest(self.coord.lease_key(h.lease.task_id, h.lease.attempt), h.lease_key):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{where}: {REFUSED_DETAIL}")
+        root = self.artifact_root()
+        incoming = None
+        if root is not None:
+            incoming = root / ".incoming"
+            incoming.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix="checkpoint-", suffix=".part", dir=incoming)
+        tmp = Path(tmp_name)
+        try:
+            digest, received = hashlib.sha256(), 0
+            with os.fdopen(fd, "wb") as out:
+                if first.data:
+                    digest.update(first.data)
+                    received += len(first.data)
+                    out.write(first.data)
+                async for chunk in request_iterator:
+                    received += len(chunk.data)
+                    if received > h.size:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"{where}: more than the announced {h.size} bytes")
+                    digest.update(chunk.data)
+                    out.write(chunk.data)
+            if received != h.size:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{where}: {received} bytes received, {h.size} announced (truncated upload)")
+            if digest.hexdigest() != h.sha256:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{where}: sha256 of the bytes received is {digest.hexdigest()[:16]}..., "
+                                    f"announced {h.sha256[:16]}... (corrupted in transit)")
+            await self._in_pool(store.put_file, key, tmp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
+        # Journaled (and fsynced) before the ack: a checkpoint the worker saw acknowledged survives
+        # a master crash. False: the attempt is no longer live; its file is of no use to anyone.
+        recorded = await self._in_pool(self.coord.record_checkpoint, h.lease.task_id, h.lease.attempt,
+                                       h.lease_key, h.epoch, key, h.sha256, h.size)
+        if not recorded:
+            await self._in_pool(store.delete, key)
+        return pb.CheckpointAck(key=key, recorded=bool(recorded))
+
+    @unavailable_when_halted
+    async def DownloadArtifact(  # type: ignore[override]  # writes with context.write instead of yielding
+            self, request: pb.ArtifactRequest, context: Context) -> None:
+        try:
+            key = validate_key(request.key)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"DownloadArtifact: {exc}")
+        if request.HasField("lease") and request.lease.task_id:
+            ref = self.coord.checkpoint_for(request.lease.task_id, request.lease.attempt, request.lease_key)
+            if ref is None or ref.key != key:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"DownloadArtifact {key}: not the checkpoint lease {request.lease.task_id}/"
+                                    f"{request.lease.attempt} resumes from (or the lease is not live, or its "
+                                    f"lease_key does not match)")
+            source: Any = self.coord.artifact_store
+            size = ref.size
+        else:
+            root = self.artifact_root()
+            if key not in PUBLIC_ARTIFACTS:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"DownloadArtifact {key}: without a lease only {', '.join(PUBLIC_ARTIFACTS)} "
+                                    f"may be read")
+            if root is None or not (root / key).is_file():
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"DownloadArtifact {key}: not written (yet): the master writes it when the "
+                                    f"experiment finishes")
+            source = LocalStore(root)
+            size = (root / key).stat().st_size
+        if source is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"DownloadArtifact {key}: no artifact store")
+        try:
+            chunks: Iterator[bytes] = await self._in_pool(source.open_chunks, key, ARTIFACT_CHUNK)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"DownloadArtifact {key}: not in {source.describe()}")
+        first = True
+        while (block := await self._in_pool(next, chunks, None)) is not None:
+            await context.write(pb.ArtifactChunk(data=block, size=size if first else 0))
+            first = False
+        if first:  # an empty file: still one chunk saying so
+            await context.write(pb.ArtifactChunk(size=0))
 
     def _stream_lost(self, worker_id: str, detail: str) -> None:
         if not self.stopping.is_set():

@@ -6,7 +6,7 @@ the worker then replaces. The worker process itself stays free to heartbeat.
 
 Protocol: one JSON object per line. Request on stdin:
   {"task_id", "attempt", "arch": {...canonical graph...}, "evaluation": {...spec.evaluation...},
-   "device": "cpu" | "cuda:0" | null, "seed": int}
+   "device": "cpu" | "cuda:0" | null, "seed": int, "segment": {...} (optional, see Checkpoints)}
 Reply on the original stdout (the user's prints go to stderr so they cannot corrupt it):
   {"ok": true, "metrics": {...}, "duration": s} or
   {"ok": false, "kind": "exception|nan|timeout|oom|invalid", "message": "...", "duration": s}
@@ -21,6 +21,14 @@ worker's answer on stdin, {"decision": {"task_id", "attempt", "step", "stop": bo
 master's, or "continue" from the worker itself when no master is there); after DECISION_WAIT
 seconds without one the trial goes on. A reader thread takes stdin apart: decisions go to the
 running trial, requests queue for the main loop.
+
+Checkpoints: a request may carry "segment" (see morphml.evaluation.segments: start_epoch,
+stop_epoch, save_epochs, checkpoint_dir, resume (a local file the worker downloaded), its sha256,
+size and key, or fallback). After each save epoch the trainer writes the checkpoint file into
+checkpoint_dir and the runner writes {"checkpoint": {"task_id", "attempt", "epoch", "path",
+"sha256", "size"}} and trains on without waiting: the worker process, which owns the gRPC channel,
+uploads the file (this process never talks to the master) and sends the trial's result only once
+its uploads are done.
 
 Evaluation goes through morphml.evaluation.evaluate_architecture: a `module:function` evaluator
 runs without torch; the built-in trainer imports torch on first use.
@@ -84,12 +92,18 @@ def run_one(request: dict, write: Callable[[dict], None] | None = None, decision
     trainer; a `module:function` evaluator runs without it) and returns the reply object. With
     `write` and `decisions`, progress goes out as progress lines and each waits for its decision."""
     from morphml.evaluation import TrialFailure, evaluate_architecture
+    from morphml.evaluation.segments import Segment
 
     started = time.monotonic()
     stopped = False
     progress = None
+    task_id, attempt = str(request.get("task_id")), int(request.get("attempt", 0))
+    on_checkpoint = None
+    if write is not None:
+        def on_checkpoint(epoch: int, path: str, sha256: str, size: int) -> None:
+            write({"checkpoint": {"task_id": task_id, "attempt": attempt, "epoch": epoch, "path": path,
+                                  "sha256": sha256, "size": size}})
     if write is not None and decisions is not None:
-        task_id, attempt = str(request.get("task_id")), int(request.get("attempt", 0))
 
         def progress(step: int, metrics: dict) -> bool:
             nonlocal stopped
@@ -98,9 +112,10 @@ def run_one(request: dict, write: Callable[[dict], None] | None = None, decision
             stopped = stopped or stop
             return stop
     try:
+        segment = Segment.from_request(request.get("segment"), task_id, attempt, on_checkpoint)
         metrics = evaluate_architecture(request["arch"], request.get("evaluation") or {},
                                         device=request.get("device"), seed=int(request.get("seed", 0)),
-                                        progress=progress)
+                                        progress=progress, segment=segment)
         reply = {"ok": True, "metrics": metrics, "duration": time.monotonic() - started}
         if stopped:
             reply["stopped"] = True

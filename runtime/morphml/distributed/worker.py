@@ -18,6 +18,15 @@ written back to that runner's stdin. With no session (master away), or a master 
 answer progress (RegisterReply.answers_progress false: an older release), the worker answers
 "continue" itself at once, and a session that ends answers every report still waiting so.
 
+Checkpoints (Lease.save_epochs, Lease.checkpoint): before a resumed lease starts, the slot
+thread downloads its checkpoint (DownloadArtifact) into the worker's checkpoint folder and the
+runner checks and loads it (a download that fails becomes the trial's `checkpoint_fallback`: it
+trains from 0). The runner writes each new checkpoint file into the same folder and says so on
+its reply pipe; one uploader thread sends the files in order (UploadCheckpoint) and deletes
+them, and a trial's result leaves only after that trial's uploads, so the master has journaled
+its final checkpoint when it counts the result. A master without these RPCs (UNIMPLEMENTED)
+gets no more uploads: the trials train on without checkpoints.
+
 Liveness: the worker's gRPC health (services "" and "morphml.Worker", what the kubelet's
 probes call) is SERVING only while the session loop and every runner make progress; a part
 silent past its bound turns it NOT_SERVING until it recovers, and a runner stuck past the
@@ -36,10 +45,12 @@ import logging
 import os
 import queue
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -140,11 +151,12 @@ class RunnerProcess:
     running trial go to `on_report(message)`; answer them with `decide()`."""
 
     def __init__(self, slot: int, beat_seconds: float = 0.0, on_progress: Callable[[], None] | None = None,
-                 on_report: Callable[[dict], None] | None = None):
+                 on_report: Callable[[dict], None] | None = None, on_checkpoint: Callable[[dict], None] | None = None):
         self.slot = slot
         self.beat_seconds = beat_seconds
         self.on_progress = on_progress or (lambda: None)
         self.on_report = on_report or (lambda message: self.decide(message, False))
+        self.on_checkpoint = on_checkpoint or (lambda message: None)
         self._stdin_lock = threading.Lock()  # the slot thread sends trials, the session thread decisions
         self.proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
@@ -254,6 +266,8 @@ class RunnerProcess:
             message = json.loads(line)
             if "progress" in message:
                 self.on_report(message["progress"])
+            elif "checkpoint" in message:
+                self.on_checkpoint(message["checkpoint"])
             elif "beat" not in message:
                 self._replies.append(message)
         self.on_progress()
@@ -331,8 +345,14 @@ class WorkerNode:
         for slot in range(config.slots):
             self._liveness.add_part(runner_part(slot), self._bounds.stuck_after, self._bounds.replace_after)
         self._runners = [RunnerProcess(i, self._bounds.beat_period, self._progress_callback(runner_part(i)),
-                                       functools.partial(self._on_report, i))
+                                       functools.partial(self._on_report, i), self._on_checkpoint)
                          for i in range(config.slots)]
+        # Checkpoint files on their way up or down (removed at exit); the uploader's FIFO holds
+        # ("upload", message) and ("result", item, reply) so a result follows its trial's uploads.
+        self._checkpoint_dir = tempfile.mkdtemp(prefix="morphml-checkpoints-")
+        self._uploads: queue.Queue = queue.Queue()
+        self._pending_uploads: dict[tuple[str, int], int] = {}  # lease -> uploads (and its result) queued
+        self._uploads_supported = True  # False after the master answered UNIMPLEMENTED
         # Progress reports sent on the live session and not answered yet: (task, attempt, step) -> slot.
         self._unanswered: dict[tuple[str, int, int], int] = {}
         self._lease_keys: dict[tuple[str, int], str] = {}  # running lease -> its lease_key
@@ -374,6 +394,7 @@ class WorkerNode:
         for slot in range(self.config.slots):
             threading.Thread(target=self._slot_loop, args=(slot,), name=f"slot-{slot}", daemon=True).start()
         threading.Thread(target=self._redeliver_loop, name="redeliver", daemon=True).start()
+        threading.Thread(target=self._upload_loop, name="uploader", daemon=True).start()
         threading.Thread(target=self._liveness_loop, name="liveness", daemon=True).start()
         if not block:
             threading.Thread(target=self._main_loop, name="worker-main", daemon=True).start()
@@ -729,7 +750,127 @@ class WorkerNode:
         except Exception as exc:  # a malformed lease must not kill the slot
             return {"lease": lease, "ref": ref,
                     "reply": {"ok": False, "kind": "invalid", "message": f"bad lease: {exc}", "duration": 0.0}}
-        return {"lease": lease, "ref": ref, "request": request, "timeout": float(timeout) if timeout else None}
+        item = {"lease": lease, "ref": ref, "request": request, "timeout": float(timeout) if timeout else None}
+        segment = self._segment(lease)
+        if segment is not None:
+            request["segment"] = segment
+            item["resume_path"] = segment.get("resume")
+        return item
+
+    def _segment(self, lease: pb.Lease) -> dict | None:
+        """The runner's "segment" for a lease (None for a plain lease: all epochs, no checkpoints);
+        downloads the checkpoint a resumed lease starts from."""
+        if not (lease.start_epoch or lease.stop_epoch or lease.save_epochs):
+            return None
+        segment: dict[str, Any] = {"start_epoch": lease.start_epoch, "stop_epoch": lease.stop_epoch,
+                                   "save_epochs": list(lease.save_epochs) if self._uploads_supported else [],
+                                   "checkpoint_dir": self._checkpoint_dir}
+        if lease.HasField("checkpoint"):
+            segment["arch_hash"] = lease.checkpoint.arch_hash
+        if lease.start_epoch > 0:
+            ckpt = lease.checkpoint
+            if not lease.HasField("checkpoint") or not ckpt.key:
+                segment["fallback"] = f"lease resumes at epoch {lease.start_epoch} but names no checkpoint"
+                return segment
+            path = os.path.join(self._checkpoint_dir, f"resume-{lease.task_id}-{lease.attempt}.pt")
+            try:
+                self._download(ckpt.key, path, lease)
+            except (grpc.RpcError, OSError) as exc:
+                detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+                segment["fallback"] = f"checkpoint {ckpt.key}: download failed ({detail})"
+                return segment
+            segment.update(resume=path, resume_key=ckpt.key, resume_sha256=ckpt.sha256, resume_size=ckpt.size)
+        return segment
+
+    def _download(self, key: str, path: str, lease: pb.Lease) -> None:
+        """DownloadArtifact of `key` for `lease` into `path` (the runner checks size and sha256)."""
+        request = pb.ArtifactRequest(key=key, lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt),
+                                     lease_key=lease.lease_key)
+        with open(path, "wb") as out:
+            for chunk in self._stub.DownloadArtifact(request, metadata=self._metadata, timeout=300):
+                out.write(chunk.data)
+
+    # --- checkpoint uploads --------------------------------------------------------------------
+    def _on_checkpoint(self, message: dict) -> None:
+        """A runner wrote a checkpoint file: queue its upload (the slot thread reads on at once)."""
+        try:
+            ref = (str(message["task_id"]), int(message["attempt"]))
+        except (KeyError, TypeError, ValueError):
+            return
+        with self._lock:
+            lease_key = self._lease_keys.get(ref)
+            if lease_key is None or not self._uploads_supported:
+                self._remove(message.get("path"))
+                return
+            self._pending_uploads[ref] = self._pending_uploads.get(ref, 0) + 1
+        self._uploads.put(("upload", ref, dict(message, lease_key=lease_key)))
+
+    @staticmethod
+    def _remove(path: Any) -> None:
+        if isinstance(path, str) and path:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _upload_loop(self) -> None:
+        while True:
+            entry = self._uploads.get()
+            if entry is None:
+                return
+            kind, ref = entry[0], entry[1]
+            try:
+                if kind == "upload":
+                    self._upload(ref, entry[2])
+                else:
+                    self._send_result(entry[2], entry[3])
+            except Exception:  # one bad upload must not stop the others (or the results behind them)
+                log.exception("checkpoint upload of %s/%d failed", *ref)
+            finally:
+                with self._lock:
+                    left = self._pending_uploads.get(ref, 0) - 1
+                    if left > 0:
+                        self._pending_uploads[ref] = left
+                    else:
+                        self._pending_uploads.pop(ref, None)
+
+    def _upload(self, ref: tuple[str, int], message: dict) -> None:
+        path = str(message.get("path") or "")
+        try:
+            for attempt in range(3):
+                if self._done.is_set() or not self._uploads_supported:
+                    return
+                try:
+                    ack = self._stub.UploadCheckpoint(self._upload_chunks(ref, message, path),
+                                                      metadata=self._metadata, timeout=300)
+                    log.info("checkpoint %s/%d epoch %s uploaded (%s bytes) as %s%s", ref[0], ref[1],
+                             message.get("epoch"), message.get("size"), ack.key,
+                             "" if ack.recorded else " (not recorded: the lease is no longer live)")
+                    return
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        log.warning("the master does not take checkpoints (an older release): training on without")
+                        self._uploads_supported = False
+                        return
+                    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and attempt < 2:
+                        self._done.wait(1.0)
+                        continue
+                    log.warning("checkpoint %s/%d epoch %s not stored: %s: %s", ref[0], ref[1],
+                                message.get("epoch"), exc.code().name, exc.details())
+                    return
+        finally:
+            self._remove(path)
+
+    @staticmethod
+    def _upload_chunks(ref: tuple[str, int], message: dict, path: str,
+                       chunk: int = 1 << 20) -> Iterator[pb.ArtifactChunk]:
+        header = pb.CheckpointHeader(lease=pb.LeaseRef(task_id=ref[0], attempt=ref[1]),
+                                     lease_key=str(message["lease_key"]), epoch=int(message["epoch"]),
+                                     sha256=str(message["sha256"]), size=int(message["size"]))
+        yield pb.ArtifactChunk(checkpoint=header)
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                yield pb.ArtifactChunk(data=block)
 
     def _evaluation(self, text: str) -> dict:
         """spec.evaluation of a lease, parsed (the same text for every lease of an experiment)."""
@@ -739,14 +880,26 @@ class WorkerNode:
         return dict(cached[1])
 
     def _finish_trial(self, item: dict, reply: dict | None) -> None:
-        lease, ref = item["lease"], item["ref"]
+        ref = item["ref"]
+        self._remove(item.get("resume_path"))
         with self._lock:
             self._running.pop(ref, None)
             self._lease_keys.pop(ref, None)
             cancelled = ref in self._cancelled
             self._cancelled.discard(ref)
+            uploading = ref in self._pending_uploads
+            if uploading and reply is not None and not cancelled:
+                # Behind this trial's checkpoint uploads in the uploader's FIFO: the master
+                # journals the final checkpoint before it counts the result.
+                self._pending_uploads[ref] += 1
+                self._uploads.put(("result", ref, item, reply))
+                return
         if reply is None or cancelled:
             return
+        self._send_result(item, reply)
+
+    def _send_result(self, item: dict, reply: dict) -> None:
+        lease, ref = item["lease"], item["ref"]
         result = pb.TrialResult(
             lease=pb.LeaseRef(task_id=lease.task_id, attempt=lease.attempt), ok=bool(reply.get("ok")),
             metrics_json=json.dumps(reply.get("metrics", {})) if reply.get("ok") else "",
@@ -868,7 +1021,7 @@ class WorkerNode:
         deadline = time.monotonic() + self.config.grace_seconds
         while time.monotonic() < deadline:
             with self._lock:
-                busy = bool(self._running) or bool(self._unacked)
+                busy = bool(self._running) or bool(self._unacked) or bool(self._pending_uploads)
             if not busy and self._leases.empty():
                 break
             time.sleep(0.05)
@@ -893,6 +1046,8 @@ class WorkerNode:
         for runner in self._runners:
             runner.kill(on_purpose=True)
             runner.close()
+        self._uploads.put(None)
+        shutil.rmtree(self._checkpoint_dir, ignore_errors=True)
         if self._health_server is not None:
             self._health_server.stop(0)
         self._channel.close()

@@ -3,6 +3,8 @@
 Public API:
 - `evaluate_architecture(arch_json, evaluation_spec, device=None, seed=0) -> dict` (workers call it)
 - `build_model(graph_or_json) -> torch.nn.Module`
+- `load_model(best_dir) -> torch.nn.Module` (a finished experiment's trained best model, eval mode),
+  `validation_metrics(model, evaluation_spec)` (its val_accuracy / val_loss as the trainer measures)
 - `load_dataset(dataset_spec) -> Dataset`, `dataset_shape(dataset_spec) -> (input_shape, num_classes)`
 - `training_settings(evaluation_spec) -> TrainingSettings`, `load_user_evaluator("module:function")`
 - `plan_graph(graph_or_json) -> GraphPlan` (validation, shapes, params, FLOPs without torch)
@@ -34,6 +36,21 @@ def build_model(graph_or_json: Any) -> torch.nn.Module:
     return _build_model(graph_or_json)
 
 
+def load_model(path: Any, device: Any = "cpu") -> torch.nn.Module:
+    """The trained best model of a finished experiment: `load_model("runs/<name>/best")`
+    (see morphml.evaluation.saved)."""
+    from morphml.evaluation.saved import load_model as _load_model
+
+    return _load_model(path, device)
+
+
+def validation_metrics(model: torch.nn.Module, evaluation_spec: Any = None) -> dict[str, float]:
+    """{"val_accuracy", "val_loss"} of a module on spec.evaluation's validation split, as the trainer computes them."""
+    from morphml.evaluation.saved import validation_metrics as _validation_metrics
+
+    return _validation_metrics(model, evaluation_spec)
+
+
 __all__ = [
     "DATASET_NAMES",
     "FAILURE_KINDS",
@@ -49,7 +66,9 @@ __all__ = [
     "dataset_shape",
     "evaluate_architecture",
     "load_dataset",
+    "load_model",
     "load_user_evaluator",
     "plan_graph",
     "training_settings",
+    "validation_metrics",
 ]

@@ -25,11 +25,13 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
 from morphml.evaluation.datasets import load_dataset
 from morphml.evaluation.errors import EvaluationSpecError, TrialFailure
+from morphml.evaluation.segments import Segment
 from morphml.evaluation.settings import training_settings
 from morphml.evaluation.shapes import as_arch_dict, plan_graph
 
@@ -71,6 +73,13 @@ def user_report(progress: ProgressCallback | None) -> Callable[[int, Mapping[str
             return ReportDecision.CONTINUE
         return ReportDecision.STOP if progress(step, dict(metrics)) else ReportDecision.CONTINUE
     return report
+
+
+def architecture_hash(arch: Mapping[str, Any]) -> str:
+    """The architecture's hash as the master journals it (morphml.graph's arch_hash)."""
+    from morphml.graph import ArchitectureGraph
+
+    return ArchitectureGraph.from_json(dict(arch)).arch_hash
 
 
 def load_user_evaluator(path: Any) -> UserEvaluator:
@@ -162,7 +171,7 @@ def _call_user_evaluator(path: str, arch: dict, spec: dict, device: str | None,
 
 def evaluate_architecture(
     arch_json: Any, evaluation_spec: Mapping[str, Any] | None, device: str | None = None, seed: int = 0,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | None = None, segment: Segment | None = None,
 ) -> dict[str, Any]:
     """Train and validate one architecture; return metrics or raise TrialFailure.
 
@@ -170,6 +179,10 @@ def evaluate_architecture(
     (a user evaluator returns its own dict). `progress(step, metrics)`, when given, gets each
     epoch's metrics (the built-in trainer) or each report() of a user evaluator; True from it
     stops the trial early.
+
+    `segment` (see morphml.evaluation.segments): the built-in trainer resumes from its checkpoint
+    and saves checkpoints; a user evaluator gets no checkpoints, only its epochs: with
+    `segment.stop_epoch` set, spec.evaluation.training.epochs is that, and it trains from the start.
     """
     started = time.monotonic()
     if evaluation_spec is not None and not isinstance(evaluation_spec, Mapping):
@@ -177,9 +190,13 @@ def evaluate_architecture(
     spec = dict(evaluation_spec or {})
     arch = as_arch_dict(arch_json)
     if spec.get("evaluator"):
+        if segment is not None and segment.stop_epoch > 0:
+            training = dict(spec.get("training") or {})
+            training["epochs"] = segment.stop_epoch
+            spec["training"] = training
         return _call_user_evaluator(spec["evaluator"], arch, spec, device, progress)
     try:
-        return _train_builtin(arch, spec, device, seed, started, progress)
+        return _train_builtin(arch, spec, device, seed, started, progress, segment)
     except TrialFailure:
         raise
     except ImportError as exc:
@@ -192,8 +209,10 @@ def evaluate_architecture(
 
 
 def _train_builtin(arch: dict, spec: dict, device: str | None, seed: int, started: float,
-                   progress: ProgressCallback | None = None) -> dict[str, Any]:
+                   progress: ProgressCallback | None = None, segment: Segment | None = None) -> dict[str, Any]:
     plan = plan_graph(arch)
+    if segment is not None and not segment.arch_hash:
+        segment = replace(segment, arch_hash=architecture_hash(arch))
     try:
         settings = training_settings(spec)
         dataset = load_dataset(spec.get("dataset"))
@@ -219,6 +238,6 @@ def _train_builtin(arch: dict, spec: dict, device: str | None, seed: int, starte
     except Exception as exc:
         raise TrialFailure("exception", f"building the model failed: {_describe(exc)}") from None
     metrics = trainer.train_and_validate(model, dataset, settings, chosen, seed=seed, started=started,
-                                         report=progress)
+                                         report=progress, segment=segment)
     metrics["flops"] = plan.flops
     return metrics

@@ -20,13 +20,16 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from morphml.evaluation import checkpoint_file
 from morphml.evaluation.datasets import Dataset
 from morphml.evaluation.errors import TrialFailure
+from morphml.evaluation.segments import Segment
 from morphml.evaluation.settings import SGD_MOMENTUM, TrainingSettings
 
 LATENCY_BATCH = 32  # examples in the timed batch (fewer when the validation split is smaller)
@@ -113,8 +116,16 @@ def train_and_validate(
     seed: int = 0,
     started: float | None = None,
     report: Callable[[int, dict], bool] | None = None,
+    segment: Segment | None = None,
 ) -> dict[str, Any]:
     """Train `model` on the dataset and return validation metrics; raise TrialFailure on failure.
+
+    `segment` (None: all epochs from scratch, no checkpoints) says which epochs to train:
+    resume from `segment.resume` (a checkpoint file, checked before use; when it cannot be used
+    training starts from 0 and the metrics carry `checkpoint_fallback` saying why), train epochs
+    start_epoch+1 .. stop_epoch (0: settings.epochs), and after each epoch in save_epochs write a
+    checkpoint into segment.checkpoint_dir and call segment.on_checkpoint(epoch, path, sha256, size).
+    Epoch numbers (reports, `epochs`) are absolute, counted from the trial's first epoch.
 
     `started` (time.monotonic()) is when the trial began, so loading data and building the model
     count against the timeout too; train_seconds counts training and validation only.
@@ -126,7 +137,7 @@ def train_and_validate(
     started = time.monotonic() if started is None else started
     deadline = started + settings.timeout_seconds
     try:
-        return _run(model, dataset, settings, device, seed, started, deadline, report)
+        return _run(model, dataset, settings, device, seed, started, deadline, report, segment)
     except TrialFailure:
         raise
     except Exception as exc:
@@ -160,12 +171,58 @@ def _validate(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, settin
     return correct / len(x_val), val_loss
 
 
+def _resume(segment: Segment, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+            settings: TrainingSettings) -> tuple[int, str | None, float, torch.optim.Optimizer]:
+    """(epochs already trained, fallback reason or None, the last train_loss, the optimizer): the
+    segment's checkpoint loaded into model, optimizer and RNGs, or, when it cannot be used,
+    everything as a fresh start."""
+    if segment.fallback:  # the worker could not even fetch it
+        return 0, segment.fallback, float("nan"), optimizer
+    if segment.start_epoch <= 0 or segment.resume is None:
+        return 0, None, float("nan"), optimizer
+    label = segment.resume_key or Path(segment.resume).name
+    name = f"checkpoint {label}"
+    fresh_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fresh_rng, fresh_data = torch.get_rng_state(), generator.get_state()
+    try:
+        state = checkpoint_file.read_checkpoint(segment.resume, sha256=segment.resume_sha256,
+                                                size=segment.resume_size, arch_hash=segment.arch_hash or None,
+                                                name=label)
+        if state["epoch"] != segment.start_epoch:
+            raise checkpoint_file.CheckpointError(f"{name}: key 'epoch' is {state['epoch']}, the lease resumes at "
+                                                  f"epoch {segment.start_epoch}")
+        if state["epoch"] > settings.epochs:
+            raise checkpoint_file.CheckpointError(f"{name}: key 'epoch' is {state['epoch']}, past the "
+                                                  f"{settings.epochs} epochs of spec.evaluation.training.epochs")
+        checkpoint_file.check_fits(state, model, name)
+        checkpoint_file.restore(state, model=model, optimizer=optimizer, data_generator=generator, name=name)
+    except checkpoint_file.CheckpointError as exc:
+        # Back to exactly the fresh start (a failed restore may have loaded the model already).
+        model.load_state_dict(fresh_model)
+        torch.set_rng_state(fresh_rng)
+        generator.set_state(fresh_data)
+        return 0, str(exc), float("nan"), _make_optimizer(model, settings)
+    train_loss = state.get("train_loss")
+    return int(state["epoch"]), None, float(train_loss) if isinstance(train_loss, float) else float("nan"), optimizer
+
+
 def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device: torch.device, seed: int,
-         started: float, deadline: float, report: Callable[[int, dict], bool] | None = None) -> dict[str, Any]:
+         started: float, deadline: float, report: Callable[[int, dict], bool] | None = None,
+         segment: Segment | None = None) -> dict[str, Any]:
     train_started = time.monotonic()
     generator = torch.Generator().manual_seed(seed)
     model = model.to(device)
     optimizer = _make_optimizer(model, settings)
+    first_epoch, fallback, train_loss = 0, None, float("nan")
+    if segment is not None:
+        first_epoch, fallback, train_loss, optimizer = _resume(segment, model, optimizer, generator, settings)
+    last_epoch = settings.epochs
+    save_epochs: frozenset[int] = frozenset()
+    if segment is not None:
+        if segment.stop_epoch > 0:
+            last_epoch = min(segment.stop_epoch, settings.epochs)
+        if segment.checkpoint_dir is not None:
+            save_epochs = frozenset(segment.save_epochs)
     loss_fn = nn.CrossEntropyLoss()
     x_train = torch.from_numpy(dataset.x_train).to(device)
     y_train = torch.from_numpy(dataset.y_train).to(device)
@@ -173,10 +230,9 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
     y_val = torch.from_numpy(dataset.y_val).to(device)
     n_train = len(x_train)
 
-    train_loss = float("nan")
-    epochs_done = 0
+    epochs_done = first_epoch
     validated: tuple[float, float] | None = None  # the last epoch's validation, when reported
-    for epoch in range(settings.epochs):
+    for epoch in range(first_epoch, last_epoch):
         model.train()
         order = torch.randperm(n_train, generator=generator).to(device)
         total, seen = 0.0, 0
@@ -197,6 +253,14 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
             seen += len(batch)
         train_loss = total / max(seen, 1)
         epochs_done += 1
+        if epochs_done in save_epochs and segment is not None and segment.checkpoint_dir is not None:
+            # Saved before the report, so the checkpoint exists when the master decides on it.
+            path = Path(segment.checkpoint_dir) / f"{segment.task_id}-{segment.attempt}-epoch-{epochs_done:04d}.pt"
+            digest, size = checkpoint_file.save_checkpoint(path, model=model, optimizer=optimizer,
+                                                           epoch=epochs_done, arch_hash=segment.arch_hash,
+                                                           data_generator=generator, train_loss=train_loss)
+            if segment.on_checkpoint is not None:
+                segment.on_checkpoint(epochs_done, str(path), digest, size)
         if report is not None:
             validated = _validate(model, x_val, y_val, settings, deadline)
             stop = report(epochs_done, {"epoch": epochs_done, "val_accuracy": validated[0], "val_loss": validated[1],
@@ -207,7 +271,12 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
     val_accuracy, val_loss = validated if validated is not None else _validate(model, x_val, y_val, settings, deadline)
     _check_deadline(deadline, settings, "latency measurement")
     latency_ms = measure_latency_ms(model, x_val[:LATENCY_BATCH], device)
-    return {
+    extra: dict[str, Any] = {}
+    if first_epoch:
+        extra["resumed_from_epoch"] = first_epoch
+    if fallback:
+        extra["checkpoint_fallback"] = fallback
+    return extra | {
         "val_accuracy": val_accuracy,
         "val_loss": val_loss,
         "train_loss": train_loss,
