@@ -4,9 +4,11 @@
 - `morphml worker --master HOST:PORT --token-file F [--gpus K] [--slots N]`: the worker's.
 - `morphml run MANIFEST --workers N [--output DIR] [--set PATH=VALUE ...]`: master + N worker
   processes on loopback (`--set` changes manifest fields first, e.g. a shorter budget),
-  live progress, then DIR/trials.csv, best.json, convergence.png (journal in DIR/journal.db;
+  live progress, then DIR/trials.csv, best.json, convergence.png, report.html (journal in DIR/journal.db;
   rerun the same command to resume after Ctrl-C).
 - `morphml status --master HOST:PORT`: the master's GetStatus as JSON.
+- `morphml dashboard runs/<name> [--port P] [--host H]`: the web dashboard of a local run,
+  read-only from its journal (running or finished; morphml.dashboard).
 
 Imports: everything above it (experiment, optimizers, evaluation.dataset_shape without torch,
 distributed, results). The master side never imports torch.
@@ -83,9 +85,11 @@ def search_from_args(args: argparse.Namespace) -> tuple[Experiment, Optimizer, E
 
 def start_master(optimizer: Optimizer, settings: ExperimentSettings, journal_path: str, port: int, host: str | None,
                  token: str | None, journal_sync: str,
-                 metrics_port: int | None = None) -> tuple[ExperimentCoordinator, MasterServer]:
+                 metrics_port: int | None = None, dashboard_port: int | None = None,
+                 view_token: str | None = None) -> tuple[ExperimentCoordinator, MasterServer]:
     """Open the journal, resume from it, and serve (Prometheus /metrics too when metrics_port is
-    not None; 0 picks a free port); returns (coordinator, server)."""
+    not None, the web dashboard when dashboard_port is not None; 0 picks a free port); returns
+    (coordinator, server)."""
     from morphml.distributed.checkpoints import make_store
     from morphml.distributed.coordinator import ExperimentCoordinator
     from morphml.distributed.journal import Journal
@@ -96,7 +100,8 @@ def start_master(optimizer: Optimizer, settings: ExperimentSettings, journal_pat
     # Checkpoints and best/ live beside the journal (or in S3 per spec.artifacts); set before any
     # lease is granted, since a lease carries save_epochs only when there is a store.
     coordinator.artifact_store = make_store(settings.artifacts, Path(journal_path).resolve().parent)
-    server = MasterServer(coordinator, port, host, token, metrics_port=metrics_port)
+    server = MasterServer(coordinator, port, host, token, metrics_port=metrics_port, dashboard_port=dashboard_port,
+                          view_token=view_token)
     server.start()
     return coordinator, server
 
@@ -122,12 +127,15 @@ def cmd_master(args: argparse.Namespace) -> int:
     from morphml.distributed.auth import read_token
 
     token = read_token(args.token_file)
+    view_token = read_token(args.view_token_file) if args.view_token_file else None
     _, optimizer, settings = search_from_args(args)
     coordinator, server = start_master(optimizer, settings, args.journal, args.port, args.host, token,
-                                       args.journal_sync, args.metrics_port)
+                                       args.journal_sync, args.metrics_port, args.dashboard_port, view_token)
     print(f"morphml master: serving on port {server.port} (journal {args.journal})", file=sys.stderr, flush=True)
     if server.metrics_port is not None:
         print(f"morphml master: metrics on port {server.metrics_port}", file=sys.stderr, flush=True)
+    if server.dashboard_port is not None:
+        print(f"morphml master: dashboard on port {server.dashboard_port}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -185,6 +193,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from morphml.dashboard.data import DashboardData
+    from morphml.dashboard.server import DashboardServer
+    from morphml.distributed.auth import read_token
+
+    path = Path(args.run)
+    journal_path = path / "journal.db" if path.is_dir() else path
+    if not journal_path.is_file():
+        raise CliError(f"{args.run}: no journal there (expected a run directory holding journal.db, or a journal "
+                       f"file)")
+    token = read_token(args.token_file) if args.token_file else None
+    data = DashboardData(journal_path, metric=args.metric, goal=args.goal)
+    data.refresh()  # a file that is not a journal is refused here, before listening (exit 3)
+    server = DashboardServer(data, args.host, args.port, [token] if token else [])
+    try:
+        server.start()
+    except OSError as exc:
+        raise CliError(str(exc)) from None
+    if not token and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"morphml dashboard: warning: listening on {args.host} with no token: anyone who can reach this port "
+              f"can read the experiment (pass --token-file)", file=sys.stderr, flush=True)
+    print(f"morphml dashboard: {server.url} (journal {journal_path}, read-only; Ctrl-C stops)", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
+
+
 def _format_eta(seconds: float | None) -> str:
     if seconds is None:
         return "--:--"
@@ -207,6 +245,7 @@ def progress_line(st: dict, started: float, done_at_start: int) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from morphml.dashboard.report import write_report
     from morphml.results import write_results
 
     experiment, optimizer, settings = search_from_args(args)
@@ -273,6 +312,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     server.stop(grace=0.5)
     coordinator.journal.close()
     summary = write_results(journal_path, output, final["metric"], final["goal"])
+    write_report(journal_path, output, final["metric"], final["goal"], final["budget"])
     if coordinator.done:  # best/: the trained best model (morphml.evaluation.load_model reads it)
         from morphml.distributed.checkpoints import write_best
 
@@ -289,7 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
           + f"{summary['failed']} failed; "
           + (f"best {final['metric']} {best['value']:.4f} ({best['trial_id']}: {best['summary']})"
              if best else "no best")
-          + f"\nwrote {output}/trials.csv, best.json, convergence.png, journal.db", flush=True)
+          + f"\nwrote {output}/trials.csv, best.json, convergence.png, report.html, journal.db", flush=True)
     return 0 if final["phase"] == "Succeeded" else 1
 
 
@@ -357,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hand out no trial until this many workers are connected (at most 60 s)")
     p.add_argument("--restart-hold", type=float, default=None,
                    help="seconds a restarted master keeps leases for their workers (default: heartbeat timeout)")
+    p.add_argument("--dashboard-port", type=port_arg, default=None, metavar="PORT",
+                   help="serve the web dashboard on this port (0: a free one; default off); its API needs the "
+                        "token or the view token")
+    p.add_argument("--view-token-file", default=None,
+                   help="file holding a read-only token for the dashboard (besides the experiment's token)")
     heartbeat_overrides(p)
     p.set_defaults(func=cmd_master)
 
@@ -372,6 +417,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit when the master is unreachable this many seconds (0: never)")
     p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("dashboard", help="serve the web dashboard of a local run (read-only, from its journal)")
+    p.add_argument("run", help="run directory (runs/<name>, holding journal.db) or a journal file")
+    p.add_argument("--port", type=port_arg, default=8080, help="port to listen on (default 8080; 0: a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--token-file", default=None,
+                   help="require this token (Authorization: Bearer) on the API; default none")
+    p.add_argument("--metric", default=None, help="objective metric (default: the journaled optimizer's)")
+    p.add_argument("--goal", choices=["maximize", "minimize"], default=None,
+                   help="objective goal (default: the journaled optimizer's)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("status", help="print a master's status as JSON")
     p.add_argument("--master", required=True)

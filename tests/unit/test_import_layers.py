@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("optimizers", ("morphml.optimizers",)),
     ("evaluation", ("morphml.evaluation",)),
     ("experiment", ("morphml.experiment",)),
-    ("distributed", ("morphml.distributed",)),
+    ("distributed", ("morphml.distributed", "morphml.dashboard")),  # the master serves the dashboard
     ("cli", ("morphml.results", "morphml.cli")),
 ]
 

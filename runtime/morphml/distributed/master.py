@@ -14,7 +14,7 @@ checkpoint its lease resumes from (`coordinator.checkpoint_for`), and anyone wit
 finished experiment's public files beside the journal (best/..., trials.csv).
 
 Imports: grpc, grpc_health, morphml.distributed.{proto, coordinator, journal, auth, clock, metrics,
-checkpoints}.
+checkpoints}, morphml.dashboard (only when the dashboard is served).
 Never torch.
 """
 
@@ -60,6 +60,8 @@ from .proto import worker_pb2_grpc as pb_grpc
 from .states import LossReason
 
 if TYPE_CHECKING:
+    from morphml.dashboard.server import DashboardServer
+
     from .metrics import MasterMetrics
 
 log = logging.getLogger("morphml.master")
@@ -628,7 +630,8 @@ class MasterServer:
 
     def __init__(self, coordinator: ExperimentCoordinator, port: int = 50051, host: str | None = None,
                  token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None, dashboard_port: int | None = None,
+                 view_token: str | None = None):
         self.coord = coordinator
         coordinator.new_outbox = LoopOutbox
         self.host, self.requested_port = host or default_bind_host(), port
@@ -654,6 +657,12 @@ class MasterServer:
         self.metrics_requested_port = metrics_port
         self.metrics: MasterMetrics | None = None
         self.metrics_port: int | None = None
+        # The web dashboard (morphml.dashboard) on a port of its own, like the metrics: it reads the
+        # journal file read-only and needs the experiment's token or the read-only view token.
+        self.dashboard_requested_port = dashboard_port
+        self._view_token = view_token
+        self.dashboard: DashboardServer | None = None
+        self.dashboard_port: int | None = None
 
     def _call(self, coroutine: Coroutine[Any, Any, _Reply], timeout: float | None = 30) -> _Reply:
         """Runs a coroutine on the server's loop from another thread and returns its result."""
@@ -678,6 +687,8 @@ class MasterServer:
 
             self.metrics = MasterMetrics(self.coord)
             self.metrics_port = self.metrics.serve(self.metrics_requested_port, self.host)
+        if self.dashboard_requested_port is not None:
+            self._start_dashboard()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
         self._thread.start()
         try:
@@ -686,11 +697,24 @@ class MasterServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self.metrics is not None:
                 self.metrics.stop()
+            if self.dashboard is not None:
+                self.dashboard.stop()
             raise
         self._monitor = threading.Thread(target=self._watch_heartbeats, name="heartbeat-monitor", daemon=True)
         self._monitor.start()
         log.info("master listening on port %d", self.port)
         return self.port
+
+    def _start_dashboard(self) -> None:
+        from morphml.dashboard.data import DashboardData  # http.server only where it is served
+        from morphml.dashboard.server import DashboardServer
+
+        settings = self.coord.settings
+        data = DashboardData(self.coord.journal.path, metric=settings.metric, goal=settings.goal,
+                             budget=settings.max_trials)
+        tokens = [t for t in (self._token, self._view_token) if t]
+        self.dashboard = DashboardServer(data, self.host, self.dashboard_requested_port or 0, tokens)
+        self.dashboard_port = self.dashboard.start()
 
     def _on_halt(self, error: JournalError) -> None:
         """The coordinator halted (on some thread, maybe under its lock): stop from a thread of
@@ -740,6 +764,8 @@ class MasterServer:
         self.servicer.close()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self._stopped.set()
 
     def wait(self) -> None:
