@@ -875,7 +875,9 @@ class ExperimentCoordinator:
             return self._resume.get(task_id, {}).get(attempt)
 
     def _add_checkpoint(self, ref: CheckpointRef) -> None:
-        refs = [r for r in self._checkpoints.get(ref.task_id, []) if r.key != ref.key and r.epoch != ref.epoch]
+        # Stable by epoch: of two checkpoints of the same epoch (a retried segment) the later one
+        # is the latest, and retention deletes the earlier like any superseded one.
+        refs = [r for r in self._checkpoints.get(ref.task_id, []) if r.key != ref.key]
         self._checkpoints[ref.task_id] = sorted(refs + [ref], key=lambda r: r.epoch)
 
     def _final_checkpoint(self, task_id: str) -> CheckpointRef | None:
@@ -1183,6 +1185,8 @@ class ExperimentCoordinator:
                                self.lease_key(task.task_id, att.attempt), start_epoch=start, stop_epoch=stop,
                                checkpoint=ref, save_epochs=self._save_epochs(start, end))
         self.journal.after_commit(functools.partial(self._outboxes[rec.worker_id].put, message))
+        if self._checkpoints.get(task.task_id):
+            self._retain({task.task_id})  # what the attempt this replaces resumed from may go now
 
     # --- completion --------------------------------------------------------------------------
     def _check_done(self) -> None:
