@@ -182,7 +182,7 @@ def evaluate_architecture(
 
     `segment` (see morphml.evaluation.segments): the built-in trainer resumes from its checkpoint
     and saves checkpoints; a user evaluator gets no checkpoints, only its epochs: with
-    `segment.stop_epoch` set, spec.evaluation.training.epochs is that, and it trains from the start.
+    `segment.stop_epoch` set, spec.evaluation.epochs is that, and it trains from the start.
     """
     started = time.monotonic()
     if evaluation_spec is not None and not isinstance(evaluation_spec, Mapping):
@@ -191,9 +191,7 @@ def evaluate_architecture(
     arch = as_arch_dict(arch_json)
     if spec.get("evaluator"):
         if segment is not None and segment.stop_epoch > 0:
-            training = dict(spec.get("training") or {})
-            training["epochs"] = segment.stop_epoch
-            spec["training"] = training
+            spec["epochs"] = segment.stop_epoch  # no checkpoints: it trains the segment's total from 0
         return _call_user_evaluator(spec["evaluator"], arch, spec, device, progress)
     try:
         return _train_builtin(arch, spec, device, seed, started, progress, segment)

@@ -6,7 +6,7 @@ full budget), and save a checkpoint after each epoch in `save_epochs`. The trial
 one from its request; the built-in trainer (`morphml.evaluation.trainer`) carries it out.
 
 Custom `module:function` evaluators get no checkpoints: under a scheduler with rungs their
-`spec.evaluation.training.epochs` is set to the segment's `stop_epoch` and they train from the
+`spec.evaluation.epochs` is set to the segment's `stop_epoch` and they train from the
 start (docs/evaluation.md, "Checkpoints").
 
 Imports: the standard library only (no torch).
@@ -27,7 +27,7 @@ class Segment:
     task_id: str = ""
     attempt: int = 0
     start_epoch: int = 0
-    stop_epoch: int = 0  # 0: spec.evaluation.training.epochs
+    stop_epoch: int = 0  # 0: spec.evaluation.epochs
     save_epochs: tuple[int, ...] = ()
     checkpoint_dir: str | None = None  # where checkpoints are written; None: none are
     arch_hash: str = ""  # the trial's architecture (stored in and checked against checkpoints)

@@ -193,7 +193,7 @@ def _resume(segment: Segment, model: nn.Module, optimizer: torch.optim.Optimizer
                                                   f"epoch {segment.start_epoch}")
         if state["epoch"] > settings.epochs:
             raise checkpoint_file.CheckpointError(f"{name}: key 'epoch' is {state['epoch']}, past the "
-                                                  f"{settings.epochs} epochs of spec.evaluation.training.epochs")
+                                                  f"{settings.epochs} of spec.evaluation.epochs")
         checkpoint_file.check_fits(state, model, name)
         checkpoint_file.restore(state, model=model, optimizer=optimizer, data_generator=generator, name=name)
     except checkpoint_file.CheckpointError as exc:
