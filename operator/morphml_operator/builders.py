@@ -44,7 +44,11 @@ MASTER_SPEC_ANNOTATION = "morphml.io/master-spec"
 # The spec sections a master reads at start (budget, faultTolerance from its manifest) or its pod
 # is built from (master: image, resources). A change to one restarts the master, which resumes
 # from the journal with it. (master.persistence is immutable: the CRD refuses a change.)
+# (spec.artifacts, read at start too, cannot change: the CRD refuses it.)
 MASTER_SPEC_SECTIONS = ("budget", "faultTolerance", "master")
+# The keys of spec.artifacts.s3.credentialsSecret, passed to the master as environment variables
+# of the same names (what boto3 reads; morphml.distributed.s3store.SECRET_KEYS).
+S3_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 EVENT_SOURCE = "morphml-operator"
 
 
@@ -270,6 +274,18 @@ def _pod_env(name: str) -> list[dict]:
     ]
 
 
+def _s3_credentials_env(spec: Mapping[str, Any]) -> list[dict]:
+    """The master's S3 credentials from spec.artifacts.s3.credentialsSecret (the master alone talks
+    to S3: workers never get them). Not optional: a Secret or key that is missing keeps the pod
+    from starting (CreateContainerConfigError names it) rather than starting a master that
+    cannot store its checkpoints."""
+    s3 = (spec.get("artifacts") or {}).get("s3") or {}
+    secret = s3.get("credentialsSecret")
+    if not secret:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in S3_CREDENTIAL_KEYS]
+
+
 def _token_volume(name: str) -> dict:
     return {
         "name": "token",
@@ -355,7 +371,7 @@ def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], default
         "args": master_command()[1:],
         "ports": [{"name": "grpc", "containerPort": MASTER_PORT, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": MASTER_METRICS_PORT, "protocol": "TCP"}],
-        "env": _pod_env(name),
+        "env": _pod_env(name) + _s3_credentials_env(spec),
         "resources": _resources(master, {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}),
         # Health service name "morphml.Master" turns SERVING once the journal is open and the
         # search is loaded; "" only says the process is up (enough for liveness).

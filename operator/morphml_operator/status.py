@@ -189,11 +189,28 @@ def compute_status(
             "architecture": architecture,
             "summary": format_best_summary(value, architecture),
         }
+        if reported.get("checkpoint"):
+            # Its final checkpoint's key in the artifact store (spec.artifacts): what a resumed
+            # or fetched model comes from.
+            best["checkpoint"] = reported["checkpoint"]
         if not old_best or old_best.get("trialId") != best["trialId"]:
             text = f"trial {best['trialId']}: {best['metric']}={value:.4f} {architecture}".strip()
             events.append(Event("Normal", "NewBest", text))
     if best:
         status["best"] = best
+
+    # Pareto front of a multi-objective search (spec.objectives): its size and, per objective,
+    # the best value on the front and the trial that has it (the extreme trade-offs). The
+    # printer columns stay as they are (Best shows the first objective).
+    front = (master or {}).get("pareto") if master is not None else previous.get("pareto")
+    if front and master is not None:
+        front = {
+            "size": int(front.get("size", 0)),
+            "best": [{"metric": b.get("metric", ""), "goal": b.get("goal", ""), "value": float(b.get("value", 0.0)),
+                      "trialId": b.get("trial_id", "")} for b in front.get("best", [])],
+        }
+    if front:
+        status["pareto"] = front
 
     # Worker losses. The master numbers each loss (WorkerLoss.seq: journaled, never reused, kept
     # across master restarts) and `master["losses"]` holds those after status.lastLossSeq (the

@@ -600,6 +600,12 @@ class Experiment:
         """spec.constraints (camelCase: maxParams, maxFlops, maxLatencyMs), {} for none."""
         return dict(self.spec.get("constraints") or {})
 
+    @property
+    def artifacts(self) -> dict:
+        """spec.artifacts (camelCase: checkpointIntervalEpochs, keep, s3), defaults applied; the
+        distributed layer maps it (morphml.distributed.checkpoints.ArtifactSettings.from_spec)."""
+        return dict(self.spec.get("artifacts") or {})
+
     def to_yaml(self) -> str:
         """The defaulted manifest as YAML (what the operator mounts into the master pod)."""
         return yaml.safe_dump(self.manifest, sort_keys=False)

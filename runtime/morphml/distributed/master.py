@@ -600,7 +600,7 @@ def status_to_proto(st: dict) -> pb.ExperimentStatus:
         b = st["best"]
         msg.best.CopyFrom(pb.BestTrial(trial_id=b["trial_id"], metric=b["metric"], summary=b["summary"],
                                        architecture_json=b["arch_json"], metrics_json=json.dumps(b["metrics"]),
-                                       arch_hash=b["arch_hash"]))
+                                       arch_hash=b["arch_hash"], checkpoint=b.get("checkpoint") or ""))
     if st.get("pareto"):
         front = st["pareto"]
         msg.pareto.CopyFrom(pb.ParetoFront(size=front["size"], best=[pb.ObjectiveBest(**b) for b in front["best"]]))

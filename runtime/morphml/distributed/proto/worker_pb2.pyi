@@ -1214,6 +1214,7 @@ class BestTrial(_message.Message):
     ARCHITECTURE_JSON_FIELD_NUMBER: _builtins.int
     METRICS_JSON_FIELD_NUMBER: _builtins.int
     ARCH_HASH_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
     trial_id: _builtins.str
     """Trial (task) id."""
     metric: _builtins.float
@@ -1226,6 +1227,8 @@ class BestTrial(_message.Message):
     """All metrics as JSON."""
     arch_hash: _builtins.str
     """Stable architecture hash."""
+    checkpoint: _builtins.str
+    """Store key of its final checkpoint ("checkpoints/<trial>/epoch-NNNN.pt"); empty without one."""
     def __init__(
         self,
         *,
@@ -1235,10 +1238,11 @@ class BestTrial(_message.Message):
         architecture_json: _builtins.str = ...,
         metrics_json: _builtins.str = ...,
         arch_hash: _builtins.str = ...,
+        checkpoint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch_hash", b"arch_hash", "architecture_json", b"architecture_json", "metric", b"metric", "metrics_json", b"metrics_json", "summary", b"summary", "trial_id", b"trial_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arch_hash", b"arch_hash", "architecture_json", b"architecture_json", "checkpoint", b"checkpoint", "metric", b"metric", "metrics_json", b"metrics_json", "summary", b"summary", "trial_id", b"trial_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
