@@ -8,7 +8,8 @@ for everything missing. A file lock serialises callers; dpkg's own lock is waite
 
 Used by ``tests.cluster.node`` (containerd, runc, CNI plugins, iptables, ipset, conntrack, nfacct,
 buildah for its small images) and
-``tests.cluster.images`` (buildah, mmdebstrap). On a machine that is not Debian-like, or not
+``tests.cluster.images`` (buildah, mmdebstrap), and the dashboard's browser tests (chromium,
+chromedriver: ``BROWSER_TOOLS``). On a machine that is not Debian-like, or not
 root, ``ensure`` raises ``HostDepsError`` naming the packages and the command to run.
 
 Imports: the standard library only (it runs before anything else is installed).
@@ -47,7 +48,13 @@ TOOLS: dict[str, tuple[str, str]] = {
     "socat": ("socat", "socat"),
     # The metrics test's real Prometheus server (tests/cluster/test_metrics_prometheus.py).
     "prometheus": ("prometheus", "prometheus"),
+    # The dashboard's browser tests (tests/process/test_dashboard_browser.py, benchmarks/bench_dashboard.py).
+    "chromium": ("chromium", "chromium"),
+    "chromedriver": ("chromium-driver", "chromedriver"),
 }
+
+#: A headless browser and its WebDriver, for the dashboard's browser tests.
+BROWSER_TOOLS = ("chromium", "chromedriver")
 
 #: Everything the real node needs on the host.
 NODE_TOOLS = ("containerd", "ctr", "runc", "cni-plugins", "iptables", "ipset", "conntrack", "nfacct", "ip",

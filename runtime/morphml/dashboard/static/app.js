@@ -21,15 +21,18 @@
   window.morphml = {state, charts};
 
   // --- data --------------------------------------------------------------------------------
-  let token = null;
-  const hashToken = location.hash.match(/token=([^&]+)/);
-  if (hashToken) {  // the fragment never reaches the server; keep it off the address bar too
-    token = decodeURIComponent(hashToken[1]);
+  let token = sessionStorage.getItem("morphml-token");
+  function takeTokenFromHash() {
+    const found = location.hash.match(/token=([^&]+)/);
+    if (!found) return false;
+    // the fragment never reaches the server; keep it off the address bar (and history) too
+    token = decodeURIComponent(found[1]);
     sessionStorage.setItem("morphml-token", token);
     history.replaceState(null, "", location.pathname + location.search);
-  } else {
-    token = sessionStorage.getItem("morphml-token");
+    return true;
   }
+  takeTokenFromHash();
+  window.addEventListener("hashchange", () => { if (takeTokenFromHash()) poll(); });
 
   class AuthError extends Error {}
 
@@ -61,7 +64,13 @@
     for (const row of rows) map.set(keyOf[resource](row), row);
   }
 
+  let timer = null, polling = false;
+  function schedule() { clearTimeout(timer); timer = setTimeout(poll, POLL_MS); }
+
   async function poll() {
+    if (polling) return;  // one poll at a time, whoever asks (timer, token form, new token in the URL)
+    polling = true;
+    clearTimeout(timer);
     try {
       const summary = await api("summary");
       if (summary.revision !== state.since) {
@@ -75,14 +84,16 @@
       }
       setFreshness(`updated ${new Date().toLocaleTimeString()} (revision ${summary.revision})`);
       document.getElementById("login").hidden = true;
-      setTimeout(poll, POLL_MS);
+      schedule();
     } catch (error) {
       if (error instanceof AuthError) {
-        showLogin(error.message);
-        return;  // polling resumes after the token form is sent
+        showLogin(error.message);  // polling resumes once a token is given
+      } else {
+        setFreshness(`update failed: ${error.message}; retrying`);
+        schedule();
       }
-      setFreshness(`update failed: ${error.message}; retrying`);
-      setTimeout(poll, POLL_MS);
+    } finally {
+      polling = false;
     }
   }
 
