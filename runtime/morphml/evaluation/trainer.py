@@ -253,20 +253,23 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
             seen += len(batch)
         train_loss = total / max(seen, 1)
         epochs_done += 1
+        stop = False
+        if report is not None:
+            validated = _validate(model, x_val, y_val, settings, deadline)
+            stop = report(epochs_done, {"epoch": epochs_done, "val_accuracy": validated[0], "val_loss": validated[1],
+                                        "train_loss": train_loss, "seconds": time.monotonic() - train_started})
         if epochs_done in save_epochs and segment is not None and segment.checkpoint_dir is not None:
-            # Saved before the report, so the checkpoint exists when the master decides on it.
+            # Saved after the report is answered (journaled): a journaled checkpoint of epoch k
+            # implies a journaled curve point k, so a resumed curve has no gap (at worst a lost
+            # worker's last epoch is trained and reported again by the next attempt).
             path = Path(segment.checkpoint_dir) / f"{segment.task_id}-{segment.attempt}-epoch-{epochs_done:04d}.pt"
             digest, size = checkpoint_file.save_checkpoint(path, model=model, optimizer=optimizer,
                                                            epoch=epochs_done, arch_hash=segment.arch_hash,
                                                            data_generator=generator, train_loss=train_loss)
             if segment.on_checkpoint is not None:
                 segment.on_checkpoint(epochs_done, str(path), digest, size)
-        if report is not None:
-            validated = _validate(model, x_val, y_val, settings, deadline)
-            stop = report(epochs_done, {"epoch": epochs_done, "val_accuracy": validated[0], "val_loss": validated[1],
-                                        "train_loss": train_loss, "seconds": time.monotonic() - train_started})
-            if stop:
-                break
+        if stop:
+            break
 
     val_accuracy, val_loss = validated if validated is not None else _validate(model, x_val, y_val, settings, deadline)
     _check_deadline(deadline, settings, "latency measurement")
