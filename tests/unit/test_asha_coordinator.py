@@ -13,7 +13,7 @@ import pytest
 
 from morphml.distributed.checkpoints import ArtifactSettings, LocalStore, checkpoint_key
 from morphml.distributed.clock import ManualClock
-from morphml.distributed.coordinator import ExperimentCoordinator, ExperimentSettings, ProgressReport
+from morphml.distributed.coordinator import ExperimentCoordinator, ExperimentSettings, ProgressReport, ResultReport
 from morphml.distributed.journal import Journal
 from morphml.distributed.schedulers import EarlyStoppingSettings
 from morphml.distributed.states import LossReason, TaskState
@@ -323,4 +323,34 @@ def test_restart_mid_asha_knows_rungs_promotions_paused_trials_and_checkpoints(t
     assert len(again.leases.tasks) == 9 and all(t.finished for t in again.leases.tasks.values())
     rungs = collections.Counter((e["task_id"], e["detail"]["epoch"]) for e in again.journal.events("rung_result"))
     assert max(rungs.values()) == 1  # each trial counted once per rung
+    again.journal.close()
+
+
+class TwoObjectiveOptimizer(CountingOptimizer):
+    def __init__(self):
+        super().__init__()
+        self.objectives = [{"metric": "val_accuracy", "goal": "maximize"}, {"metric": "params", "goal": "minimize"}]
+
+
+def test_with_two_objectives_a_rung_promotes_by_non_dominated_rank_then_crowding(tmp_path):
+    settings = ExperimentSettings(max_trials=4, max_failed_trials=0, evaluation={"epochs": 4},
+                                  early_stopping=EarlyStoppingSettings("asha", min_resource=1, reduction_factor=2))
+    coord = ExperimentCoordinator(TwoObjectiveOptimizer(), settings, Journal(tmp_path / "j.db"), ManualClock())
+    _, box = join(coord, "w", slots=4)
+    first = leases(box)
+    assert [m.stop_epoch for m in first] == [1, 1, 1, 1]  # rungs 1, 2, 4
+    # (accuracy, params): t1 and t3 are the extremes of the first front, t2 is on it between them,
+    # t4 is dominated. By accuracy alone the top two would be t1 and t2.
+    values = {"t000001": (0.9, 1000), "t000002": (0.85, 900), "t000003": (0.5, 100), "t000004": (0.4, 2000)}
+    coord.report_results([ResultReport(m.task_id, m.attempt, True, {"val_accuracy": values[m.task_id][0],
+                                                                     "params": values[m.task_id][1], "epochs": 1})
+                          for m in first])
+    promoted = leases(box)
+    assert sorted(m.task_id for m in promoted) == ["t000001", "t000003"]
+    assert all((m.start_epoch, m.stop_epoch) == (0, 2) for m in promoted)  # no store: from 0
+    rung = {e["task_id"]: e["detail"]["value"] for e in coord.journal.events("rung_result")}
+    assert rung["t000003"] == [0.5, 100.0]  # journaled per objective, so a restart ranks the same
+    coord.journal.close()
+    again = ExperimentCoordinator(TwoObjectiveOptimizer(), settings, Journal(tmp_path / "j.db"), ManualClock())
+    assert sorted(again._asha.brackets[0].top(0)) == ["t000001", "t000003"]
     again.journal.close()
