@@ -26,6 +26,7 @@ def test_importing_evaluation_and_reading_dataset_shapes_does_not_import_torch(t
         "import sys, morphml.evaluation as ev\n"
         "assert 'torch' not in sys.modules\n"
         "assert ev.dataset_shape({'name': 'digits'}) == ((1, 8, 8), 10)\n"
+        "assert ev.dataset_shape({'name': 'digits-hard'}) == ((1, 16, 16), 10)\n"
         "assert ev.dataset_shape({'name': 'synthetic', 'shape': [3, 4, 4], 'classes': 5}) == ((3, 4, 4), 5)\n"
         f"assert ev.dataset_shape({{'name': 'npz', 'path': {str(path)!r}}}) == ((5,), 4)\n"
         "assert ev.dataset_shape({'name': 'torchvision', 'torchvisionName': 'CIFAR10'}) == ((3, 32, 32), 10)\n"
@@ -52,6 +53,50 @@ def test_digits_is_scaled_split_80_20_stratified_and_fixed():
     assert again is not data
     np.testing.assert_array_equal(again.y_val, data.y_val)
     np.testing.assert_array_equal(again.x_train, data.x_train)
+
+
+def test_digits_hard_is_digits_upscaled_and_distorted_two_variants_per_image_with_digits_split():
+    digits = load_dataset({"name": "digits"})
+    hard = load_dataset({"name": "digits-hard"})
+    assert hard.input_shape == (1, 16, 16) and hard.num_classes == 10
+    assert hard.x_train.shape == (2 * len(digits.x_train), 1, 16, 16) and hard.x_train.dtype == np.float32
+    assert hard.x_val.shape == (2 * len(digits.x_val), 1, 16, 16) and hard.y_val.dtype == np.int64
+    # digits' own split, each original image giving its variants on its own side
+    np.testing.assert_array_equal(hard.y_train, np.tile(digits.y_train, 2))
+    np.testing.assert_array_equal(hard.y_val, np.tile(digits.y_val, 2))
+    # the two variants of one image differ (random affine map and noise drawn per variant)
+    n = len(digits.x_train)
+    assert not np.allclose(hard.x_train[:n], hard.x_train[n:])
+    assert 0.1 < hard.x_train.mean() < 0.3 and 0.2 < hard.x_train.std() < 0.6  # digit ink plus sigma-0.25 noise
+
+
+def test_digits_hard_is_deterministic_given_its_seed():
+    first = load_dataset({"name": "digits-hard"})
+    clear_cache()
+    again = load_dataset({"name": "digits-hard", "seed": 0})
+    assert again is not first
+    np.testing.assert_array_equal(again.x_train, first.x_train)
+    np.testing.assert_array_equal(again.x_val, first.x_val)
+    other = load_dataset({"name": "digits-hard", "seed": 1})
+    assert not np.allclose(other.x_train, first.x_train)
+    np.testing.assert_array_equal(other.y_train, first.y_train)
+
+
+@pytest.mark.timeout(120)
+def test_digits_hard_is_harder_than_digits_for_a_linear_model():
+    """Its purpose: plain digits saturates (a linear model gets ~0.96); on digits-hard the same
+    model falls far below, so architectures (and the methods searching them) separate."""
+    from sklearn.linear_model import LogisticRegression
+
+    def linear_accuracy(data):
+        model = LogisticRegression(max_iter=300)
+        model.fit(data.x_train.reshape(len(data.x_train), -1), data.y_train)
+        return model.score(data.x_val.reshape(len(data.x_val), -1), data.y_val)
+
+    easy = linear_accuracy(load_dataset({"name": "digits"}))
+    hard = linear_accuracy(load_dataset({"name": "digits-hard"}))
+    assert easy > 0.93
+    assert hard < 0.75, f"digits-hard linear accuracy {hard:.3f}: not hard enough to separate search methods"
 
 
 def test_loaded_datasets_are_cached_per_process():
@@ -97,7 +142,9 @@ def test_npz_with_x_y_is_split_and_grey_images_get_a_channel(tmp_path):
     [
         (None, "spec.evaluation.dataset", "is required"),
         ({"name": "imagenet"}, "spec.evaluation.dataset.name",
-         "'imagenet' is not one of digits, synthetic, npz, torchvision"),
+         "'imagenet' is not one of digits, digits-hard, synthetic, npz, torchvision"),
+        ({"name": "digits-hard", "seed": -1}, "spec.evaluation.dataset.seed", "-1 must be an integer >= 0"),
+        ({"name": "digits-hard", "seed": "x"}, "spec.evaluation.dataset.seed", "'x' must be an integer >= 0"),
         ({"name": "npz"}, "spec.evaluation.dataset.path", "is required"),
         ({"name": "npz", "path": "/nonexistent/data.npz"}, "spec.evaluation.dataset.path", "does not exist"),
         ({"name": "synthetic", "classes": 1}, "spec.evaluation.dataset.classes", "must be an integer >= 2"),
