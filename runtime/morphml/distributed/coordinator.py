@@ -18,7 +18,18 @@ machine); a STOP is journaled (event stop_decided) before it is answered, and th
 result then finishes the task as STOPPED: finished, not failed, the optimizer told its last
 reported value.
 
-Imports: morphml.distributed.{states, clock, leases, registry, journal, schedulers}; the optimizer is
+Multi-fidelity (asha/hyperband, docs/early-stopping.md): a trial trains in segments, one lease
+each (LeaseMessage start_epoch/stop_epoch/checkpoint/save_epochs); a segment's result at a rung
+below the full budget PAUSES the trial (journaled rung_result + paused), and a free slot first
+promotes a paused trial ASHA allows (promoted; PAUSED -> PENDING, a new attempt resuming from
+the trial's latest checkpoint, no retry used), else starts a new trial. When nothing more can
+start, the paused trials become STOPPED. spec.budget.maxEpochs is kept by counting each lease's
+segment when it is granted (meta epochs_leased) and reserving what pending tasks will lease.
+Checkpoints are journaled (checkpoint_saved / checkpoint_deleted, resumed, checkpoint_fallback)
+and deleted from `artifact_store` only after the commit that says so. A restart rebuilds all of
+it from those events (no schema change).
+
+Imports: morphml.distributed.{states, clock, leases, registry, journal, schedulers, checkpoints}; the optimizer is
 any object with the ask/tell contract (ask, tell, is_finished, state_dict, load_state_dict).
 """
 
