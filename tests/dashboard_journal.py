@@ -7,6 +7,8 @@ seeded random choices), one attempt each (every `relaunch_every`-th trial has a 
 lost to a worker loss and a second one), a learning curve of `epochs` points per finished trial,
 failures every `fail_every`-th trial, the last `running` trials leased and unfinished, the
 optimizer's settings (objective, goal, max_trials, objectives) and the experiment's meta.
+`finish_running_task(path, task_id)` journals what the master does when a leased trial succeeds
+(task, attempt, a curve point), for tests and benchmarks of what changes between two reads.
 Imported as `tests.dashboard_journal`. Imports: morphml.distributed.journal/leases/states.
 """
 
@@ -105,3 +107,24 @@ def _write_trial(journal: Journal, rng: random.Random, i: int, trials: int, epoc
     journal.save_attempt(leased)
     journal.save_task(task, i + 1)
     return loss_seq
+
+
+def finish_running_task(path: Path, task_id: str | None = None) -> str:
+    """Finishes `task_id` (default: the first leased task) as succeeded; returns its id."""
+    journal = Journal(path)
+    try:
+        leased = [t for t in journal.load_tasks((TaskState.LEASED,)) if task_id in (None, t.task_id)]
+        if not leased:
+            raise ValueError(f"journal {path}: no leased task {task_id or ''} to finish")
+        task = leased[0]
+        attempt = journal.load_attempts(task.task_id)[-1]
+        with journal.transaction():
+            journal.add_curve_point(task.task_id, attempt.attempt, 1, 1.0, {"epoch": 1, "val_accuracy": 0.7})
+            task.state, task.metrics = TaskState.SUCCEEDED, {"val_accuracy": 0.99}
+            task.finished_by, task.finished_attempt, task.finished_at = attempt.worker_name, attempt.attempt, 2e9
+            journal.save_task(task, int(task.task_id[1:]))
+            journal.save_attempt(Attempt(task.task_id, attempt.attempt, attempt.worker_id, attempt.worker_name,
+                                         attempt.leased_at, AttemptState.SUCCEEDED, 2e9, "ok"))
+        return task.task_id
+    finally:
+        journal.close()

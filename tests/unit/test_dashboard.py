@@ -22,9 +22,7 @@ from morphml.dashboard.data import DashboardData
 from morphml.dashboard.report import render_report
 from morphml.dashboard.server import DashboardServer
 from morphml.distributed.journal import Journal
-from morphml.distributed.leases import Attempt
-from morphml.distributed.states import AttemptState, TaskState
-from tests.dashboard_journal import write_journal
+from tests.dashboard_journal import finish_running_task, write_journal
 
 pytestmark = pytest.mark.unit
 
@@ -41,23 +39,6 @@ def fresh(path: Path, **kwargs) -> DashboardData:
     data = DashboardData(path, min_interval=0.0, **kwargs)
     data.refresh(force=True)
     return data
-
-
-def finish_running_task(path: Path, task_id: str) -> None:
-    """What the master journals when a leased trial succeeds (task, attempt and its curve)."""
-    journal = Journal(path)
-    try:
-        task = next(t for t in journal.load_tasks() if t.task_id == task_id)
-        attempt = journal.load_attempts(task_id)[-1]
-        with journal.transaction():
-            journal.add_curve_point(task_id, attempt.attempt, 1, 1.0, {"epoch": 1, "val_accuracy": 0.7})
-            task.state, task.metrics = TaskState.SUCCEEDED, {"val_accuracy": 0.99}
-            task.finished_by, task.finished_attempt, task.finished_at = attempt.worker_name, attempt.attempt, 2e9
-            journal.save_task(task, int(task_id[1:]))
-            journal.save_attempt(Attempt(task_id, attempt.attempt, attempt.worker_id, attempt.worker_name,
-                                         attempt.leased_at, AttemptState.SUCCEEDED, 2e9, "ok"))
-    finally:
-        journal.close()
 
 
 def test_one_row_per_trial_with_status_worker_attempts_retries_and_errors(journal_path):

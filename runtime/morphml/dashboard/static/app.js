@@ -11,6 +11,7 @@
   const PAGE_ROWS = 100;       // table rows in the DOM at once
   const MAX_CURVES = 200;      // learning curves drawn (the latest trials, plus the selected one)
   const MAX_AXES = 12;         // parallel-coordinate axes besides the objective
+  const MAX_BARS = 3000;       // attempts drawn in the workers timeline (the latest ones)
   const RESOURCES = ["trials", "curves", "attempts", "losses"];
   const STATE_COLORS = {succeeded: "#38a169", failed: "#e53e3e", stale: "#a0aec0", leased: "#3182ce"};
 
@@ -65,7 +66,8 @@
   }
 
   let timer = null, polling = false;
-  function schedule() { clearTimeout(timer); timer = setTimeout(poll, POLL_MS); }
+  // A page of 10,000 trials takes a while to draw: poll no more often than thrice a render.
+  function schedule() { clearTimeout(timer); timer = setTimeout(poll, Math.max(POLL_MS, 3 * (window.morphml.renderMs || 0))); }
 
   async function poll() {
     if (polling) return;  // one poll at a time, whoever asks (timer, token form, new token in the URL)
@@ -127,6 +129,7 @@
 
   // --- rendering ---------------------------------------------------------------------------
   function render() {
+    const started = performance.now();
     renderHeader();
     renderTable();
     renderConvergence();
@@ -136,6 +139,7 @@
     renderTimeline();
     document.body.dataset.revision = state.summary.revision;
     document.body.dataset.trials = state.trials.size;
+    window.morphml.renderMs = performance.now() - started;  // benchmarks/bench_dashboard.py reads it
   }
 
   function renderHeader() {
@@ -163,7 +167,7 @@
   ];
 
   function otherMetrics(t) {
-    return Object.entries(t.metrics || {}).filter(([k, v]) => k !== state.summary.metric && typeof v === "number")
+    return Object.entries(t.metrics || {}).filter(([k, v]) => k !== state.summary.metric && k !== "epochs" && typeof v === "number")
       .map(([k, v]) => `${k}=${fmt(v)}`).join(" ");
   }
 
@@ -224,24 +228,30 @@
 
   function renderConvergence() {
     const finished = finishedInOrder();
-    const points = [], bestLine = [];
+    // [x, y] only: a string per point would cost ECharts' large mode its typed arrays; ids by index
+    const points = [], ids = [], bestLine = [];  // the best-so-far step line: where it changes, and the last
     let best = null;
     finished.forEach((t, i) => {
       if (t.status === "succeeded" && t.value != null) {
-        points.push([i + 1, t.value, t.id]);
-        if (best === null || better(t.value, best)) best = t.value;
+        points.push([i + 1, t.value]);
+        ids.push(t.id);
+        if (best === null || better(t.value, best)) {
+          best = t.value;
+          bestLine.push([i + 1, best]);
+        }
       }
-      bestLine.push([i + 1, best]);
     });
+    if (best !== null && bestLine[bestLine.length - 1][0] !== finished.length) bestLine.push([finished.length, best]);
     const metric = state.summary.metric;
     draw("convergence", {
-      tooltip: {trigger: "item", formatter: p => (p.seriesIndex === 0 ? `${p.value[2]}: ${fmt(p.value[1])}` : `best ${fmt(p.value[1])}`)},
+      tooltip: {trigger: "item", formatter: p => (p.seriesIndex === 0 ? `${ids[p.dataIndex]}: ${fmt(p.value[1])}` : `best ${fmt(p.value[1])}`)},
       legend: {top: 0},
       grid: {left: 50, right: 20, top: 30, bottom: 40},
       xAxis: {type: "value", name: "finished trials", nameLocation: "middle", nameGap: 25, minInterval: 1, min: 1},
       yAxis: {type: "value", name: metric, scale: true},
       series: [
-        {name: `trial ${metric}`, type: "scatter", symbolSize: 6, data: points, large: points.length > 2000},
+        {name: `trial ${metric}`, type: "scatter", symbolSize: points.length > 2000 ? 3 : 6, data: points,
+          large: true, largeThreshold: 2000},
         {name: "best so far", type: "line", step: "end", showSymbol: false, data: bestLine},
       ],
     });
@@ -285,7 +295,8 @@
     draw("parallel", {
       parallel: {left: 60, right: 80, top: 40, bottom: 30},
       parallelAxis,
-      visualMap: {show: false, dimension: axes.length, min: Math.min(...values, 0), max: Math.max(...values, 1),
+      visualMap: {show: false, dimension: axes.length, min: values.length ? Math.min(...values) : 0,
+        max: values.length ? Math.max(...values) : 1,
         inRange: {color: ["#cbd5e0", "#3182ce", "#2c5282"]}},
       series: [{type: "parallel", data, lineStyle: {width: 1, opacity: 0.5}, progressive: 1000}],
     });
@@ -313,8 +324,10 @@
   }
 
   function renderTimeline() {
-    const attempts = Array.from(state.attempts.values());
-    const losses = Array.from(state.losses.values());
+    const all = Array.from(state.attempts.values());
+    const attempts = all.length > MAX_BARS ? all.sort((a, b) => a.leased_at - b.leased_at).slice(-MAX_BARS) : all;
+    const since = attempts.length ? Math.min(...attempts.map(a => a.leased_at)) : 0;
+    const losses = Array.from(state.losses.values()).filter(l => l.detected_at >= since);
     const workers = Array.from(new Set(attempts.map(a => a.worker).concat(losses.map(l => l.worker)))).sort();
     const index = new Map(workers.map((w, i) => [w, i]));
     const now = Date.now();
@@ -325,6 +338,8 @@
       `loss #${l.seq}: ${l.worker} (${l.detected_by}), re-leased ${l.requeued.length}`]);
     draw("timeline", {
       tooltip: {trigger: "item", formatter: p => p.value[p.value.length - 1]},
+      title: all.length > attempts.length ? {text: `latest ${attempts.length} of ${all.length} attempts`, right: 0,
+        textStyle: {fontSize: 11, fontWeight: "normal"}} : undefined,
       legend: {top: 0, data: ["attempts (outlined: a re-lease)", "worker losses"]},
       grid: {left: 110, right: 20, top: 30, bottom: 40},
       xAxis: {type: "time"},
