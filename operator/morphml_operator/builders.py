@@ -28,6 +28,9 @@ import yaml
 
 MASTER_PORT = 50051
 MASTER_METRICS_PORT = 9464  # the master's Prometheus /metrics (morphml master --metrics-port)
+# The master's web dashboard (morphml master --dashboard-port; its API needs the experiment's token).
+# Not in the NetworkPolicy's ingress: reached with `kubectl port-forward`, which policies do not see.
+MASTER_DASHBOARD_PORT = 8080
 WORKER_HEALTH_PORT = 50052
 EXPERIMENT_PATH = "/etc/morphml/experiment.yaml"
 TOKEN_DIR = "/etc/morphml/token"
@@ -188,7 +191,8 @@ def build_service_account(name: str, namespace: str) -> dict:
 
 
 def build_master_service(name: str, namespace: str, scrape_annotations: bool = False) -> dict:
-    """The stable address workers dial: NAME-master:50051; Prometheus scrapes its `metrics` port.
+    """The stable address workers dial: NAME-master:50051; Prometheus scrapes its `metrics` port;
+    `kubectl port-forward svc/NAME-master 8080:dashboard` opens the dashboard.
 
     `scrape_annotations`: the prometheus.io/* annotations an annotation-based scrape config reads."""
     metadata = _metadata(name, namespace, master_name(name), "master")
@@ -203,7 +207,9 @@ def build_master_service(name: str, namespace: str, scrape_annotations: bool = F
             "type": "ClusterIP",
             "selector": selector(name, "master"),
             "ports": [{"name": "grpc", "port": MASTER_PORT, "targetPort": "grpc", "protocol": "TCP"},
-                      {"name": "metrics", "port": MASTER_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+                      {"name": "metrics", "port": MASTER_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+                      {"name": "dashboard", "port": MASTER_DASHBOARD_PORT, "targetPort": "dashboard",
+                       "protocol": "TCP"}],
         },
     }
 
@@ -317,6 +323,7 @@ def master_command() -> list[str]:
         "--journal", JOURNAL_PATH,
         "--token-file", TOKEN_PATH,
         "--metrics-port", str(MASTER_METRICS_PORT),
+        "--dashboard-port", str(MASTER_DASHBOARD_PORT),
     ]
 
 
@@ -370,7 +377,8 @@ def build_master_pod(name: str, namespace: str, spec: Mapping[str, Any], default
         "command": master_command()[:1],
         "args": master_command()[1:],
         "ports": [{"name": "grpc", "containerPort": MASTER_PORT, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": MASTER_METRICS_PORT, "protocol": "TCP"}],
+                  {"name": "metrics", "containerPort": MASTER_METRICS_PORT, "protocol": "TCP"},
+                  {"name": "dashboard", "containerPort": MASTER_DASHBOARD_PORT, "protocol": "TCP"}],
         "env": _pod_env(name) + _s3_credentials_env(spec),
         "resources": _resources(master, {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}),
         # Health service name "morphml.Master" turns SERVING once the journal is open and the

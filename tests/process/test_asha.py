@@ -182,3 +182,32 @@ def test_master_sigkilled_mid_asha_restarts_with_rungs_promotions_and_checkpoint
     assert sorted(r["trial_id"] for r in rows) == sorted(t.task_id for t in tasks)
     print(f"\nkilled with {len(before_promoted)} promotions and {len(paused_before)} paused trials; "
           f"finished with {len(promoted)} promotions, {len(resumed_after_restart)} resumes after the restart")
+
+
+@pytest.mark.timeout(420)
+def test_hyperband_run_deals_trials_to_brackets_in_turn_within_max_epochs(procs, tmp_path):
+    manifest = asha_manifest(tmp_path / "hb.yaml", name="digits-hb", max_trials=9, max_epochs=40)
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["earlyStopping"]["type"] = "hyperband"
+    manifest.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    proc = procs.spawn(["run", str(manifest), "--workers", "2", "--output", str(out)], "run.log")
+    assert proc.wait(timeout=400) == 0, proc.log_path.read_text()[-3000:]
+    rows = read_trials(out / "trials.csv")
+    with reading(out / "journal.db") as journal:
+        first = {}
+        for event in journal.events("leased"):
+            first.setdefault(event["task_id"], event["detail"]["stop_epoch"])
+        promotions = [e["detail"] for e in journal.events("promoted")]
+        leased = journal.get_meta("epochs_leased")
+        trained = len(journal.curves())
+        tasks = journal.load_tasks()
+        check_curves_are_continuous(journal, rows)
+    # trial i starts at bracket i mod 3's first rung: 1, 3, 9, 1, 3, 9, ...
+    assert [first[t.task_id] for t in tasks] == [RUNGS[i % 3] for i in range(len(tasks))]
+    assert all(p["from_epoch"] >= RUNGS[p["bracket"]] for p in promotions)
+    assert sorted(r["trial_id"] for r in rows) == sorted(t.task_id for t in tasks)
+    assert trained == sum(int(r["epochs"]) for r in rows) <= leased <= 40
+    assert {r["status"] for r in rows} <= {"succeeded", "stopped"}
+    print(f"\nHyperband on digits: {len(rows)} trials, {trained} epochs trained ({leased} leased, maxEpochs 40), "
+          f"{len(promotions)} promotions")

@@ -81,12 +81,13 @@ def test_master_service_selects_the_master_pod_on_grpc():
         "type": "ClusterIP",
         "selector": {"morphml.io/experiment": "digits", "app.kubernetes.io/component": "master"},
         "ports": [{"name": "grpc", "port": 50051, "targetPort": "grpc", "protocol": "TCP"},
-                  {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"}],
+                  {"name": "metrics", "port": 9464, "targetPort": "metrics", "protocol": "TCP"},
+                  {"name": "dashboard", "port": 8080, "targetPort": "dashboard", "protocol": "TCP"}],
     }
     assert "annotations" not in service["metadata"]
     master = builders.build_master_pod("digits", "ml", {})
     assert service["spec"]["selector"].items() <= master["metadata"]["labels"].items()
-    assert {p["name"] for p in master["spec"]["containers"][0]["ports"]} == {"grpc", "metrics"}
+    assert {p["name"] for p in master["spec"]["containers"][0]["ports"]} == {"grpc", "metrics", "dashboard"}
     annotated = builders.build_master_service("digits", "ml", scrape_annotations=True)
     assert annotated["metadata"]["annotations"] == {"prometheus.io/scrape": "true", "prometheus.io/port": "9464",
                                                     "prometheus.io/path": "/metrics"}
@@ -100,6 +101,7 @@ def test_master_pod_runs_exactly_the_master_command(spec):
         "--journal", "/var/lib/morphml/journal.db",
         "--token-file", "/etc/morphml/token/token",
         "--metrics-port", "9464",
+        "--dashboard-port", "8080",
     ]
     assert container["image"] == "morphml-master:0.1.0"
 
