@@ -713,7 +713,10 @@ class MasterServer:
         data = DashboardData(self.coord.journal.path, metric=settings.metric, goal=settings.goal,
                              budget=settings.max_trials)
         tokens = [t for t in (self._token, self._view_token) if t]
-        self.dashboard = DashboardServer(data, self.host, self.dashboard_requested_port or 0, tokens)
+        # `kubectl port-forward` dials localhost inside the pod, so in a pod (gRPC on $POD_IP) the
+        # dashboard listens on every address of the pod; a loopback master keeps it on loopback.
+        host = self.host if self.host in ("127.0.0.1", "::1", "localhost") else "::" if ":" in self.host else "0.0.0.0"
+        self.dashboard = DashboardServer(data, host, self.dashboard_requested_port or 0, tokens)
         self.dashboard_port = self.dashboard.start()
 
     def _on_halt(self, error: JournalError) -> None:
