@@ -354,3 +354,22 @@ def test_with_two_objectives_a_rung_promotes_by_non_dominated_rank_then_crowding
     again = ExperimentCoordinator(TwoObjectiveOptimizer(), settings, Journal(tmp_path / "j.db"), ManualClock())
     assert sorted(again._asha.brackets[0].top(0)) == ["t000001", "t000003"]
     again.journal.close()
+
+
+def test_when_no_trial_trains_the_full_budget_the_best_stopped_trial_is_best(tmp_path):
+    coord = make(tmp_path, store=False, max_trials=3)
+    _, box = join(coord, "w", slots=1)
+    for value in (0.5, 0.7, 0.6):  # t1..t3 at rung 1; t2 is promoted
+        (lease,) = leases(box)
+        train(coord, lease, value=value)
+    (promotion,) = leases(box)
+    assert coord.best is None  # nothing stopped or succeeded yet: paused trials are not best
+    train(coord, promotion, value=0.8)  # rung 3: paused again; no more trials, nothing promotable
+    st = coord.status()
+    # the search is over with nobody at the full budget: the best stopped trial is the best
+    assert st["phase"] == "Succeeded" and st["succeeded"] == 0 and st["stopped"] == 3
+    assert (st["best"]["trial_id"], st["best"]["status"], st["best"]["metric"]) == (promotion.task_id, "stopped", 0.8)
+    coord.journal.close()
+    again = make(tmp_path, store=False, max_trials=3)  # the same after a restart
+    assert again.status()["best"]["trial_id"] == promotion.task_id
+    again.journal.close()
