@@ -7,6 +7,8 @@
   live progress, then DIR/trials.csv, best.json, convergence.png, report.html (journal in DIR/journal.db;
   rerun the same command to resume after Ctrl-C).
 - `morphml status --master HOST:PORT`: the master's GetStatus as JSON.
+- `morphml results NAME -n NAMESPACE [--out DIR]`: a finished cluster experiment's best/ and
+  trials.csv through the Kubernetes API (morphml.results_fetch).
 - `morphml dashboard runs/<name> [--port P] [--host H]`: the web dashboard of a local run,
   read-only from its journal (running or finished; morphml.dashboard).
 
@@ -190,6 +192,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         reply = pb_grpc.MasterStub(channel).GetStatus(pb.StatusRequest(include_dead_workers=True),
                                                       metadata=token_metadata(token), timeout=10)
     print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from morphml.results_fetch import ResultsError, fetch_results
+
+    out = Path(args.out or Path("runs") / args.name)
+    try:
+        summary = fetch_results(args.name, args.namespace, out, kubeconfig=args.kubeconfig, context=args.context)
+    except ResultsError as exc:
+        raise CliError(str(exc)) from None
+    best = summary["best"]
+    line = f"{args.name}: {summary['phase']}"
+    if best:
+        line += f"; best {best.get('metric')} {best.get('value', 0.0):.4f} ({best.get('trialId')})"
+    print(f"{line}\nwrote {out}/best/model.pt, best/architecture.json, best/metrics.json, trials.csv\n"
+          f"load it with morphml.evaluation.load_model({str(out / 'best')!r})", flush=True)
     return 0
 
 
@@ -429,6 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="objective goal (default: the journaled optimizer's)")
     p.set_defaults(func=cmd_dashboard)
 
+    p = sub.add_parser("results", help="fetch a finished cluster experiment's best model and trials.csv")
+    p.add_argument("name", help="the NASExperiment's name")
+    p.add_argument("-n", "--namespace", default="default", help="its namespace (default: default)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<name>, as morphml run)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig file (default $KUBECONFIG, else ~/.kube/config)")
+    p.add_argument("--context", default=None, help="kubeconfig context (default: its current one)")
+    p.set_defaults(func=cmd_results)
+
     p = sub.add_parser("status", help="print a master's status as JSON")
     p.add_argument("--master", required=True)
     p.add_argument("--token-file", default=None)
@@ -442,11 +469,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from morphml.distributed.auth import TokenError
     from morphml.distributed.journal import JournalError
+    from morphml.distributed.s3store import S3StoreError
     from morphml.experiment import ManifestError
 
     try:
         return args.func(args)
-    except (TokenError, ManifestError, CliError) as exc:
+    # S3StoreError: spec.artifacts.s3 unusable at the master's start (it names endpoint and bucket).
+    except (TokenError, ManifestError, CliError, S3StoreError) as exc:
         print(f"morphml {args.command}: {exc}", file=sys.stderr)
         return 2
     except JournalError as exc:  # refused at open, or failed mid-run (fail-stop): the message names the file

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluation", ("morphml.evaluation",)),
     ("experiment", ("morphml.experiment",)),
     ("distributed", ("morphml.distributed", "morphml.dashboard")),  # the master serves the dashboard
-    ("cli", ("morphml.results", "morphml.cli")),
+    ("cli", ("morphml.results", "morphml.results_fetch", "morphml.cli")),
 ]
 
 
