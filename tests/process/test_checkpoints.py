@@ -160,7 +160,7 @@ def test_a_corrupt_checkpoint_means_a_fresh_start_with_the_reason_and_nothing_co
 def test_load_model_of_a_local_runs_best_scores_its_recorded_val_accuracy(tmp_path):
     from morphml.evaluation import load_model, validation_metrics
 
-    path = manifest(tmp_path / "digits-best.yaml", "digits-best", max_trials=2, epochs=3)
+    path = manifest(tmp_path / "digits-best.yaml", "digits-best", max_trials=1, epochs=3)
     out = tmp_path / "runs" / "digits-best"
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     done = subprocess.run([sys.executable, "-m", "morphml.cli", "run", str(path), "--workers", "2", "--output",
@@ -176,3 +176,49 @@ def test_load_model_of_a_local_runs_best_scores_its_recorded_val_accuracy(tmp_pa
     assert validation_metrics(model, evaluation)["val_accuracy"] == doc["metrics"]["val_accuracy"]
     assert json.loads((best / "architecture.json").read_text()) == json.loads(
         (out / "best.json").read_text())["architecture"]
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_of_a_master_without_the_checkpoint_rpcs_trains_on_without_checkpoints(tmp_path):
+    """A master from before checkpoints (simulated: a real in-process master whose UploadCheckpoint
+    answers UNIMPLEMENTED, as the generated base servicer of an older proto does) gets no uploads
+    after the first refusal; the trials train their epochs and succeed, none fails over it."""
+    import grpc
+
+    from morphml.cli import build_search, load_experiment
+    from morphml.distributed.checkpoints import LocalStore
+    from morphml.distributed.coordinator import ExperimentCoordinator
+    from morphml.distributed.journal import Journal
+    from morphml.distributed.master import MasterServer
+    from morphml.distributed.worker import WorkerConfig, WorkerNode
+    from proc_helpers import TOKEN
+
+    path = manifest(tmp_path / "m.yaml", "old-master", max_trials=1, epochs=3)
+    optimizer, settings = build_search(load_experiment(str(path)), heartbeat_interval=1.0)
+    coordinator = ExperimentCoordinator(optimizer, settings, Journal(tmp_path / "journal.db"))
+    coordinator.artifact_store = LocalStore(tmp_path)  # its leases still ask for checkpoints
+    server = MasterServer(coordinator, 0, "127.0.0.1", TOKEN)
+    calls = []
+
+    async def unimplemented(request_iterator, context):
+        calls.append(1)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+
+    server.servicer.UploadCheckpoint = unimplemented  # before start(): the server binds its methods then
+    server.start()
+    node = WorkerNode(WorkerConfig(master=f"127.0.0.1:{server.port}", token=TOKEN, name="new-worker"))
+    node.start(block=False)
+    try:
+        assert coordinator.wait_done(240), coordinator.status()
+        st = coordinator.status()
+        assert (st["succeeded"], st["failed"]) == (1, 0), st
+        assert coordinator.journal.events("checkpoint_saved") == []
+        assert len(calls) == 1  # refused once, then the worker stopped uploading
+        with reading(tmp_path / "journal.db") as reader:
+            assert [t.metrics["epochs"] for t in reader.load_tasks()] == [3]
+    finally:
+        if not node.wait(5):
+            node.drain("test over")
+            node.wait(30)
+        server.stop()
+        coordinator.journal.close()
