@@ -135,6 +135,11 @@ def test_download_gives_the_re_leased_attempt_its_checkpoint_and_strangers_only_
     again = next(m for m in leases(outbox2) if m.task_id == first.task_id)
     assert (again.attempt, again.start_epoch, again.checkpoint.key) == (2, 2, ack.key)
     assert download(stub, ack.key, again) == data
+    # The file gone from the store (a volume lost): NOT_FOUND naming it, which the worker turns
+    # into the trial's checkpoint_fallback ("download failed (NOT_FOUND: ...)") and a fresh start.
+    (root / ack.key).rename(root / "moved.pt")
+    refused(lambda: download(stub, ack.key, again), grpc.StatusCode.NOT_FOUND, f"DownloadArtifact {ack.key}: not in")
+    (root / "moved.pt").rename(root / ack.key)
     # The dead attempt, another key, or no lease: refused.
     refused(lambda: download(stub, ack.key, first), grpc.StatusCode.PERMISSION_DENIED, "not the checkpoint")
     refused(lambda: download(stub, ack.key), grpc.StatusCode.PERMISSION_DENIED, "only best/model.pt")
@@ -162,3 +167,37 @@ def test_a_master_without_a_store_refuses_uploads_and_leases_ask_for_none(tmp_pa
     finally:
         server.stop(0)
         coord.journal.close()
+
+
+def test_the_worker_fetches_its_resume_checkpoint_or_names_why_it_could_not(master):
+    """WorkerNode's lease -> runner segment: the checkpoint downloaded into its folder with the
+    journaled sha256/size for the runner to check; a download that fails becomes the segment's
+    fallback (the trial's checkpoint_fallback), naming the key and the status."""
+    from morphml.distributed.worker import WorkerConfig, WorkerNode
+
+    coord, _, server, stub, root = master
+    worker, outbox = join(coord, "w1")
+    first = leases(outbox)[0]
+    data = os.urandom(10_000)
+    ack = upload(stub, first, data, epoch=2)
+    coord.worker_lost(worker, LossReason.STREAM, "SIGKILL")
+    _, outbox2 = join(coord, "w2", slots=2)
+    again = next(m for m in leases(outbox2) if m.task_id == first.task_id)
+    lease = pb.Lease(task_id=again.task_id, attempt=again.attempt, lease_key=again.lease_key,
+                     start_epoch=again.start_epoch, stop_epoch=again.stop_epoch, save_epochs=list(again.save_epochs),
+                     checkpoint=pb.Checkpoint(key=again.checkpoint.key, epoch=again.checkpoint.epoch,
+                                              sha256=again.checkpoint.sha256, size=again.checkpoint.size,
+                                              arch_hash=again.checkpoint.arch_hash))
+    node = WorkerNode(WorkerConfig(master=f"127.0.0.1:{server.port}", token=TOKEN, name="w2"))
+    try:
+        segment = node._segment(lease)
+        assert segment is not None and "fallback" not in segment
+        assert Path(segment["resume"]).read_bytes() == data
+        assert (segment["resume_key"], segment["resume_sha256"], segment["resume_size"], segment["start_epoch"]) == \
+            (ack.key, hashlib.sha256(data).hexdigest(), len(data), 2)
+        (root / ack.key).unlink()
+        segment = node._segment(lease)
+        assert segment["fallback"].startswith(f"checkpoint {ack.key}: download failed (NOT_FOUND: "), segment
+        assert node._segment(pb.Lease(task_id="t9", attempt=1)) is None  # a plain lease: no segment
+    finally:
+        node._shutdown()
