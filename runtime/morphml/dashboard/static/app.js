@@ -203,7 +203,7 @@
     const shown = rows.slice(state.page * PAGE_ROWS, (state.page + 1) * PAGE_ROWS);
     document.querySelector("#trials tbody").innerHTML = shown.map(t =>
       `<tr data-trial="${esc(t.id)}" class="${t.id === state.selected ? "selected" : ""}">` +
-      COLUMNS.map(([key, , get, num]) => `<td class="${num ? "num" : ""} ${key === "status" ? "status-" + t.status : ""}">${esc(fmt(get(t)))}</td>`).join("") +
+      COLUMNS.map(([key, , get, num]) => `<td class="${num ? "num" : ""} ${key === "status" ? "status-" + t.status : ""} col-${key}" title="${esc(fmt(get(t)))}">${esc(fmt(get(t)))}</td>`).join("") +
       "</tr>").join("");
     const table = document.getElementById("trials");
     table.dataset.total = rows.length;
@@ -230,6 +230,7 @@
     const finished = finishedInOrder();
     // [x, y] only: a string per point would cost ECharts' large mode its typed arrays; ids by index
     const points = [], ids = [], bestLine = [];  // the best-so-far step line: where it changes, and the last
+    const stopped = [], stoppedIds = [];  // stopped early: at their last reported value, not in the best line
     let best = null;
     finished.forEach((t, i) => {
       if (t.status === "succeeded" && t.value != null) {
@@ -239,12 +240,16 @@
           best = t.value;
           bestLine.push([i + 1, best]);
         }
+      } else if (t.status === "stopped" && t.value != null) {
+        stopped.push([i + 1, t.value]);
+        stoppedIds.push(t.id);
       }
     });
     if (best !== null && bestLine[bestLine.length - 1][0] !== finished.length) bestLine.push([finished.length, best]);
     const metric = state.summary.metric;
     draw("convergence", {
-      tooltip: {trigger: "item", formatter: p => (p.seriesIndex === 0 ? `${ids[p.dataIndex]}: ${fmt(p.value[1])}` : `best ${fmt(p.value[1])}`)},
+      tooltip: {trigger: "item", formatter: p => (p.seriesIndex === 0 ? `${ids[p.dataIndex]}: ${fmt(p.value[1])}`
+        : p.seriesIndex === 2 ? `${stoppedIds[p.dataIndex]} (stopped early): ${fmt(p.value[1])}` : `best ${fmt(p.value[1])}`)},
       legend: {top: 0},
       grid: {left: 50, right: 20, top: 30, bottom: 40},
       xAxis: {type: "value", name: "finished trials", nameLocation: "middle", nameGap: 25, minInterval: 1, min: 1},
@@ -253,6 +258,8 @@
         {name: `trial ${metric}`, type: "scatter", symbolSize: points.length > 2000 ? 3 : 6, data: points,
           large: true, largeThreshold: 2000},
         {name: "best so far", type: "line", step: "end", showSymbol: false, data: bestLine},
+        {name: "stopped early", type: "scatter", symbol: "emptyCircle", symbolSize: 6, data: stopped,
+          itemStyle: {color: "#b7791f"}, large: true, largeThreshold: 2000},
       ],
     });
   }
