@@ -277,3 +277,13 @@ def test_write_best_and_load_model_give_back_the_recorded_accuracy(tmp_path):
     assert not (tmp_path / "exp" / "best" / "model.pt").exists()
     with pytest.raises(FileNotFoundError, match=r"model\.pt does not exist"):
         load_model(tmp_path / "exp" / "best")
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_the_checkpoint_not_the_trial(tmp_path, capfd):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the checkpoint folder should be")
+    saved: list[int] = []
+    metrics, curve = run(attempt=1, save_epochs=(1, 2), checkpoint_dir=str(blocked / "sub"),
+                         on_checkpoint=lambda e, p, s, n: saved.append(e))
+    assert saved == [] and metrics["epochs"] == 4 and [s for s, _ in curve] == [1, 2, 3, 4]
+    assert "checkpoint after epoch 1 not saved" in capfd.readouterr().err

@@ -78,6 +78,32 @@ PERMANENT_ERRORS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARG
                     grpc.StatusCode.PERMISSION_DENIED)
 
 
+CHECKPOINT_DIR_PREFIX = "morphml-checkpoints-"  # + "<pid>-": the worker's folder for checkpoint files
+
+
+def remove_orphaned_checkpoint_dirs() -> None:
+    """Checkpoint folders of workers that died without cleaning up (SIGKILL) are removed by the
+    next worker on the machine: the folder name carries the pid, a folder of a pid that no longer
+    runs is nobody's."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(CHECKPOINT_DIR_PREFIX):
+            continue
+        pid = name[len(CHECKPOINT_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 class WorkerRefused(RuntimeError):
     """The master refused this worker for good (wrong token, bad registration)."""
 
@@ -349,7 +375,8 @@ class WorkerNode:
                          for i in range(config.slots)]
         # Checkpoint files on their way up or down (removed at exit); the uploader's FIFO holds
         # ("upload", message) and ("result", item, reply) so a result follows its trial's uploads.
-        self._checkpoint_dir = tempfile.mkdtemp(prefix="morphml-checkpoints-")
+        remove_orphaned_checkpoint_dirs()
+        self._checkpoint_dir = tempfile.mkdtemp(prefix=f"{CHECKPOINT_DIR_PREFIX}{os.getpid()}-")
         self._uploads: queue.Queue = queue.Queue()
         self._pending_uploads: dict[tuple[str, int], int] = {}  # lease -> uploads (and its result) queued
         self._uploads_supported = True  # False after the master answered UNIMPLEMENTED

@@ -18,6 +18,7 @@ import functools
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -263,11 +264,19 @@ def _run(model: nn.Module, dataset: Dataset, settings: TrainingSettings, device:
             # implies a journaled curve point k, so a resumed curve has no gap (at worst a lost
             # worker's last epoch is trained and reported again by the next attempt).
             path = Path(segment.checkpoint_dir) / f"{segment.task_id}-{segment.attempt}-epoch-{epochs_done:04d}.pt"
-            digest, size = checkpoint_file.save_checkpoint(path, model=model, optimizer=optimizer,
-                                                           epoch=epochs_done, arch_hash=segment.arch_hash,
-                                                           data_generator=generator, train_loss=train_loss)
-            if segment.on_checkpoint is not None:
-                segment.on_checkpoint(epochs_done, str(path), digest, size)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                digest, size = checkpoint_file.save_checkpoint(path, model=model, optimizer=optimizer,
+                                                               epoch=epochs_done, arch_hash=segment.arch_hash,
+                                                               data_generator=generator, train_loss=train_loss)
+            except (OSError, RuntimeError) as exc:
+                # A checkpoint is insurance, not the trial: a full or vanished local disk costs
+                # this checkpoint (a later loss resumes from an earlier one), never the trial.
+                print(f"morphml: checkpoint after epoch {epochs_done} not saved ({type(exc).__name__}: {exc})",
+                      file=sys.stderr, flush=True)
+            else:
+                if segment.on_checkpoint is not None:
+                    segment.on_checkpoint(epochs_done, str(path), digest, size)
         if stop:
             break
 
