@@ -231,3 +231,34 @@ def test_dashboard_command_refuses_a_directory_without_a_journal(tmp_path, capsy
     (tmp_path / "journal.db").write_text("not sqlite")
     assert main(["dashboard", str(tmp_path), "--port", "0"]) == 3
     assert "not an SQLite database" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_requests_while_the_journal_changes_all_succeed(journal_path, server):
+    """The page asks for four resources at once; the server's threads share one DashboardData
+    that refreshes while others read it. (A smoke test: with the reads unlocked it still passed
+    twice here; the lock is there because a refresh adds rows while another thread iterates.)"""
+    import threading
+
+    failures: list = []
+
+    def client() -> None:
+        for _ in range(15):
+            for path in ("api/summary", "api/trials", "api/curves", "api/attempts"):
+                try:
+                    status = get(server.url + path, "exp-token")[0]
+                except OSError as exc:  # a handler that died drops the connection
+                    status = repr(exc)
+                if status != 200:
+                    failures.append((path, status))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for task_id in ("t000028", "t000029", "t000030"):
+        finish_running_task(journal_path, task_id)
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    server.data.refresh(force=True)
+    assert server.data.summary()["counts"]["running"] == 0

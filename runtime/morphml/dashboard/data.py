@@ -27,13 +27,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from morphml.distributed.journal import Journal
 from morphml.distributed.states import TaskState
 from morphml.graph import ArchitectureGraph, GraphError
 from morphml.pareto import orient, pareto_front
 
+P = ParamSpec("P")
+R = TypeVar("R")
 RESOURCES = ("trials", "curves", "attempts", "losses")
 MAX_PAGE = 5000
 DEFAULT_PAGE = 2000
@@ -104,6 +106,16 @@ def file_signature(path: str) -> tuple:
     return tuple(out)
 
 
+def _locked(method: Callable[Concatenate[DashboardData, P], R]) -> Callable[Concatenate[DashboardData, P], R]:
+    """Runs the method under the DashboardData's lock (the one refresh() takes)."""
+    def run(self: DashboardData, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    run.__doc__ = method.__doc__
+    return run
+
+
 class Resource:
     """Rows by key, each with the revision it last changed at, in first-seen order."""
 
@@ -146,7 +158,8 @@ class DashboardData:
         self._signature: tuple | None = None
         self._refreshed_at: float | None = None
         self._settings_read = False
-        self._lock = threading.Lock()
+        # Requests run on the server's threads: a read of the rows must not see a refresh half-done.
+        self._lock = threading.RLock()
         self.refresh_seconds = 0.0  # how long the last read took (benchmarks/bench_dashboard.py)
         self._reread_seconds = 0.0  # how long the last read after the first took
 
@@ -319,6 +332,7 @@ class DashboardData:
         return changed
 
     # --- answers ---------------------------------------------------------------------------------
+    @_locked
     def summary(self) -> dict:
         trials = [row for _, row in self.resources["trials"].rows.values()]
         counts = dict.fromkeys(STATUS_NAMES.values(), 0)
@@ -336,6 +350,7 @@ class DashboardData:
                 "best": {k: best[k] for k in ("id", "value", "summary")} if best else None,
                 "losses": len(self.resources["losses"].rows), "read_at": time.time()}
 
+    @_locked
     def changed(self, resource: str, since: int = 0, offset: int = 0, limit: int = DEFAULT_PAGE) -> dict:
         """Rows of `resource` changed after revision `since`, from `offset`, at most `limit`.
 
@@ -352,6 +367,7 @@ class DashboardData:
         return {"revision": self.revision, "since": since, "total": len(rows), "offset": offset, "items": page,
                 "next_offset": offset + len(page) if more else None}
 
+    @_locked
     def trial(self, task_id: str) -> dict | None:
         """One trial with its architecture (nodes and edges), attempts and curve."""
         entry = self.resources["trials"].rows.get(task_id)
@@ -364,6 +380,7 @@ class DashboardData:
                 "arch_hash": arch["arch_hash"],
                 "attempt_rows": attempts, "curve": curve[1] if curve else None}
 
+    @_locked
     def everything(self) -> dict:
         """The whole dashboard at once (report.html): summary, every resource, every trial's
         architecture."""

@@ -189,6 +189,9 @@ class DashboardHandler(BaseHTTPRequestHandler):
             self._api(path[len("/api/"):], urllib.parse.parse_qs(url.query))
         except JournalError as exc:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
+        except Exception as exc:  # a bug: say so to the client instead of dropping the connection
+            log.exception("dashboard %s", path)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
 
     def _api(self, name: str, query: dict[str, list[str]]) -> None:
         data = self.server_state.data
