@@ -451,6 +451,15 @@ def build_worker_deployment(
     env = _pod_env(name)
     if gpus == 0:
         env.append({"name": "CUDA_VISIBLE_DEVICES", "value": ""})
+    mounts: list[dict[str, Any]] = [{"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
+                                    {"name": "tmp", "mountPath": "/tmp"}]
+    volumes = [_token_volume(name), {"name": "tmp", "emptyDir": {}}]
+    # spec.workers.volumes: the user's claims (datasets), mounted as data-0, data-1, ...
+    for index, volume in enumerate(workers.get("volumes") or []):
+        read_only = bool(volume.get("readOnly", False))
+        mounts.append({"name": f"data-{index}", "mountPath": volume["mountPath"], "readOnly": read_only})
+        volumes.append({"name": f"data-{index}",
+                        "persistentVolumeClaim": {"claimName": volume["claimName"], "readOnly": read_only}})
     container = {
         "name": "worker",
         "image": workers.get("image") or defaults.worker_image,
@@ -465,10 +474,7 @@ def build_worker_deployment(
         "livenessProbe": _grpc_probe(WORKER_HEALTH_PORT, "", period=15, failures=4, initial_delay=10),
         "resources": resources,
         "securityContext": _container_security_context(),
-        "volumeMounts": [
-            {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": service_account_name(name),
@@ -476,7 +482,7 @@ def build_worker_deployment(
         "terminationGracePeriodSeconds": defaults.worker_grace_seconds,
         "securityContext": _pod_security_context(),
         "containers": [container],
-        "volumes": [_token_volume(name), {"name": "tmp", "emptyDir": {}}],
+        "volumes": volumes,
     }
     if workers.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(workers["nodeSelector"])
