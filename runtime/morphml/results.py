@@ -70,6 +70,9 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
         trials = finished_trials(journal)
         if objectives is None:
             objectives = journaled_objectives(journal)
+        # The master's own choice (coordinator._update_best): with asha/hyperband a stopped trial
+        # is the best while none trained the full budget, so best.json agrees with status and best/.
+        chosen = (journal.get_meta("best") or {}).get("trial_id")
     finally:
         journal.close()
     keys = sorted({k for t in trials for k in t["metrics"]} - {metric, "epochs"})
@@ -83,7 +86,12 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
     best = None
     for t in trials:
         value = t["metrics"].get(metric)
-        if t["status"] == "succeeded" and isinstance(value, (int, float)) and _better(value, best and best[1], goal):
+        if not isinstance(value, (int, float)):
+            continue
+        if t["trial_id"] == chosen:
+            best = (t, value)
+            break
+        if t["status"] == "succeeded" and _better(value, best and best[1], goal):
             best = (t, value)
     summary = {"trials": len(trials), "succeeded": sum(t["status"] == "succeeded" for t in trials),
                "failed": sum(t["status"] == "failed" for t in trials),
