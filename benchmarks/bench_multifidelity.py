@@ -1,0 +1,250 @@
+"""Benchmark: multi-fidelity search on digits-hard, MorphML's schedulers against Optuna's pruners,
+same space, same per-epoch trainer, same sampler family (TPE), several seeds.
+
+Methods (each with `--epochs` E epochs per full trial, rungs at 1, 3, 9, ... epochs: minResource
+1, reductionFactor 3):
+- morphml-full: `morphml run` (real master and `--workers` worker processes on loopback),
+  spec.optimizer.algorithm tpe, no early stopping, `--full-trials` trials of E epochs;
+- morphml-asha / morphml-hyperband: the same with spec.earlyStopping asha / hyperband and
+  spec.budget.maxEpochs = the full run's epochs / `--fraction` (default 3): trials pause at a rung
+  and are promoted from their checkpoint;
+- optuna-hyperband / optuna-sha: a plain Optuna study (TPESampler, HyperbandPruner or
+  SuccessiveHalvingPruner with min_resource 1, reduction_factor 3, max_resource E), its objective
+  training the same architecture (define-by-run over the same choices through
+  `program_from_trial`) with the same trainer, `trial.report` + `should_prune` after each epoch,
+  in this process, stopped when it has trained the same epoch budget as ASHA.
+
+Figures per method, medians over the seeds: best val_accuracy (the best validation of any epoch
+reported), total epochs trained, worker-seconds (training and validation seconds the trainer
+reported, summed over every segment of every trial: the same measure on both sides, without
+process start-up), and epochs until the best so far is within 0.5 % (absolute, 0.005) of the
+overall best (the best any method reached with that seed; '-' when never). Targets (issue 12):
+ASHA reaches full fidelity's best within 0.5 % with at most 1/3 of its epochs, and at equal
+epochs its best is at least Optuna+Hyperband's.
+
+Run: nice -n 19 python benchmarks/bench_multifidelity.py [--seeds 3] [--epochs 9] [--full-trials 27]
+     [--fraction 3] [--workers 2] [--methods ...] [--keep DIR]
+
+Imports: the standard library, yaml, optuna, morphml (space, graph, evaluation, the journal's
+read-only reader), bench_search (the space and the trainer settings, so both benchmarks search
+the same space).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_search import EVALUATION, INPUT_SHAPE, NUM_CLASSES, REPO, SPACE, space, table
+from morphml.distributed.journal import Journal
+from morphml.graph import GraphError, build_graph_from_choices
+
+METHODS = ("morphml-full", "morphml-asha", "morphml-hyperband", "optuna-hyperband", "optuna-sha")
+MIN_RESOURCE, ETA = 1, 3
+TPE_STARTUP = 10
+WITHIN = 0.005
+
+
+def evaluation(epochs: int) -> dict[str, Any]:
+    return {**EVALUATION, "epochs": epochs}
+
+
+# -- MorphML: `morphml run` ---------------------------------------------------------------------
+
+def manifest(name: str, seed: int, epochs: int, max_trials: int, max_epochs: int | None,
+             scheduler: str | None) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "searchSpace": {"layers": SPACE["layers"]},
+        "optimizer": {"algorithm": "tpe", "populationSize": TPE_STARTUP, "seed": seed},
+        "evaluation": evaluation(epochs),
+        "objective": {"metric": "val_accuracy", "goal": "maximize"},
+        "budget": {"maxTrials": max_trials, "maxFailedTrials": max_trials},
+    }
+    if max_epochs is not None:
+        spec["budget"]["maxEpochs"] = max_epochs
+    if scheduler is not None:
+        spec["earlyStopping"] = {"type": scheduler, "minResource": MIN_RESOURCE, "reductionFactor": ETA}
+    return {"apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "metadata": {"name": name}, "spec": spec}
+
+
+def run_morphml(method: str, seed: int, args: argparse.Namespace, work: Path) -> list[tuple[float, int, float]]:
+    """Runs `morphml run`; returns the epochs trained in the order they were reported:
+    (val_accuracy, 1, seconds of that epoch) each, read from the journal's curves."""
+    full_epochs = args.full_trials * args.epochs
+    if method == "morphml-full":
+        doc = manifest(f"full-{seed}", seed, args.epochs, args.full_trials, None, None)
+    else:
+        scheduler = method.split("-", 1)[1]
+        # maxTrials high enough that the epoch budget is what ends the search
+        doc = manifest(f"{scheduler}-{seed}", seed, args.epochs, full_epochs, full_epochs // args.fraction, scheduler)
+    out = work / f"{method}-{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "manifest.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "runtime"), os.environ.get("PYTHONPATH", "")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    with (out / "run.log").open("w") as log:
+        done = subprocess.run([sys.executable, "-m", "morphml.cli", "run", str(path), "--workers", str(args.workers),
+                               "--output", str(out / "run")], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              timeout=args.timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"{method} seed {seed}: morphml run exited {done.returncode}; see {out / 'run.log'}")
+    journal = Journal.open_read_only(out / "run" / "journal.db")
+    try:
+        points = journal.curves()
+    finally:
+        journal.close()
+    points.sort(key=lambda p: (p["reported_at"], p["task_id"], p["step"]))
+    return epochs_of(points)
+
+
+def epochs_of(points: list[dict[str, Any]]) -> list[tuple[float, int, float]]:
+    """(val_accuracy, 1, seconds) per epoch, from curve points whose `seconds` count from the
+    start of their segment (so an epoch's seconds are the difference to the previous point of the
+    same trial and attempt)."""
+    previous: dict[tuple[str, int], float] = {}
+    out = []
+    for p in points:
+        key = (p["task_id"], p.get("attempt", 0))
+        seconds = float(p["metrics"].get("seconds", 0.0))
+        out.append((float(p["metrics"]["val_accuracy"]), 1, max(seconds - previous.get(key, 0.0), 0.0)))
+        previous[key] = seconds
+    return out
+
+
+# -- Optuna: a study with a pruner over the same trainer ----------------------------------------
+
+def run_optuna(method: str, seed: int, args: argparse.Namespace) -> list[tuple[float, int, float]]:
+    import optuna
+
+    from morphml.evaluation import TrialFailure, evaluate_architecture
+    from morphml.optimizers.optuna_samplers import program_from_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    budget = args.full_trials * args.epochs // args.fraction
+    pruner: Any
+    if method == "optuna-hyperband":
+        pruner = optuna.pruners.HyperbandPruner(min_resource=MIN_RESOURCE, max_resource=args.epochs,
+                                                reduction_factor=ETA)
+    else:
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_RESOURCE, reduction_factor=ETA)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
+    sp = space()
+    epochs: list[tuple[float, int, float]] = []
+    lock = threading.Lock()
+
+    def objective(trial: optuna.Trial) -> float:
+        try:
+            graph = build_graph_from_choices(program_from_trial(sp, trial), INPUT_SHAPE, NUM_CLASSES)
+        except GraphError:
+            raise optuna.TrialPruned from None  # no architecture: nothing trained
+        state = {"last": 0.0, "pruned": False, "value": math.nan}
+
+        def progress(step: int, metrics: dict[str, Any]) -> bool:
+            with lock:
+                out_of_budget = len(epochs) >= budget
+                if out_of_budget:
+                    state["pruned"] = True
+                    return True  # the epoch budget is spent: this epoch is not counted, the search ends
+                epochs.append((float(metrics["val_accuracy"]), 1, float(metrics["seconds"]) - state["last"]))
+            state["last"] = float(metrics["seconds"])
+            state["value"] = float(metrics["val_accuracy"])
+            trial.report(state["value"], step)
+            if trial.should_prune():
+                state["pruned"] = True
+                return True
+            return False
+
+        try:
+            evaluate_architecture(graph.to_json(), evaluation(args.epochs), device="cpu", seed=0, progress=progress)
+        except TrialFailure:
+            raise optuna.TrialPruned from None  # a failed training: left out of the model
+        if state["pruned"] or not math.isfinite(state["value"]):
+            raise optuna.TrialPruned
+        return state["value"]
+
+    def stop(study: optuna.Study, _: Any) -> None:
+        if len(epochs) >= budget:
+            study.stop()
+
+    study.optimize(objective, n_trials=budget * 20, n_jobs=args.workers, callbacks=[stop])
+    return epochs
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+def figures(epochs: list[tuple[float, int, float]], overall: float) -> tuple[float, int, float, int | None]:
+    best, reached = -math.inf, None
+    for count, (value, _, _) in enumerate(epochs, start=1):
+        best = max(best, value)
+        if reached is None and best >= overall - WITHIN:
+            reached = count
+    return best, len(epochs), sum(s for _, _, s in epochs), reached
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=9, help="epochs of a full trial (rungs 1, 3, 9, ...)")
+    parser.add_argument("--full-trials", type=int, default=27, help="trials of the full-fidelity run")
+    parser.add_argument("--fraction", type=int, default=3,
+                        help="the multi-fidelity runs get the full run's epochs / this (the target's 1/3)")
+    parser.add_argument("--workers", type=int, default=2, help="morphml workers; Optuna's n_jobs")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds one morphml run may take")
+    parser.add_argument("--keep", type=Path, help="keep each run's manifest, log and output here")
+    parser.add_argument("--json", type=Path, help="write every run's epochs here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    work = args.keep or Path(tempfile.mkdtemp(prefix="morphml-bench-mf-"))
+    runs: dict[str, dict[int, list[tuple[float, int, float]]]] = {}
+    started = time.monotonic()
+    for seed in range(args.seeds):  # seeds outermost: a run stopped early has every method on its first seeds
+        for method in args.methods:
+            t0 = time.monotonic()
+            epochs = run_optuna(method, seed, args) if method.startswith("optuna-") else \
+                run_morphml(method, seed, args, work)
+            runs.setdefault(method, {})[seed] = epochs
+            print(f"  {method} seed {seed}: {len(epochs)} epochs, best {max(v for v, _, _ in epochs):.4f}, "
+                  f"{time.monotonic() - t0:.0f} s wall", flush=True)
+    print(f"all runs: {time.monotonic() - started:.0f} s wall; outputs in {work}")
+    if args.json:
+        args.json.write_text(json.dumps(runs))
+    overall = {seed: max(v for method in runs.values() for v, _, _ in method.get(seed, []))
+               for seed in range(args.seeds)}
+    rows = []
+    for method in args.methods:
+        per_seed = [figures(runs[method][seed], overall[seed]) for seed in sorted(runs[method])]
+        reached = [r for _, _, _, r in per_seed if r is not None]
+        rows.append([
+            method, len(per_seed),
+            (f"{statistics.median(b for b, _, _, _ in per_seed):.4f} "
+             f"({min(b for b, _, _, _ in per_seed):.4f}-{max(b for b, _, _, _ in per_seed):.4f})"),
+            f"{statistics.median(n for _, n, _, _ in per_seed):g}",
+            f"{statistics.median(s for _, _, s, _ in per_seed):.0f}",
+            f"{statistics.median(reached):g} ({len(reached)} of {len(per_seed)} seeds)" if reached else "-",
+        ])
+    print(f"\nE={args.epochs} epochs per full trial, rungs at {MIN_RESOURCE} x {ETA}^k; full run {args.full_trials} "
+          f"trials = {args.full_trials * args.epochs} epochs; multi-fidelity budget "
+          f"{args.full_trials * args.epochs // args.fraction} epochs; overall best by seed "
+          + ", ".join(f"{s}: {v:.4f}" for s, v in overall.items()))
+    print(table(["method", "seeds", "best val_accuracy (median, min-max)", "epochs trained", "worker-seconds",
+                 f"epochs to within {WITHIN:g} of the overall best (median)"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
