@@ -663,6 +663,7 @@ class MasterServer:
         self._view_token = view_token
         self.dashboard: DashboardServer | None = None
         self.dashboard_port: int | None = None
+        self.loopback_port: int | None = None  # the 127.0.0.1 listener beside a pod-IP bind (_add_loopback)
 
     def _call(self, coroutine: Coroutine[Any, Any, _Reply], timeout: float | None = 30) -> _Reply:
         """Runs a coroutine on the server's loop from another thread and returns its result."""
@@ -676,10 +677,24 @@ class MasterServer:
         port = self._server.add_insecure_port(f"{self.host}:{self.requested_port}")
         if not port:
             raise OSError(f"cannot listen on {self.host}:{self.requested_port}")
+        self.loopback_port = self._add_loopback(self._server, port)
         await self._server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return port
+
+    def _add_loopback(self, server: grpc.aio.Server, port: int) -> int | None:
+        """Also listen on 127.0.0.1:`port` when bound to one pod IP: a port-forward (`morphml
+        results`, `kubectl port-forward`) reaches the pod through the container runtime, which
+        dials localhost inside the pod's network namespace. Where that address is taken (pods
+        sharing one host's namespace) the master goes on without it."""
+        if self.host in ("[::]", "0.0.0.0", "", "127.0.0.1", "localhost", "[::1]"):  # already reachable there
+            return None
+        try:
+            return server.add_insecure_port(f"127.0.0.1:{port}") or None
+        except RuntimeError:
+            log.warning("127.0.0.1:%d is taken: port-forwards to this master will not connect", port)
+            return None
 
     def start(self) -> int:
         if self.metrics_requested_port is not None:  # before gRPC: serving health means metrics are up too
