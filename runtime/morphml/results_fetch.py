@@ -201,6 +201,9 @@ def fetch_results(name: str, namespace: str, out_dir: Path, kubeconfig: str | No
             secret = core.read_namespaced_secret(token_secret_name(name), namespace)
             token = base64.b64decode((secret.data or {})["token"]).decode()
         except ApiException as error:
+            if error.status == 404:
+                raise ResultsError(f"{where} has no token Secret {token_secret_name(name)} (the operator "
+                                   f"creates it with the experiment)") from None
             raise ResultsError(f"cannot read the experiment's token Secret {token_secret_name(name)} in "
                                f"{namespace}: {error.status} {error.reason} (your account needs get on "
                                f"secrets there)") from None
@@ -211,8 +214,8 @@ def fetch_results(name: str, namespace: str, out_dir: Path, kubeconfig: str | No
             pod = core.read_namespaced_pod(pod_name, namespace)
         except ApiException as error:
             if error.status == 404:
-                raise ResultsError(f"{where} has no master pod {pod_name} (the operator recreates it from "
-                                   f"the journal; try again in a minute)") from None
+                raise ResultsError(f"{where} has no master pod {pod_name}: the operator deletes it when the "
+                                   f"search ends, and it serves the results only while it runs") from None
             raise ResultsError(f"reading pod {pod_name} failed: {error.status} {error.reason}") from None
         if (pod.status.phase if pod.status else None) != "Running":
             raise ResultsError(f"the master pod {pod_name} is not running (phase "
