@@ -55,6 +55,8 @@ SAMPLES: dict[str, Any] = {
     "spec.workers.resources": {"requests": {"cpu": "2"}},
     "spec.workers.nodeSelector": {"pool": "gpu"},
     "spec.workers.tolerations": [{"key": "dedicated", "operator": "Exists"}],
+    "spec.workers.volumes": [{"claimName": "data", "mountPath": "/data", "readOnly": True}],
+    "spec.artifacts.keep": "all",
     "spec.suspend": True,
 }
 
