@@ -1,10 +1,11 @@
 """Command line for the test control plane: ``python -m tests.cluster build|up|down|status|pin``.
 
 - ``build``: build (or find cached) binaries; prints their directory.
-- ``up``: start etcd, kube-apiserver, controllers, scheduler and the process node in the
-  background; prints the admin kubeconfig path (``export KUBECONFIG=$(python -m tests.cluster up)``).
-  ``up --real-node``: the real node (tests/cluster/node.py: kubelet, containerd, kube-proxy,
-  CoreDNS, kube-router) instead of the process node (root only).
+- ``up``: start etcd, kube-apiserver, controllers, scheduler and the real node
+  (tests/cluster/node.py: kubelet, containerd, kube-proxy, CoreDNS, kube-router; root only) in
+  the background; prints the admin kubeconfig path (``export KUBECONFIG=$(python -m tests.cluster up)``).
+  ``up --no-node``: the control plane only (one real node per host: this runs beside a test session's).
+  ``--real-node`` is accepted for the old spelling.
 - ``down``: stop what ``up`` started (and, for a real node, undo its changes to the host).
 - ``clean-node``: remove what a killed real node left on the host; prints what is still left.
 - ``pin``: regenerate kubebin/go.mod from kubebin/versions.env.
@@ -31,26 +32,24 @@ def _state_dir() -> Path:
     return Path(os.environ.get("MORPHML_KUBE_STATE", "/tmp/morphml-kube-up"))
 
 
-def _serve(state: Path, real_node: bool) -> None:
+def _serve(state: Path, with_node: bool) -> None:
     """Run the control plane in this process until SIGTERM (the body of ``up``)."""
     import shutil
 
     from .node import NODE_NAME, RealNode
 
     shutil.rmtree(state / "cluster", ignore_errors=True)  # a fresh etcd every time, like the fixture
-    if real_node:
+    if with_node:
         from .hostdeps import NODE_TOOLS, ensure
 
         ensure(NODE_TOOLS)  # before the control plane: it needs `ip` to find the address it advertises
-        plane = ControlPlane(workdir=state / "cluster", node_name=NODE_NAME, process_node=False)
-    else:
-        plane = ControlPlane(workdir=state / "cluster")
+    plane = ControlPlane(workdir=state / "cluster", node_name=NODE_NAME)
     node = None
     stopping = []
     signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
     try:
         plane.start()
-        if real_node:
+        if with_node:
             node = RealNode(plane, state_dir=state / "cluster" / "realnode")
             node.start()
         (state / "kubeconfig").write_text(str(plane.kubeconfig))
@@ -72,7 +71,8 @@ def _serve(state: Path, real_node: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.cluster", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "up", "down", "status", "pin", "serve", "clean-node"])
-    parser.add_argument("--real-node", action="store_true", help="up: a real kubelet node instead of the process node")
+    parser.add_argument("--no-node", action="store_true", help="up: the control plane only, no node")
+    parser.add_argument("--real-node", action="store_true", help="up: the real node (the default; old spelling)")
     args = parser.parse_args(argv)
     state = _state_dir()
     if args.command == "build":
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "pin":
         print(build.pin_go_mod())
     elif args.command == "serve":
-        _serve(state, args.real_node)
+        _serve(state, not args.no_node)
     elif args.command == "clean-node":
         from .node import teardown_host
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("ready", "failed", "kubeconfig"):
             (state / name).unlink(missing_ok=True)
         log = open(state / "serve.log", "ab")
-        serve = ["serve", "--real-node"] if args.real_node else ["serve"]
+        serve = ["serve", "--no-node"] if args.no_node else ["serve"]
         proc = subprocess.Popen([sys.executable, "-m", "tests.cluster", *serve], stdout=log, stderr=log,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
                                 cwd=Path(__file__).resolve().parents[2])

@@ -12,6 +12,7 @@ Imports: standard library only (it must run before anything else is installed).
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import hashlib
 import os
@@ -126,6 +127,15 @@ def ensure_addons_built(log=None) -> Path:
                    "several minutes on 2 cores", log)
 
 
+def ensure_all_built(log=None) -> tuple[Path, Path]:
+    """``ensure_built()`` and ``ensure_addons_built()`` at once: on a fresh machine the two go builds'
+    module downloads (network) and compiles overlap instead of running one after the other."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        addons = pool.submit(ensure_addons_built, log)
+        bins = ensure_built(log)
+        return bins, addons.result()
+
+
 def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, how_long: str, log=None) -> Path:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if _complete(target, binaries):
@@ -134,11 +144,13 @@ def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, ho
     go = _find_go()
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".build.lock", "w") as lock:
+    # One lock per kind (build.sh / addons.sh): the two kinds build in parallel, each kind once.
+    lock_path = root / (".build.lock" if script.stem == "build" else f".build-{script.stem}.lock")
+    with open(lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log(f"morphml: another process is building in {root}; waiting for {root / '.build.lock'}")
+            log(f"morphml: another process is building in {root}; waiting for {lock_path}")
             fcntl.flock(lock, fcntl.LOCK_EX)
         if _complete(target, binaries):
             return target

@@ -1,9 +1,9 @@
 """Start and stop a real Kubernetes control plane on loopback for the cluster test tier.
 
-What lives here: ``ControlPlane`` (etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler and the process node agent, each a child process in its own
-process group with its log in a file), the kubeconfigs it writes, and
-``ExistingCluster`` for ``MORPHML_TEST_KUBECONFIG``.
+What lives here: ``ControlPlane`` (etcd, kube-apiserver, kube-controller-manager and
+kube-scheduler, each a child process in its own process group with its log in a file)
+and the kubeconfigs it writes. Its node is ``tests.cluster.node.RealNode``, started on
+top of it.
 
 Imports: the standard library, ``tests.cluster.build`` and ``tests.cluster.pki``
 (relative imports, so this works both as ``tests.cluster`` from ``python -m``
@@ -19,7 +19,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -27,7 +26,6 @@ from pathlib import Path
 
 from . import build, pki
 
-NODE_AGENT = Path(__file__).resolve().parent / "node_agent.py"
 NODE_NAME = "morphml-node-0"
 SERVICE_CIDR = "10.96.0.0/16"  # blackholed on the host: only kube-proxy's DNAT (real node) gets a packet through
 POD_CIDR = "10.244.0.0/16"  # the real node's pods (tests/cluster/node.py); blackholed beyond its bridge's /24
@@ -162,18 +160,14 @@ class Component:
 
 
 class ControlPlane:
-    """etcd + kube-apiserver + controllers + scheduler + node agent, all on 127.0.0.1.
+    """etcd + kube-apiserver + controllers + scheduler; the node (tests/cluster/node.py) registers later.
 
     Attributes once ``start()`` returned: ``kubeconfig`` (admin, system:masters),
     ``server`` (https URL), ``bin_dir`` (kubectl, helm, ...), ``workdir``,
-    ``logs`` (component name -> log path), ``node_state_dir`` (pod logs and
-    volumes written by the node agent).
+    ``logs`` (component name -> log path).
     """
 
-    def __init__(self, workdir: Path | None = None, bin_dir: Path | None = None, node_name: str = NODE_NAME,
-                 process_node: bool = True):
-        #: False: no node agent (a real node, tests/cluster/node.py, registers itself later).
-        self.process_node = process_node
+    def __init__(self, workdir: Path | None = None, bin_dir: Path | None = None, node_name: str = NODE_NAME):
         self.blackholes: list[str] = []
         self.advertise_address: str | None = None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="morphml-kube-"))
@@ -184,8 +178,6 @@ class ControlPlane:
         self.logs: dict[str, Path] = {}
         self.kubeconfig: Path | None = None
         self.server = ""
-        # None without the process node: Kube then reads pod logs with kubectl logs.
-        self.node_state_dir: Path | None = self.workdir / "node" if process_node else None
         self.timings: dict[str, float] = {}
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -330,28 +322,6 @@ class ControlPlane:
             f"--authentication-kubeconfig={scheduler_config}", f"--authorization-kubeconfig={scheduler_config}",
             "--secure-port=0", "--leader-elect=false", "--profiling=false", "--v=1",
         ])
-        if not self.process_node:
-            self._wait_default_service_account(timeout)
-            self.timings["ready_seconds"] = time.monotonic() - t0
-            return
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        agent = self._spawn("node-agent", [
-            sys.executable, str(NODE_AGENT), f"--kubeconfig={self.kubeconfig}",
-            f"--node-name={self.node_name}", f"--state-dir={self.node_state_dir}",
-            f"--serving-cert={p['node.crt']}", f"--serving-key={p['node.key']}",
-        ], env=env)
-
-        def node_ready() -> bool:
-            status, body = self.api_get(f"/api/v1/nodes/{self.node_name}")
-            if status != 200:
-                return False
-            node = json.loads(body)
-            conditions = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
-            taints = [t for t in node.get("spec", {}).get("taints", []) or []
-                      if t.get("key", "").startswith("node.kubernetes.io/")]
-            return conditions.get("Ready") == "True" and not taints
-
-        self._wait(f"node {self.node_name} Ready", node_ready, agent, timeout)
         self._wait_default_service_account(timeout)
         self.timings["ready_seconds"] = time.monotonic() - t0
 
@@ -367,23 +337,9 @@ class ControlPlane:
     def stop(self) -> None:
         for component in reversed(self.components):
             component.stop()
-        self._kill_leftover_pods()
         self.components.clear()
         delete_blackhole_routes(self.blackholes)
         self.blackholes = []
-
-    def _kill_leftover_pods(self) -> None:
-        """Kill pod process groups the node agent left behind (only if it died without cleaning up)."""
-        if self.node_state_dir is None:
-            return
-        registry = self.node_state_dir / "process-groups"
-        if not registry.exists():
-            return
-        for entry in registry.iterdir():
-            try:
-                os.killpg(int(entry.name), signal.SIGKILL)
-            except (ValueError, ProcessLookupError, PermissionError):
-                pass
 
     def check_alive(self) -> None:
         for component in self.components:

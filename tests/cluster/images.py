@@ -10,7 +10,10 @@ Interface (for ``tests.cluster.node`` and ``tests/cluster/test_images.py``):
 - ``ensure_images(roles=("master", "worker"), root=ROOT, log=None) -> dict[str, BuiltImage]``:
   builds what is missing or stale and returns one ``BuiltImage`` per role. An unchanged tree is a
   cache hit: no buildah call at all, well under a second. A file lock serialises parallel callers.
-- ``ensure_image(role, root=ROOT, log=None) -> BuiltImage``: the same for one role.
+- ``ensure_image(role, root=ROOT, log=None) -> BuiltImage``: the same for one role; ``image_tag(role)``:
+  the tag it would give the tree now (computed, nothing built).
+- ``ensure_test_image(master) -> BuiltImage``: ``morphml-testworker``, the master image plus the
+  cluster tier's test evaluators (``TEST_IMAGE_FILES``) on its PYTHONPATH (see there).
 - ``BuiltImage`` (frozen dataclass):
     - ``role``: ``"master"`` or ``"worker"``;
     - ``repository``: ``"morphml-master"`` / ``"morphml-worker"`` (the chart's ``image.repository`` /
@@ -602,8 +605,77 @@ def _cached(role: str, root: Path, cache: Path, recipe: dict[str, object], versi
     return True
 
 
+def image_tag(role: str, root: Path = ROOT) -> str:
+    """The tag ``ensure_image(role)`` gives the tree at ``root`` now (computed; nothing is built)."""
+    return _names(role, Path(root).resolve(), base_recipe(), project_version(root))[2]
+
+
 def ensure_image(role: str, root: Path = ROOT, log: Log | None = None) -> BuiltImage:
     return ensure_images([role], root, log)[role]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cluster tier's test image: the master image plus the test evaluators
+
+
+#: What the test image adds to the master image, under ``TEST_DIR`` (on its PYTHONPATH).
+TEST_IMAGE_FILES = ("tests/cluster/__init__.py", "tests/cluster/operator_trials.py",
+                    "tests/cluster/testdata/grpc_health_server.py")
+TEST_REPOSITORY = "morphml-testworker"
+TEST_DIR = "/opt/morphml-tests"
+
+
+def ensure_test_image(master: BuiltImage, root: Path = ROOT, log: Log | None = None) -> BuiltImage:
+    """``morphml-testworker``: the master image (``morphml`` without torch) with ``TEST_IMAGE_FILES``
+    under ``TEST_DIR`` and ``PYTHONPATH=TEST_DIR``, so worker pods can run the tests' evaluators
+    (``tests.cluster.operator_trials:sleep_epochs``: trials of a known length, no torch) and test
+    pods a Python with the tests' helper scripts. Not built from a Dockerfile: ``buildah from`` the
+    master's archive, ``copy``, ``config``, ``commit`` (seconds; the archive is the master's size,
+    ~130 MB, so it imports in seconds where the worker image takes minutes). Cached like the others,
+    keyed by the master's key and the added files."""
+    log = log or _stderr
+    root = Path(root).resolve()
+    cache = cache_dir()
+    digest = hashlib.sha256(f"morphml-test-image\0{FORMAT}\0{master.key}\0{TEST_DIR}\0".encode())
+    _hash_files(digest, root, [Path(f) for f in TEST_IMAGE_FILES])
+    key = digest.hexdigest()
+    tag = f"{project_version(root)}-{key[:12]}"
+    ref = f"docker.io/library/{TEST_REPOSITORY}:{tag}"
+    archive = cache / "archives" / f"{TEST_REPOSITORY}-{tag}.oci.tar"
+    record_path = _record_path(cache, TEST_REPOSITORY, tag)
+    with _locked(cache):
+        record = _read_record(record_path)
+        if record and record.get("key") == key and archive.is_file():
+            os.utime(record_path)
+            return BuiltImage("testworker", TEST_REPOSITORY, tag, ref, archive, key, archive.stat().st_size,
+                              0.0, cached=True)
+        _ensure_tools(log)
+        started = time.monotonic()
+        with _no_system_leftovers():
+            name = f"morphml-test-{uuid.uuid4().hex[:8]}"
+            _buildah(cache, "from", "--pull=never", "--name", name, f"oci-archive:{master.archive}",
+                     what=f"buildah from {master.archive}")
+            try:
+                for rel in TEST_IMAGE_FILES:
+                    _buildah(cache, "copy", "--chown", "0:0", name, str(root / rel), f"{TEST_DIR}/{rel}")
+                _buildah(cache, "config", "--env", f"PYTHONPATH={TEST_DIR}", "--label", f"{KEY_LABEL}={key}", name)
+                _buildah(cache, "commit", "--quiet", name, ref, timeout=600)
+            finally:
+                subprocess.run(["buildah", *_storage_args(cache), "rm", name], env=_env(cache), capture_output=True,
+                               timeout=300, check=False)
+            partial = archive.with_name(archive.name + ".partial")
+            partial.unlink(missing_ok=True)
+            _buildah(cache, "push", "--compression-format", "zstd", "--quiet", ref, f"oci-archive:{partial}:{ref}",
+                     what=f"buildah push {ref}")
+            partial.rename(archive)
+        seconds = time.monotonic() - started
+        size = archive.stat().st_size
+        record = {"role": "testworker", "repository": TEST_REPOSITORY, "tag": tag, "ref": ref, "archive": archive.name,
+                  "key": key, "size_bytes": size, "build_seconds": round(seconds, 1), "built_at": time.time()}
+        record_path.with_suffix(".tmp").write_text(json.dumps(record, indent=2) + "\n")
+        record_path.with_suffix(".tmp").rename(record_path)
+        log(f"morphml: {ref} built and exported in {seconds:.0f} s ({size / 1e6:.0f} MB)")
+        return BuiltImage("testworker", TEST_REPOSITORY, tag, ref, archive, key, size, seconds, cached=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

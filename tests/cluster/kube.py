@@ -1,9 +1,8 @@
 """``Kube``: what a cluster-tier test holds to talk to the cluster (the ``kube`` fixture's value).
 
 What lives here: kubectl / helm runners bound to the test kubeconfig, the Python
-``kubernetes`` client objects, wait helpers, pod logs (from the process node's
-files, or ``kubectl logs`` on an existing cluster) and ``ExistingCluster`` for
-``MORPHML_TEST_KUBECONFIG``.
+``kubernetes`` client objects, wait helpers, pod logs (``kubectl logs``) and
+``ExistingCluster`` for ``MORPHML_TEST_KUBECONFIG``.
 
 Imports: the standard library; ``kubernetes`` lazily (first use of ``api``/``core``...).
 """
@@ -15,6 +14,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 
 class WaitTimeout(AssertionError):
@@ -22,13 +22,12 @@ class WaitTimeout(AssertionError):
 
 
 class ExistingCluster:
-    """A cluster the suite did not start (``MORPHML_TEST_KUBECONFIG``): nothing to stop, no node agent."""
+    """A cluster the suite did not start (``MORPHML_TEST_KUBECONFIG``): nothing to stop, no node of ours."""
 
     def __init__(self, kubeconfig: str, bin_dir: Path):
         self.kubeconfig = Path(kubeconfig)
         self.bin_dir = bin_dir
         self.logs: dict[str, Path] = {}
-        self.node_state_dir = None
         self.node_name = None
         self.timings: dict[str, float] = {}
 
@@ -52,8 +51,10 @@ class Kube:
         self.kubectl_path = str(self.bin_dir / "kubectl")
         self.helm_path = str(self.bin_dir / "helm")
         self.node_name = cluster.node_name
-        #: True when pods run on this suite's process node (pod IPs are reachable from the test).
-        self.process_node = cluster.node_state_dir is not None
+        #: The suite's ``RealNode`` (set by the ``kube`` fixture); None on an existing cluster.
+        self.node: Any = None
+        #: The suite's hostPath volume binder (``tests.cluster.provisioner``); None on an existing cluster.
+        self.binder: Any = None
         self._api = None
 
     # -- subprocess environment ------------------------------------------------------------------
@@ -180,32 +181,25 @@ class Kube:
 
     # -- logs ------------------------------------------------------------------------------------
     def pod_log(self, namespace: str, name: str, container: str | None = None, previous: bool = False) -> str:
-        """The container's output (current run, or the one before with previous=True)."""
-        if not self.process_node:
-            args = ["logs", "-n", namespace, name] + (["-c", container] if container else []) + \
-                (["--previous"] if previous else [])
-            return self.kubectl(*args, check=False).stdout
-        pod = self.kubectl_json("get", "pod", "-n", namespace, name)
-        container = container or pod["spec"]["containers"][0]["name"]
-        directory = self.pod_log_dir(namespace, name, pod["metadata"]["uid"])
-        status = next((c for c in pod.get("status", {}).get("containerStatuses", []) if c["name"] == container), {})
-        run = status.get("restartCount", 0) - (1 if previous else 0)
-        path = directory / f"{container}.{run}.log"
-        if not previous and not path.exists() and run > 0:
-            path = directory / f"{container}.{run - 1}.log"  # waiting to restart: the last run's output
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def pod_log_dir(self, namespace: str, name: str, uid: str) -> Path:
-        """Where the process node writes a pod's container logs (``<container>.<restartCount>.log``)."""
-        return Path(self.cluster.node_state_dir) / "logs" / f"{namespace}_{name}_{uid[:8]}"
+        """The container's output (current run, or the one before with previous=True), from ``kubectl logs``."""
+        args = ["logs", "-n", namespace, name] + (["-c", container] if container else []) + \
+            (["--previous"] if previous else [])
+        return self.kubectl(*args, check=False).stdout
 
     def namespace_logs(self, namespace: str, lines: int = 40) -> str:
-        """Tails of every container log of every pod the process node ran in ``namespace``."""
-        if not self.process_node:
-            return ""
+        """Tails of every container log (and of the run before, when it restarted) of the pods in ``namespace``."""
         out = []
-        for directory in sorted((Path(self.cluster.node_state_dir) / "logs").glob(f"{namespace}_*")):
-            for path in sorted(directory.glob("*.*.log")):
-                text = path.read_text(errors="replace").splitlines()[-lines:]
-                out.append(f"----- pod {directory.name} container log {path.name} -----\n" + "\n".join(text))
+        try:
+            pods = self.pods(namespace)
+        except AssertionError:
+            return ""
+        for pod in pods:
+            name = pod["metadata"]["name"]
+            for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                runs = [False] + ([True] if status.get("restartCount") else [])
+                for previous in runs:
+                    args = ["logs", "-n", namespace, name, "-c", status["name"], f"--tail={lines}"]
+                    text = self.kubectl(*args, *(["--previous"] if previous else []), check=False, timeout=20).stdout
+                    label = "previous run" if previous else "log"
+                    out.append(f"----- pod {name} container {status['name']} {label} -----\n{text}")
         return "\n".join(out)

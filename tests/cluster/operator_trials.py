@@ -3,16 +3,22 @@
 - `sleep_epochs`: a user evaluator (`spec.evaluation.evaluator: "tests.cluster.operator_trials:sleep_epochs"`)
   that "trains" for `spec.evaluation.epochs` seconds and returns a fake accuracy derived from the
   architecture: trials of a known length, no torch, so "mid-trial" is real and CPU stays free.
-  The worker processes of the process node import it because the test modules put the repository
-  root on PYTHONPATH before the node agent starts (`repo_on_pythonpath`).
+  Worker pods import it from the test image (`morphml-testworker`: the master image plus this file
+  on PYTHONPATH, `tests.cluster.images.ensure_test_image`). `oom_once`: the same, but the first trial
+  a worker pod runs allocates memory until the kernel's OOM killer ends it (the OOM test).
+- `IMAGES`: image references the cluster fixtures fill in (`"testworker"` from `morphml_images`,
+  `"worker"` from `worker_image`), read by the tests' manifest helpers; `WORKER_RESOURCES`: the small
+  requests those helpers give worker pods (the node has this machine's CPUs, 2 here).
 - `journal_file` / `read_journal`: the master's SQLite journal, read (through `Journal`, read-only)
-  from the hostPath volume the process node bound the experiment's journal claim to, summarised for
+  from the hostPath volume the suite's binder (`tests.cluster.provisioner`) bound the experiment's
+  journal claim to, summarised for
   assertions: every lease, every re-lease with the path that fired (stream / heartbeat / pod_gone)
   and its timestamps, and every result with its disposition.
 - `FakeWorkerSession` / `lose_fake_workers`: worker sessions opened by the test process itself
   with real gRPC (Register + Connect with the experiment's token) and broken on purpose, so the
   master records a loss detected by the stream: as many losses as a test wants, in seconds.
-- `process_pid`: the host pid of a pod's container process (SIGSTOP / SIGCONT a master).
+- `process_pid`: the host pid of a pod's container process (SIGSTOP / SIGCONT a master): containers
+  are processes of this host in their own namespaces.
 
 Imports: the standard library only at module level (workers import this module); grpc, the
 generated protocol and morphml's Journal inside the functions that use them.
@@ -33,11 +39,19 @@ ROOT = Path(__file__).resolve().parents[2]
 EVALUATOR = "tests.cluster.operator_trials:sleep_epochs"
 
 
-def repo_on_pythonpath() -> None:
-    """Make `tests.*` importable by every process the node agent starts (it inherits our env)."""
-    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if str(ROOT) not in parts:
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *parts])
+#: Image references for the tests' manifests, filled in by the cluster fixtures (see the docstring).
+IMAGES: dict[str, str] = {}
+#: Worker pods' resources in the tests' experiments: small requests (the node has this machine's
+#: CPUs; the default worker asks for a whole one each), a limit the trials stay far below.
+WORKER_RESOURCES = {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
+
+
+def image(role: str) -> str:
+    """IMAGES[role], or an error naming the fixture that provides it."""
+    fixture = {"testworker": "morphml_images (or operator)", "worker": "worker_image"}.get(role, role)
+    if role not in IMAGES:
+        raise AssertionError(f"no {role!r} image for the experiment: the test must request the {fixture} fixture")
+    return IMAGES[role]
 
 
 def sleep_epochs(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
@@ -48,8 +62,23 @@ def sleep_epochs(arch_json: dict, evaluation_spec: dict, device: str | None) -> 
     return {"val_accuracy": 0.5 + digest[0] / 255.0 * 0.49, "train_seconds": seconds, "device": device or "cpu"}
 
 
+def oom_once(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
+    """The first call in a pod (marker file in its /tmp emptyDir) allocates and touches memory,
+    64 MiB at a time, until the OOM killer ends the process (the pod's memory limit must be below
+    4 GiB); every later call is `sleep_epochs`. The runner process is the largest in the container,
+    so it is the one the kernel kills (cgroup v1: one victim, the biggest)."""
+    marker = Path("/tmp/oom-once")
+    if not marker.exists():
+        marker.write_text(f"{os.getpid()}\n")
+        chunks = []
+        for _ in range(64):
+            chunks.append(b"\x01" * (64 << 20))  # written: every page is resident (calloc'd zeros are not)
+        raise RuntimeError(f"allocated {len(chunks) * 64} MiB without being OOM-killed: is the memory limit set?")
+    return sleep_epochs(arch_json, evaluation_spec, device)
+
+
 def journal_file(kube, namespace: str, experiment: str) -> Path:
-    """Where the process node keeps NAME-journal's volume (a hostPath PersistentVolume)."""
+    """Where NAME-journal's volume is on this host (a hostPath PersistentVolume)."""
     claim = kube.kubectl_json("get", "pvc", f"{experiment}-journal", "-n", namespace)
     volume = kube.kubectl_json("get", "pv", claim["spec"]["volumeName"])
     return Path(volume["spec"]["hostPath"]["path"]) / "journal.db"
@@ -197,14 +226,8 @@ def lose_fake_workers(address: str, token: str, count: int, prefix: str,
 
 
 def process_pid(pod: dict, container: str | None = None) -> int:
-    """The host pid of a pod's container: from the process node's "process://PID" container id,
-    else the process whose environment names the pod (POD_NAME and POD_NAMESPACE, as builders set)."""
-    for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if container and status.get("name") != container:
-            continue
-        container_id = status.get("containerID") or ""
-        if container_id.startswith("process://"):
-            return int(container_id[len("process://"):])
+    """The host pid of a pod's container: the process whose environment names the pod (POD_NAME and
+    POD_NAMESPACE, as the operator's builders set; `container` is not told apart)."""
     wanted = {f"POD_NAME={pod['metadata']['name']}".encode(), f"POD_NAMESPACE={pod['metadata']['namespace']}".encode()}
     found = []
     for entry in Path("/proc").iterdir():

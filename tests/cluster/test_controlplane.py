@@ -1,8 +1,10 @@
-"""Acceptance tests of the test control plane and the process node (issue 4).
+"""Acceptance tests of the test control plane and its node (issue 4; the real node since issue 14).
 
-Each test talks to the real kube-apiserver started by tests/cluster/conftest.py; pods really run as
-local processes through the node agent. Imports: pytest, the standard library, the kubernetes client
-(through the ``kube`` fixture), and grpcio for the gRPC probe server script in testdata/.
+Each test talks to the real kube-apiserver started by tests/cluster/conftest.py; pods run as
+containers of the real node (kubelet + containerd) from the test image (``morphml-testworker``:
+the master image's Python plus tests/cluster/testdata on its PYTHONPATH, as UID 1000), and the
+test process reaches pod IPs over the node's pod bridge. Imports: pytest, the standard library,
+the kubernetes client (through the ``kube`` fixture), this package's helpers.
 """
 
 from __future__ import annotations
@@ -16,11 +18,23 @@ from pathlib import Path
 
 import pytest
 
+from . import images
+from .operator_trials import image
+
 pytestmark = pytest.mark.cluster
 
 TESTDATA = Path(__file__).resolve().parent / "testdata"
-# The image matters only on a real cluster (MORPHML_TEST_KUBECONFIG); the process node runs the command.
-PYTHON_IMAGE = "python:3.12-slim"
+#: The gRPC health server script inside the test image.
+GRPC_SERVER = f"{images.TEST_DIR}/tests/cluster/testdata/grpc_health_server.py"
+
+
+@pytest.fixture(autouse=True)
+def _test_image(morphml_images):
+    """Every pod here runs the test image (a Python with this package's test data)."""
+
+
+def python_image() -> str:
+    return image("testworker")
 
 
 def http_server_deployment(name: str, replicas: int) -> dict:
@@ -32,7 +46,7 @@ def http_server_deployment(name: str, replicas: int) -> dict:
             "template": {"metadata": {"labels": labels}, "spec": {
                 "terminationGracePeriodSeconds": 5,
                 "containers": [{
-                    "name": "web", "image": PYTHON_IMAGE,
+                    "name": "web", "image": python_image(),
                     "command": ["python", "-m", "http.server", "8080", "--bind", "$(POD_IP)"],
                     "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
                     "ports": [{"name": "http", "containerPort": 8080}],
@@ -55,9 +69,8 @@ def test_deployment_pods_run_ready_reachable_and_replaced(kube, kube_namespace):
     pods = kube.wait_pods_ready(ns, "app=web", 2, timeout=60)
     ips = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
     assert len(set(ips.values())) == 2, ips
-    if kube.process_node:
-        for ip in ips.values():
-            assert http_get(f"http://{ip}:8080/") == 200
+    for ip in ips.values():
+        assert http_get(f"http://{ip}:8080/") == 200
 
     victim = sorted(ips)[0]
     kube.kubectl("delete", "pod", "-n", ns, victim, "--wait=true", timeout=60)
@@ -65,11 +78,10 @@ def test_deployment_pods_run_ready_reachable_and_replaced(kube, kube_namespace):
     names = {p["metadata"]["name"] for p in replaced}
     assert victim not in names
     assert len(names - set(ips)) == 1, (names, ips)
-    if kube.process_node:
-        for pod in replaced:
-            assert http_get(f"http://{pod['status']['podIP']}:8080/") == 200
-        with pytest.raises(OSError):  # noqa: PT011 (refused or timed out: the deleted pod's server is gone)
-            http_get(f"http://{ips[victim]}:8080/", timeout=2)
+    for pod in replaced:
+        assert http_get(f"http://{pod['status']['podIP']}:8080/") == 200
+    with pytest.raises(OSError):  # noqa: PT011 (refused or timed out: the deleted pod's server is gone)
+        http_get(f"http://{ips[victim]}:8080/", timeout=2)
     rs = kube.kubectl_json("get", "replicasets", "-n", ns, "-l", "app=web")["items"]
     assert [r["status"]["readyReplicas"] for r in rs] == [2]
 
@@ -86,7 +98,7 @@ def test_garbage_collector_removes_dependents(kube, kube_namespace):
                   30, 0.2, "the garbage collector to delete the dependent ConfigMap")
 
     # A Deployment owns its ReplicaSet, which owns the pods: deleting the Deployment removes them all,
-    # and the process node stops the pods' processes.
+    # and the kubelet stops their containers.
     kube.apply(http_server_deployment("gc", 1), ns)
     kube.wait_pods_ready(ns, "app=gc", 1, timeout=60)
     kube.kubectl("delete", "deployment", "gc", "-n", ns, "--cascade=background")
@@ -126,7 +138,7 @@ def test_failing_liveness_probe_restarts_container(kube, kube_namespace):
     ns = kube_namespace
     kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unhealthy"}, "spec": {
         "terminationGracePeriodSeconds": 1,
-        "containers": [{"name": "main", "image": PYTHON_IMAGE,
+        "containers": [{"name": "main", "image": python_image(),
                         "command": ["sh", "-c", "echo started; exec sleep 3600"],
                         "livenessProbe": {"exec": {"command": ["false"]}, "periodSeconds": 1,
                                           "failureThreshold": 2}}]}}, ns)
@@ -143,7 +155,7 @@ def test_failing_liveness_probe_restarts_container(kube, kube_namespace):
     reasons = {e["reason"] for e in kube.kubectl_json("get", "events", "-n", ns, "--field-selector",
                                                      "involvedObject.name=unhealthy")["items"]}
     assert {"Scheduled", "Started", "Unhealthy", "Killing"} <= reasons, reasons
-    # kubectl logs --previous goes API server -> node agent's log endpoint -> the previous run's file.
+    # kubectl logs --previous goes API server -> the kubelet's log endpoint -> the previous run's file.
     assert kube.kubectl("logs", "-n", ns, "unhealthy", "--previous").stdout == "started\n"
 
 
@@ -154,7 +166,7 @@ def test_gpu_request_beyond_node_stays_pending_with_scheduler_reason(kube, kube_
     def gpu_pod(name: str, gpus: int) -> dict:
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
             "terminationGracePeriodSeconds": 1,
-            "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": ["sleep", "3600"],
+            "containers": [{"name": "main", "image": python_image(), "command": ["sleep", "3600"],
                             "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}}
 
     kube.apply([gpu_pod("too-many-gpus", 16), gpu_pod("two-gpus", 2)], ns)
@@ -185,12 +197,12 @@ def test_helm_lint_template_install_uninstall(kube, kube_namespace, tmp_path):
     assert "1 chart(s) linted, 0 chart(s) failed" in lint.stdout
     rendered = kube.helm("template", "demo", chart, "--namespace", ns, "--set", "replicas=1").stdout
     assert "kind: Deployment" in rendered and "name: demo-web" in rendered
-    kube.helm("install", "demo", chart, "--namespace", ns, "--set", "replicas=1", "--wait", "--timeout", "90s")
+    kube.helm("install", "demo", chart, "--namespace", ns, "--set", "replicas=1", "--set", f"image={python_image()}",
+              "--wait", "--timeout", "90s")
     releases = json.loads(kube.helm("list", "--namespace", ns, "-o", "json").stdout)
     assert [(r["name"], r["status"]) for r in releases] == [("demo", "deployed")]
     pods = kube.wait_pods_ready(ns, "app.kubernetes.io/instance=demo", 1, timeout=30)
-    if kube.process_node:
-        assert http_get(f"http://{pods[0]['status']['podIP']}:8080/") == 200
+    assert http_get(f"http://{pods[0]['status']['podIP']}:8080/") == 200
     message = kube.kubectl_json("get", "configmap", "demo-message", "-n", ns)["data"]["message"]
     assert message == "hello from demo"
     kube.helm("uninstall", "demo", "--namespace", ns, "--wait", "--timeout", "60s")
@@ -230,9 +242,7 @@ print(json.dumps({
 
 @pytest.mark.timeout(120)
 def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
-    """Env sources, Secret/ConfigMap/emptyDir/PVC volumes with rewritten mount paths, Service DNS names."""
-    if not kube.process_node:
-        pytest.skip("checks the process node's emulation (path and service-name rewriting)")
+    """Env sources, Secret/ConfigMap/emptyDir/PVC volumes, a Service reached by its DNS name."""
     ns = kube_namespace
     kube.apply([
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
@@ -247,13 +257,13 @@ def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
     ], ns)
     kube.wait_pods_ready(ns, "app=web", 1, timeout=60)
     kube.wait_for(lambda: kube.kubectl_json("get", "pvc", "data", "-n", ns)["status"].get("phase") == "Bound",
-                  30, 0.3, "the claim to be bound to the node agent's volume")
+                  30, 0.3, "the claim to be bound to the suite's hostPath volume")
 
     def reporter(name: str) -> dict:
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {
             "restartPolicy": "Never",
             "containers": [{
-                "name": "report", "image": PYTHON_IMAGE,
+                "name": "report", "image": python_image(),
                 "command": ["python", "-c", REPORT_SCRIPT],
                 "args": ["/var/lib/demo", "http://web.$(POD_NAMESPACE).svc.cluster.local:80/", "/scratch"],
                 "env": [
@@ -274,8 +284,6 @@ def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
                     {"name": "config", "mountPath": "/etc/demo/config"},
                     {"name": "data", "mountPath": "/var/lib/demo"},
                     {"name": "scratch", "mountPath": "/scratch"},
-                    # The agent's own directories live under /tmp: a pod's /tmp mount must not
-                    # redirect the other, already rewritten, paths.
                     {"name": "tmp", "mountPath": "/tmp"},
                 ],
             }],
@@ -305,16 +313,13 @@ def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
     assert env["EXPANDED"] == "plain-report-1-$(NOT_EXPANDED)"
     assert env["FROM_SECRET"] == "s3cret" and env["FROM_CONFIGMAP"] == "blue" and env["PREFIX_color"] == "blue"
     assert (env["POD_NAME"], env["POD_NAMESPACE"], env["HOSTNAME"]) == ("report-1", ns, "report-1")
-    assert env["POD_IP"] == pod["status"]["podIP"] and env["POD_IP"].startswith("127.")
+    assert env["POD_IP"] == pod["status"]["podIP"] and env["POD_IP"].startswith("10.244.")
     assert report["secret_file"] == "s3cret"
     assert report["config_file"] == "answer: 42\n"
     assert report["scratch_is_dir"] is True
-    assert not report["argv"][0].startswith("/var/lib/demo"), "mount path was not rewritten to a local dir"
-    # Service names: the FQDN in args and the bare "web:80" in env both point at the web pod's IP and
-    # the Service's targetPort.
-    web_ip = kube.pods(ns, "app=web")[0]["status"]["podIP"]
-    assert report["argv"][1] == f"http://{web_ip}:8080/"
-    assert env["WEB_URL"] == f"{web_ip}:8080"
+    # The Service by its DNS name (CoreDNS), through its ClusterIP (kube-proxy) to the pod's targetPort.
+    assert report["argv"][1] == f"http://web.{ns}.svc.cluster.local:80/"
+    assert env["WEB_URL"] == "web:80"
     assert report["web"] == 200
     assert report["runs"] == 1
 
@@ -324,24 +329,17 @@ def test_pod_env_volumes_pvc_and_service_names(kube, kube_namespace):
     finished("report-2")
     assert json.loads(kube.pod_log(ns, "report-2"))["runs"] == 2
 
-    # Deleting the claim (once no pod uses it) removes its volume.
-    volume = kube.kubectl_json("get", "pvc", "data", "-n", ns)["spec"]["volumeName"]
-    kube.kubectl("delete", "pod", "report-2", "-n", ns)
-    kube.kubectl("delete", "pvc", "data", "-n", ns, "--wait=true", timeout=30)
-    kube.wait_for(lambda: kube.kubectl("get", "pv", volume, check=False).returncode != 0, 20, 0.3,
-                  f"PersistentVolume {volume} to be removed with its claim")
 
 
 @pytest.mark.timeout(90)
 def test_probes_grpc_tcp_and_graceful_deletion(kube, kube_namespace):
     ns = kube_namespace
-    server = TESTDATA / "grpc_health_server.py"
     kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probed"}, "spec": {
         "terminationGracePeriodSeconds": 10,
         "containers": [{
-            "name": "grpc", "image": PYTHON_IMAGE,
+            "name": "grpc", "image": python_image(),
             # --not-serving-for: the health service answers NOT_SERVING first, so Ready must wait.
-            "command": ["python", str(server), "--port", "50051", "--not-serving-for", "2"],
+            "command": ["python", GRPC_SERVER, "--port", "50051", "--not-serving-for", "2"],
             "readinessProbe": {"grpc": {"port": 50051}, "periodSeconds": 1},
             "livenessProbe": {"tcpSocket": {"port": 50051}, "periodSeconds": 1, "initialDelaySeconds": 1},
         }],
@@ -351,20 +349,24 @@ def test_probes_grpc_tcp_and_graceful_deletion(kube, kube_namespace):
         kube.kubectl_json("get", "pod", "probed", "-n", ns)), 40, 0.2, "gRPC readiness")
     assert time.monotonic() - started >= 1.5, "Ready before the health service said SERVING"
     assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
-    if not kube.process_node:
-        return
-    log_dir = kube.pod_log_dir(ns, "probed", pod["metadata"]["uid"])
     assert "serving" in kube.pod_log(ns, "probed")
     assert "serving" in kube.kubectl("logs", "-n", ns, "probed", "-c", "grpc").stdout
 
     # Deletion: SIGTERM reaches the process (it logs it and exits), then the object goes away.
-    kube.kubectl("delete", "pod", "probed", "-n", ns, "--wait=true", timeout=40)
-    assert "got SIGTERM" in (log_dir / "grpc.0.log").read_text()
+    # The log is read from the node's file while the pod terminates (it goes with the pod).
+    uid = pod["metadata"]["uid"]
+    kube.kubectl("delete", "pod", "probed", "-n", ns, "--wait=false")
+    if kube.node is not None:  # the kubelet's podLogsDir
+        log_file = kube.node.state_dir / "kubelet" / "pod-logs" / f"{ns}_probed_{uid}" / "grpc" / "0.log"
+        kube.wait_for(lambda: log_file.exists() and "got SIGTERM" in log_file.read_text(errors="replace"), 30, 0.1,
+                      "the server to log SIGTERM")
+    kube.wait_for(lambda: kube.kubectl("get", "pod", "probed", "-n", ns, check=False).returncode != 0, 40, 0.3,
+                  "the pod to go")
 
     # A process that ignores SIGTERM is SIGKILLed when the grace period is over.
     kube.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "stubborn"}, "spec": {
         "terminationGracePeriodSeconds": 2,
-        "containers": [{"name": "main", "image": PYTHON_IMAGE, "command": [
+        "containers": [{"name": "main", "image": python_image(), "command": [
             "python", "-c", ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                              "print('ignoring SIGTERM', flush=True); time.sleep(3600)")]}]}}, ns)
     kube.wait_for(lambda: "ignoring SIGTERM" in kube.pod_log(ns, "stubborn"), 30, 0.2, "stubborn pod to start")
@@ -376,23 +378,26 @@ def test_probes_grpc_tcp_and_graceful_deletion(kube, kube_namespace):
 
 @pytest.mark.timeout(120)
 def test_up_and_down_commands_run_a_cluster_a_person_can_use(kube, tmp_path):
-    """`python -m tests.cluster up` starts a second, independent control plane and prints its
-    kubeconfig; `down` stops every process of it. (``kube`` only makes sure the binaries are built.)"""
+    """`python -m tests.cluster up --no-node` starts a second, independent control plane and prints
+    its kubeconfig; `down` stops every process of it. (No node: one real node per host, and the
+    session's holds it; ``kube`` only makes sure the binaries are built.)"""
     import os
     import subprocess
 
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, MORPHML_KUBE_STATE=str(tmp_path / "state"))
-    up = subprocess.run([sys.executable, "-m", "tests.cluster", "up"], cwd=repo, env=env, capture_output=True,
-                        text=True, timeout=90)
+    up = subprocess.run([sys.executable, "-m", "tests.cluster", "up", "--no-node"], cwd=repo, env=env,
+                        capture_output=True, text=True, timeout=90)
     try:
         assert up.returncode == 0, up.stderr
         kubeconfig = up.stdout.strip()
         assert kubeconfig != kube.kubeconfig and Path(kubeconfig).exists()
-        nodes = subprocess.run([kube.kubectl_path, f"--kubeconfig={kubeconfig}", "get", "nodes", "-o", "json"],
-                               capture_output=True, text=True, timeout=30, check=True)
-        node = json.loads(nodes.stdout)["items"][0]
-        assert node["status"]["allocatable"]["nvidia.com/gpu"] == "8"
+        namespaces = subprocess.run([kube.kubectl_path, f"--kubeconfig={kubeconfig}", "get", "namespaces", "-o",
+                                     "json"], capture_output=True, text=True, timeout=30, check=True)
+        assert "kube-system" in {n["metadata"]["name"] for n in json.loads(namespaces.stdout)["items"]}
+        kube.wait_for(lambda: subprocess.run([kube.kubectl_path, f"--kubeconfig={kubeconfig}", "get", "serviceaccount",
+                                              "default", "-n", "default"], capture_output=True, timeout=30
+                                             ).returncode == 0, 30, 0.3, "the second plane's controllers")
         serve_pid = int((tmp_path / "state" / "pid").read_text())
     finally:
         down = subprocess.run([sys.executable, "-m", "tests.cluster", "down"], cwd=repo, env=env,

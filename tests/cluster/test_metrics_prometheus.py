@@ -31,11 +31,10 @@ from morphml.distributed.journal import Journal
 
 from . import hostdeps
 from .controlplane import free_port
-from .operator_trials import journal_file, repo_on_pythonpath
-from .test_operator_e2e import operator, quick_trials, wait_status  # noqa: F401 (operator: a fixture)
+from .operator_trials import journal_file
+from .test_operator_e2e import quick_trials, wait_status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-repo_on_pythonpath()
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
 MASTER_METRICS_PORT = 9464

@@ -20,11 +20,10 @@ import time
 
 import pytest
 
-from .operator_trials import finished_once, journal_file, next_lease, read_journal, repo_on_pythonpath
-from .test_operator_e2e import operator, quick_trials, wait_status  # noqa: F401 (operator: a fixture)
+from .operator_trials import finished_once, journal_file, next_lease, read_journal
+from .test_operator_e2e import quick_trials, wait_status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-repo_on_pythonpath()
 
 SEED = int(os.environ.get("MORPHML_CHAOS_SEED", "6"))
 TRIAL_SECONDS = 4

@@ -1,9 +1,12 @@
-"""The operator end to end: `helm install` of the real chart, the real kopf operator as a pod of
-the process node, real master and worker processes training on digits (issue 5, acceptance 1-4, 7).
+"""The operator end to end on the real node: `helm install` of the real chart, the kopf operator,
+the masters and the workers as containers from the images the suite builds (issue 5, acceptance
+1-4, 7; issue 14 item 4).
 
-One operator serves the whole module (installed once, uninstalled at the end); each test runs its
-experiments in its own namespace. Imports: pytest, PyYAML, the standard library, morphml_operator,
-tests.cluster.operator_trials.
+One operator (conftest's `operator` fixture) serves the whole module (installed once, uninstalled
+at the end); each test runs its experiments in its own namespace. Experiments that train digits
+for real run the `morphml-worker` image (`worker_image`); the others run `sleep_epochs` trials of a
+known length in the test image (`quick_trials`). Imports: pytest, PyYAML, the standard library,
+morphml_operator, tests.cluster.operator_trials.
 """
 
 from __future__ import annotations
@@ -15,11 +18,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .operator_trials import EVALUATOR, finished_once, journal_file, next_lease, read_journal, repo_on_pythonpath
+from .operator_trials import (
+    EVALUATOR,
+    WORKER_RESOURCES,
+    finished_once,
+    image,
+    journal_file,
+    next_lease,
+    read_journal,
+)
 
 pytestmark = pytest.mark.cluster
-# Before the node agent starts (after collection): its pods' processes import tests.cluster.operator_trials.
-repo_on_pythonpath()
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "morphml"
@@ -28,35 +37,23 @@ OWNED_KINDS = ("pods,deployments,replicasets,services,secrets,configmaps,persist
                "networkpolicies")
 
 
-def digits(name: str = "digits", **changes) -> dict:
-    """examples/digits.yaml with `changes` merged into its spec (one level deep)."""
+#: Workers that train digits with torch: the test's small requests, room for torch's memory.
+TRAINING_RESOURCES = {"requests": dict(WORKER_RESOURCES["requests"]), "limits": {"memory": "3Gi"}}
+
+
+def digits(name: str = "digits", worker_image: str | None = None, **changes) -> dict:
+    """examples/digits.yaml with `changes` merged into its spec (one level deep); its workers run
+    `worker_image` (default: the worker image, so the test must request `worker_image`)."""
     manifest = yaml.safe_load(DIGITS.read_text())
     manifest["metadata"]["name"] = name
+    manifest["spec"].setdefault("workers", {}).update(
+        {"image": worker_image or image("worker"), "resources": TRAINING_RESOURCES})
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(manifest["spec"].get(key), dict):
             manifest["spec"][key].update(value)
         else:
             manifest["spec"][key] = value
     return manifest
-
-
-@pytest.fixture(scope="module")
-def operator(kube):
-    """The chart installed in its own namespace; yields (namespace, pod name)."""
-    namespace = f"morphml-system-{os.urandom(2).hex()}"
-    kube.kubectl("create", "namespace", namespace)
-    kube.wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", namespace,
-                                       check=False).returncode == 0,
-                  30, 0.1, "the default ServiceAccount")
-    try:
-        kube.helm("install", "morphml", str(CHART), "--namespace", namespace,
-                  "--set", "operator.statusIntervalSeconds=2", "--set", "operator.postingLevel=WARNING",
-                  "--wait", "--timeout", "120s", timeout=180)
-        pods = kube.wait_pods_ready(namespace, "app.kubernetes.io/component=operator", 1, timeout=60)
-        yield namespace, pods[0]["metadata"]["name"]
-    finally:
-        kube.helm("uninstall", "morphml", "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
-        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def operator_log(kube, operator) -> str:
@@ -85,12 +82,12 @@ def owned_objects(kube, namespace: str, name: str) -> list[str]:
 
 
 @pytest.mark.timeout(240)
-def test_helm_install_runs_the_operator_as_a_ready_pod_of_the_process_node(kube, operator):
+def test_helm_install_runs_the_operator_as_a_ready_pod_of_the_node(kube, operator):
     namespace, pod_name = operator
     pod = kube.kubectl_json("get", "pod", pod_name, "-n", namespace)
     assert kube.pod_ready(pod)
-    if kube.process_node:
-        assert pod["spec"]["nodeName"] == kube.node_name
+    if kube.node is not None:
+        assert pod["spec"]["nodeName"] == kube.node.name
     container = pod["spec"]["containers"][0]
     assert container["command"] == ["kopf"] and "--module=morphml_operator.handlers" in container["args"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -98,7 +95,7 @@ def test_helm_install_runs_the_operator_as_a_ready_pod_of_the_process_node(kube,
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_digits_goes_pending_running_succeeded_and_frees_its_workers(kube, operator, kube_namespace):
+def test_digits_goes_pending_running_succeeded_and_frees_its_workers(kube, operator, worker_image, kube_namespace):
     ns = kube_namespace
     manifest = digits(optimizer={"populationSize": 4, "generations": 2, "elitism": 1, "tournamentSize": 2},
                       budget={"maxTrials": 6, "maxFailedTrials": 2}, evaluation={"epochs": 6})
@@ -150,9 +147,9 @@ def test_digits_goes_pending_running_succeeded_and_frees_its_workers(kube, opera
 def test_scale_to_three_workers_registers_three_and_delete_removes_everything(kube, operator, kube_namespace):
     ns = kube_namespace
     # A budget it will not reach while the test looks; one short epoch per trial.
-    manifest = digits(name="scaled", budget={"maxTrials": 500, "maxFailedTrials": 50},
-                      optimizer={"populationSize": 20, "generations": 100, "elitism": 1, "tournamentSize": 2},
-                      evaluation={"epochs": 1}, workers={"replicas": 1})
+    manifest = quick_trials("scaled", 2, budget={"maxTrials": 500, "maxFailedTrials": 50},
+                            optimizer={"populationSize": 20, "generations": 100, "elitism": 1, "tournamentSize": 2},
+                            workers={"replicas": 1})
     kube.apply(manifest, ns)
     wait_status(kube, operator, ns, "scaled", lambda s: s.get("phase") == "Running", 180, "the search to run")
 
@@ -176,8 +173,8 @@ def test_scale_to_three_workers_registers_three_and_delete_removes_everything(ku
 @pytest.mark.timeout(300)
 def test_gpu_experiment_worker_requests_a_gpu_and_is_scheduled(kube, operator, kube_namespace):
     ns = kube_namespace
-    manifest = digits(name="gpu", workers={"replicas": 1, "gpusPerWorker": 1},
-                      budget={"maxTrials": 500, "maxFailedTrials": 50})
+    manifest = quick_trials("gpu", 2, workers={"replicas": 1, "gpusPerWorker": 1},
+                            budget={"maxTrials": 500, "maxFailedTrials": 50})
     kube.apply(manifest, ns)
     selector = "morphml.io/experiment=gpu,app.kubernetes.io/component=worker"
 
@@ -191,8 +188,8 @@ def test_gpu_experiment_worker_requests_a_gpu_and_is_scheduled(kube, operator, k
         raise AssertionError(f"{error}\n--- operator log ---\n{operator_log(kube, operator)}") from None
     resources = pod["spec"]["containers"][0]["resources"]
     assert str(resources["requests"]["nvidia.com/gpu"]) == "1" and str(resources["limits"]["nvidia.com/gpu"]) == "1"
-    if kube.process_node:
-        assert pod["spec"]["nodeName"] == kube.node_name
+    if kube.node is not None:
+        assert pod["spec"]["nodeName"] == kube.node.name
     assert pod["spec"]["containers"][0]["args"][-4:-2] == ["--gpus", "1"]
     kube.kubectl("delete", "nasexperiment", "gpu", "-n", ns, "--wait=true", timeout=120)
 
@@ -209,9 +206,9 @@ def count_owned(kube, namespace: str, name: str) -> dict[str, int]:
 @pytest.mark.timeout(480)
 def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers(kube, operator, kube_namespace):
     ns = kube_namespace
-    manifest = digits(name="longrun", budget={"maxTrials": 500, "maxFailedTrials": 50},
-                      optimizer={"populationSize": 20, "generations": 100, "elitism": 1, "tournamentSize": 2},
-                      evaluation={"epochs": 1}, workers={"replicas": 2})
+    manifest = quick_trials("longrun", 2, budget={"maxTrials": 500, "maxFailedTrials": 50},
+                            optimizer={"populationSize": 20, "generations": 100, "elitism": 1, "tournamentSize": 2},
+                            workers={"replicas": 2})
     kube.apply(manifest, ns)
     wait_status(kube, operator, ns, "longrun", lambda s: (s.get("trials") or {}).get("done", 0) >= 1, 240,
                 "a first finished trial")
@@ -282,9 +279,8 @@ def test_operator_restart_duplicates_nothing_and_suspend_resume_move_the_workers
 @pytest.mark.timeout(480)
 def test_raising_the_budget_of_a_running_search_extends_it(kube, operator, kube_namespace):
     ns = kube_namespace
-    manifest = digits(name="extended", budget={"maxTrials": 8, "maxFailedTrials": 4},
-                      optimizer={"populationSize": 4, "generations": 10, "elitism": 1, "tournamentSize": 2},
-                      evaluation={"epochs": 3})
+    manifest = quick_trials("extended", 3, budget={"maxTrials": 8, "maxFailedTrials": 4},
+                            optimizer={"populationSize": 4, "generations": 10, "elitism": 1, "tournamentSize": 2})
     kube.apply(manifest, ns)
     wait_status(kube, operator, ns, "extended", lambda s: s.get("phase") == "Running", 240, "Running")
     kube.kubectl("patch", "nasexperiment", "extended", "-n", ns, "--type=merge",
@@ -316,10 +312,14 @@ def master_status_reader(kube, ns: str, name: str):
     return read
 
 
-def quick_trials(name: str, seconds: int, **changes) -> dict:
-    """digits.yaml with the `sleep_epochs` evaluator: each trial takes `seconds` s, no torch."""
-    manifest = digits(name, **changes)
-    manifest["spec"]["evaluation"].update({"epochs": seconds, "evaluator": EVALUATOR})
+def quick_trials(name: str, seconds: int, evaluator: str = EVALUATOR, **changes) -> dict:
+    """digits.yaml with the `sleep_epochs` evaluator (or `evaluator`) in the test image: each trial
+    takes `seconds` s, no torch. `workers.resources` in `changes` replaces the small default."""
+    workers = dict(changes.pop("workers", {}))
+    workers = {"resources": WORKER_RESOURCES, **workers}
+    manifest = digits(name, worker_image=image("testworker"), **changes)
+    manifest["spec"]["workers"].update(workers)
+    manifest["spec"]["evaluation"].update({"epochs": seconds, "evaluator": evaluator})
     return manifest
 
 
@@ -483,21 +483,18 @@ def test_result_for_a_lease_held_by_another_worker_is_refused_even_with_the_toke
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_worker_pod_unready_past_the_threshold_is_reported_gone(kube, operator, kube_namespace, tmp_path):
+def test_worker_pod_unready_past_the_threshold_is_reported_gone(kube, operator, kube_namespace):
     """The unready path (issue 6): a worker that is alive, heartbeating and connected, but whose pod
     turned unready, loses its trials to the pod path after the operator's worker_unready_seconds (5).
 
-    The pod is a real `morphml worker` with an exec readiness probe on a file the test removes: the
-    process stays healthy, so neither the stream nor the heartbeats can be what fires.
+    The pod is a real `morphml worker` container (the test image) with an exec readiness probe on a
+    file in its /tmp that the test removes (`kubectl exec`): the process stays healthy, so neither
+    the stream nor the heartbeats can be what fires.
     """
-    if not kube.process_node:
-        pytest.skip("the readiness file lives on the process node's host")
     ns = kube_namespace
     kube.apply(quick_trials("flaky", 30, workers={"replicas": 1}, optimizer={"algorithm": "random", "seed": 5},
                             budget={"maxTrials": 50, "maxFailedTrials": 5}), ns)
     wait_status(kube, operator, ns, "flaky", lambda s: s.get("phase") == "Running", 180, "Running")
-    ready_file = tmp_path / "ready"
-    ready_file.write_text("yes\n")
     worker = {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "flaky-extra-worker",
@@ -505,12 +502,14 @@ def test_worker_pod_unready_past_the_threshold_is_reported_gone(kube, operator, 
         "spec": {
             "automountServiceAccountToken": False, "restartPolicy": "Always", "terminationGracePeriodSeconds": 5,
             "containers": [{
-                "name": "worker", "image": "morphml-worker:0.1.0",
-                "command": ["morphml"],
+                "name": "worker", "image": image("testworker"), "imagePullPolicy": "Never",
+                "command": ["sh", "-c", 'touch /tmp/ready && exec morphml "$@"', "sh"],
                 "args": ["worker", "--master", "flaky-master:50051", "--token-file", "/etc/morphml/token/token",
                          "--gpus", "0"],
-                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-                "readinessProbe": {"exec": {"command": ["test", "-f", str(ready_file)]},
+                "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "HOME", "value": "/tmp"}],
+                "resources": WORKER_RESOURCES,
+                "readinessProbe": {"exec": {"command": ["test", "-f", "/tmp/ready"]},
                                    "periodSeconds": 1, "failureThreshold": 1},
                 "volumeMounts": [{"name": "token", "mountPath": "/etc/morphml/token", "readOnly": True}],
             }],
@@ -526,7 +525,7 @@ def test_worker_pod_unready_past_the_threshold_is_reported_gone(kube, operator, 
         return mine[0]["running"][0] if mine and kube.pod_ready(pod) else None
 
     lease = kube.wait_for(extra_worker_busy, 120, 0.3, "the extra worker Ready and running a trial")
-    ready_file.unlink()
+    kube.kubectl("exec", "flaky-extra-worker", "-n", ns, "--", "rm", "/tmp/ready")
     unready_at = time.time()
 
     def loss():

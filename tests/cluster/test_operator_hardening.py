@@ -4,13 +4,16 @@
   WorkerLost Events and status.workersLost == 150 (acceptance 2). The losses are real: worker sessions opened from this
   process with real gRPC and the experiment's token, broken on purpose (the master detects each by
   the stream and journals it with its number).
-- WorkerGone to a master that is frozen (SIGSTOP) while a worker pod is deleted: the operator
+- WorkerGone to a master that is frozen (SIGSTOP of its container's process, a process of this
+  host) while a worker pod is deleted: the operator
   retries until the master answers, and the pod path still re-leases the trial (acceptance 3).
 - Spec changes: an immutable field is refused by the API server with a message naming it;
   faultTolerance and master.resources reach a restarted master; workers.resources reach the
   worker Deployment (docs/kubernetes.md, "Which spec fields apply live").
 
-One operator (the chart, from the e2e module's fixture) serves the module. Imports: pytest,
+The fake workers reach the master pod's IP from the test process (the host is on the node's pod
+bridge; kube-router's policy admits the node's own traffic). One operator (conftest's fixture)
+serves the module. Imports: pytest,
 PyYAML, the standard library, the e2e module's fixture and helpers, tests.cluster.operator_trials.
 """
 
@@ -26,11 +29,10 @@ import time
 import pytest
 import yaml
 
-from .operator_trials import FakeWorkerSession, lose_fake_workers, process_pid, repo_on_pythonpath
-from .test_operator_e2e import experiment, operator, operator_log, quick_trials, wait_status  # noqa: F401
+from .operator_trials import FakeWorkerSession, image, lose_fake_workers, process_pid
+from .test_operator_e2e import experiment, operator_log, quick_trials, wait_status
 
 pytestmark = pytest.mark.cluster
-repo_on_pythonpath()
 
 # Worker pods that never schedule: the Deployment wants them (so no loss reads as a scale-down and
 # every one is a Warning), but every worker session is this test's own.
@@ -115,8 +117,6 @@ def test_150_worker_losses_across_master_and_operator_restarts_are_150_worker_lo
 @pytest.mark.timeout(300)
 def test_worker_gone_is_retried_until_a_frozen_master_answers_and_the_trial_is_re_leased(kube, operator,
                                                                                         kube_namespace):
-    if not kube.process_node:
-        pytest.skip("freezing the master needs its process on this host (the process node)")
     ns, name = kube_namespace, "frozen"
     kube.apply(quick_trials(name, 30, workers={"replicas": 1, "nodeSelector": NOWHERE},
                             optimizer={"algorithm": "random", "seed": 2},
@@ -131,7 +131,7 @@ def test_worker_gone_is_retried_until_a_frozen_master_answers_and_the_trial_is_r
                 "metadata": {"name": pod_name, "labels": {"morphml.io/experiment": name,
                                                           "app.kubernetes.io/component": "worker"}},
                 "spec": {"terminationGracePeriodSeconds": 1, "automountServiceAccountToken": False,
-                         "containers": [{"name": "worker", "image": "morphml-worker:0.1.0",
+                         "containers": [{"name": "worker", "image": image("testworker"), "imagePullPolicy": "Never",
                                          "command": ["sleep"], "args": ["600"]}]}}, ns)
     kube.wait_for(lambda: kube.pod_ready(kube.kubectl_json("get", "pod", pod_name, "-n", ns)), 60, 0.3,
                   f"{pod_name} Ready")

@@ -1,16 +1,17 @@
 """Fail-stop on the cluster tier (issue 10, acceptance 1): the master pod's journal fills up mid-run.
 
-The process node backs the experiment's journal claim with a host directory,
-``<node state dir>/volumes/<namespace>/<claim>-<uid>`` (``NodeAgent.claim_dir``). Before the
-experiment exists, the test mounts a small tmpfs over ``<node state dir>/volumes/<namespace>``, so
-the claim's directory, and the master's ``journal.db``, are created on it. Once a few trials are
+The suite's volume binder (``tests.cluster.provisioner.HostPathBinder``) backs the experiment's
+journal claim with a host directory, ``<binder root>/<namespace>/<claim>-<uid>``, mounted into the
+master container as a hostPath volume. Before the experiment exists, the test mounts a small tmpfs
+over ``<binder root>/<namespace>``, so the claim's directory, and the master's ``journal.db``, are
+created on it. Once a few trials are
 journaled the test fills the tmpfs: SQLite's next commit fails with SQLITE_FULL (no hook in the
 product). The master must exit non-zero (status 3, naming the journal and the error) and the
 pod restart in place (restartPolicy Always: restartCount grows; a master that starts while the
 disk is still full exits the same way). Then the test frees the space: the next master resumes
 from the journal and the experiment reaches Succeeded with every trial counted exactly once.
 
-Needs root (mount) and the process node (the journal's volume must be a directory on this host).
+Needs root (mount) and the suite's own node (the journal's volume must be a directory on this host).
 Imports: pytest, the standard library, morphml's Journal, the e2e module's operator fixture and
 helpers, tests.cluster.operator_trials.
 """
@@ -28,11 +29,10 @@ import pytest
 from morphml.distributed.journal import Journal, JournalError
 from tests.disk import fill
 
-from .operator_trials import finished_once, journal_file, read_journal, repo_on_pythonpath
-from .test_operator_e2e import operator, quick_trials, wait_status  # noqa: F401 (operator: a fixture)
+from .operator_trials import finished_once, journal_file, read_journal
+from .test_operator_e2e import quick_trials, wait_status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-repo_on_pythonpath()
 
 NAME = "fullpvc"
 BUDGET = 16
@@ -68,11 +68,10 @@ def master_status(pod: dict | None) -> dict:
 
 @pytest.mark.timeout(600)
 def test_a_full_journal_volume_restarts_the_master_pod_and_the_experiment_completes_counting_each_trial_once(
-        kube, operator, kube_namespace):
-    if not kube.process_node:
-        pytest.skip("fills the journal's volume, which must be a directory on this host (the process node)")
-    ns = kube_namespace
-    volumes = Path(kube.cluster.node_state_dir) / "volumes" / ns
+        real_kube, operator, real_namespace):
+    kube, ns = real_kube, real_namespace
+    assert kube.binder is not None, "the suite's volume binder is not running"
+    volumes = kube.binder.root / ns
     volumes.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(volumes)],
                              capture_output=True, text=True)
@@ -94,8 +93,7 @@ def test_a_full_journal_volume_restarts_the_master_pod_and_the_experiment_comple
                                   and s, 120, 0.2, "the master to exit on the full journal and its pod to restart")
         terminated = restarted["lastState"]["terminated"]
         assert terminated["exitCode"] == 3, terminated
-        first_run = kube.pod_log_dir(ns, pod["metadata"]["name"], uid) / f"{container}.0.log"
-        log = first_run.read_text(errors="replace")
+        log = kube.pod_log(ns, pod["metadata"]["name"], container, previous=True)
         assert FAILED_COMMIT.search(log), log[-3000:]
         halted_at = read_journal(journal)
         done_at_halt = sum(1 for t in halted_at["tasks"] if t["state"] == "succeeded")

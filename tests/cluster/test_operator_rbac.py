@@ -96,9 +96,10 @@ def can_i(kube, verb: str, resource: str, account: str, namespace: str) -> bool:
 
 
 @pytest.mark.timeout(240)
-def test_operator_can_do_exactly_what_its_handlers_use(kube, kube_namespace):
+def test_operator_can_do_exactly_what_its_handlers_use(kube, kube_namespace, morphml_images):
     ns = kube_namespace
     kube.helm("install", "rbac-check", str(CHART), "--namespace", ns,
+              "--set", f"image.tag={morphml_images['master'].tag}", "--set", "image.pullPolicy=Never",
               "--set", f"operator.watchNamespaces={{{ns}}}", "--set", "operator.statusIntervalSeconds=30",
               timeout=120)
     try:

@@ -5,29 +5,26 @@ this run, a short digits experiment whose master and workers run as containers f
 journal.
 
 The images come from ``tests.cluster.images`` (built if the tree changed, then imported into the
-node's containerd: the worker archive, ~3 GB with torch, takes minutes), once per module. The
-journal claim is bound to a hostPath PersistentVolume this module creates, pre-bound to the claim
-(``claimRef``): the process node made one such volume per claim; the real node has no provisioner.
+node's containerd: the worker archive, ~3 GB with torch, takes minutes), once per session
+(conftest's ``morphml_images``, ``worker_image``; the chart from its ``operator`` fixture). The
+journal claim is bound by the suite's hostPath volume binder (``tests.cluster.provisioner``): the
+node has no provisioner.
 
 Imports: pytest, PyYAML, the standard library, this package's modules.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.cluster import images
-from tests.cluster.kube import Kube
-from tests.cluster.operator_trials import finished_once, journal_file, read_journal
+from . import images
+from .kube import Kube
+from .operator_trials import finished_once, image, journal_file, read_journal
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 
@@ -48,71 +45,17 @@ def digits(name: str, trials: int, epochs: int = 1) -> dict[str, Any]:
     spec["optimizer"].update({"populationSize": trials, "generations": 1, "elitism": 1, "tournamentSize": 2})
     spec["evaluation"]["epochs"] = epochs
     spec["budget"] = {"maxTrials": trials, "maxFailedTrials": 2}
-    spec["workers"] = {"replicas": 2, "gpusPerWorker": 0, "resources": WORKER_RESOURCES}
+    # The worker image by name: the chart's default tag is computed from the tree when the chart is
+    # installed, and the tree may change (other work in progress) before the image is built.
+    spec["workers"] = {"replicas": 2, "gpusPerWorker": 0, "resources": WORKER_RESOURCES, "image": image("worker")}
     return manifest
 
 
 @pytest.fixture(scope="module")
-def built_images(real_kube: Kube) -> dict[str, images.BuiltImage]:
-    """Both images, built (or cached) for this tree and imported into the node's containerd."""
-    t0 = time.monotonic()
-    built = images.ensure_images()
-    t1 = time.monotonic()
-    for image in built.values():
-        real_kube.node.import_image(image.archive)  # type: ignore[attr-defined]
-    print(f"\nmorphml: images ready in {t1 - t0:.1f} s, imported in {time.monotonic() - t1:.1f} s "
-          f"({', '.join(i.ref for i in built.values())})", flush=True)
-    return built
-
-
-@pytest.fixture(scope="module")
-def real_operator(real_kube: Kube, built_images: dict[str, images.BuiltImage]) -> Iterator[tuple[str, str]]:
-    """The chart installed with the built images' tags; yields (namespace, operator pod name)."""
-    kube = real_kube
-    namespace = f"morphml-system-{os.urandom(2).hex()}"
-    kube.kubectl("create", "namespace", namespace)
-    kube.wait_for(lambda: kube.kubectl("get", "serviceaccount", "default", "-n", namespace,
-                                       check=False).returncode == 0, 30, 0.1, "the default ServiceAccount")
-    try:
-        t0 = time.monotonic()
-        # pullPolicy Never: the images are in the node's containerd or the pods fail at once
-        # (nothing is pulled from anywhere).
-        kube.helm("install", "morphml", str(CHART), "--namespace", namespace,
-                  "--set", f"image.tag={built_images['master'].tag}",
-                  "--set", f"workerImage.tag={built_images['worker'].tag}",
-                  "--set", "image.pullPolicy=Never", "--set", "operator.statusIntervalSeconds=2",
-                  "--wait", "--timeout", "180s", timeout=240)
-        pods = kube.wait_pods_ready(namespace, "app.kubernetes.io/component=operator", 1, timeout=60)
-        print(f"\nmorphml: helm install to a Ready operator pod in {time.monotonic() - t0:.1f} s", flush=True)
-        yield namespace, pods[0]["metadata"]["name"]
-    finally:
-        kube.helm("uninstall", "morphml", "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
-        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-
-
-@pytest.fixture
-def journal_volume(real_kube: Kube) -> Iterator[Any]:
-    """``bind(namespace, experiment) -> Path``: a hostPath PersistentVolume pre-bound to the
-    experiment's journal claim, on a directory the master (UID 1000) can write; removed afterwards."""
-    made: list[tuple[str, Path]] = []
-
-    def bind(namespace: str, experiment: str) -> Path:
-        directory = Path(tempfile.mkdtemp(prefix="morphml-journal-"))
-        os.chown(directory, 1000, 1000)  # hostPath ignores fsGroup: the master runs as 1000
-        name = f"journal-{namespace}"[:63]
-        made.append((name, directory))
-        real_kube.apply({
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
-            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-                     "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                     "claimRef": {"namespace": namespace, "name": f"{experiment}-journal"},
-                     "hostPath": {"path": str(directory), "type": "Directory"}}})
-        return directory
-
-    yield bind
-    for name, directory in made:
-        real_kube.kubectl("delete", "pv", name, "--wait=false", check=False)
-        shutil.rmtree(directory, ignore_errors=True)
+def built_images(morphml_images: dict[str, images.BuiltImage],
+                 worker_image: images.BuiltImage) -> dict[str, images.BuiltImage]:
+    """Both images from the Dockerfiles, built (or cached) for this tree, in the node's containerd."""
+    return {"master": morphml_images["master"], "worker": worker_image}
 
 
 def _status(kube: Kube, ns: str, name: str) -> dict[str, Any]:
@@ -150,12 +93,11 @@ def _exec(kube: Kube, ns: str, pod: str, *args: str) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_digits_succeeds_with_operator_master_and_workers_running_from_the_built_images(
-        real_kube: Kube, real_operator: tuple[str, str], built_images: dict[str, images.BuiltImage],
-        real_namespace: str, journal_volume: Any) -> None:
+        real_kube: Kube, operator: tuple[str, str], built_images: dict[str, images.BuiltImage],
+        real_namespace: str) -> None:
     kube, ns = real_kube, real_namespace
-    op_ns, op_pod = real_operator
+    op_ns, op_pod = operator
     trials = 4
-    journal_volume(ns, "digits")
     t0 = time.monotonic()
     kube.apply(digits("digits", trials), ns)
     timings: dict[str, float] = {}
@@ -199,9 +141,8 @@ def test_digits_succeeds_with_operator_master_and_workers_running_from_the_built
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_experiments_network_policy_blocks_other_pods_from_the_master_port(
-        real_kube: Kube, real_operator: tuple[str, str], real_namespace: str, journal_volume: Any) -> None:
+        real_kube: Kube, operator: tuple[str, str], real_namespace: str) -> None:
     kube, ns = real_kube, real_namespace
-    journal_volume(ns, "guarded")
     # A budget it will not reach while the test looks.
     kube.apply(digits("guarded", 200), ns)
     testbox = kube.node.images["testbox"]  # type: ignore[attr-defined]
@@ -242,10 +183,9 @@ def test_the_experiments_network_policy_blocks_other_pods_from_the_master_port(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_master_container_killed_by_the_runtime_resumes_from_its_journal(
-        real_kube: Kube, real_operator: tuple[str, str], real_namespace: str, journal_volume: Any) -> None:
+        real_kube: Kube, operator: tuple[str, str], real_namespace: str) -> None:
     kube, ns = real_kube, real_namespace
     trials = 12
-    journal_volume(ns, "killed")
     kube.apply(digits("killed", trials), ns)
     selector = "morphml.io/experiment=killed,app.kubernetes.io/component=master"
     kube.wait_for(lambda: (_status(kube, ns, "killed").get("trials") or {}).get("done", 0) >= 2, 600, 0.5,

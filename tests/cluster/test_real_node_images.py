@@ -2,8 +2,8 @@
 on the real node: from the archive imported into the node's containerd, as UID 1000, with a
 read-only root filesystem that the runtime really enforces (a write outside /tmp fails).
 
-The first test builds the image if the tree changed (``images.ensure_image``, a few minutes), so it
-carries that in its timeout, like tests/cluster/test_images.py.
+The image is built (if the tree changed) and imported before the first test, by conftest's
+``morphml_images``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import images
-from tests.cluster.kube import Kube
+from . import images
+from .kube import Kube
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 
@@ -33,10 +33,8 @@ print("morphml from", os.path.dirname(morphml.__file__))
 
 
 @pytest.fixture(scope="module")
-def master_in_node(real_kube: Kube) -> str:
-    image = images.ensure_image("master")
-    real_kube.node.import_image(image.archive)  # type: ignore[attr-defined]
-    return image.ref
+def master_in_node(real_kube: Kube, morphml_images: dict[str, images.BuiltImage]) -> str:
+    return morphml_images["master"].ref
 
 
 def _end(kube: Kube, ns: str, name: str, timeout: float = 120) -> tuple[str, str]:
@@ -61,7 +59,7 @@ def _pod(name: str, ns: str, ref: str, container: dict[str, Any], read_only: boo
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(300)
 def test_the_master_image_runs_as_uid_1000_on_a_read_only_root(real_kube: Kube, real_namespace: str,
                                                                  master_in_node: str) -> None:
     ns = real_namespace

@@ -2,8 +2,9 @@
 probe, and the operator reports it gone (issue 10, item 4).
 
 The worker Deployment is the operator's own (readiness probe: grpc.health.v1 `morphml.Worker`
-every 5 s, 2 failures), run by the process node, whose probes make the same Check call as the
-kubelet. The runner is wedged by SIGSTOP on that child process only: the worker keeps its
+every 5 s, 2 failures), probed by the real kubelet; the worker is a container of the test image.
+The runner is wedged by SIGSTOP on that child process only (a process of this host in the
+container's namespaces, found through /proc): the worker keeps its
 stream and its heartbeats, so neither of the master's own paths can fire; only the worker's
 liveness check (NOT_SERVING after 3 x heartbeatIntervalSeconds = 30 s) and, through the probe,
 the operator's unready path can. Imports: pytest, the standard library, this package's helpers.
@@ -18,18 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from .operator_trials import repo_on_pythonpath
-from .test_operator_e2e import master_status_reader, operator, quick_trials, wait_status  # noqa: F401 (a fixture)
+from .test_operator_e2e import master_status_reader, quick_trials, wait_status
 
 pytestmark = pytest.mark.cluster
-repo_on_pythonpath()
 
 STUCK_AFTER = 30.0  # liveness_bounds(10 s): 3 heartbeat intervals
 REPLACE_AFTER = 60.0  # the worker's own replacement comes after the operator's report
 
 
 def runner_pids(pod_name: str) -> list[int]:
-    """Trial runner processes of a pod of the process node (they inherit the pod's POD_NAME)."""
+    """Trial runner processes of a pod's container, as host pids (they inherit the pod's POD_NAME)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -54,8 +53,6 @@ def ready(pod: dict) -> bool | None:
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_worker_pod_with_a_wedged_runner_turns_unready_and_is_reported_gone(kube, operator, kube_namespace):
-    if not kube.process_node:
-        pytest.skip("the runner to stop is a process of the process node's host")
     ns = kube_namespace
     # Trials of 150 s: the wedged one is still mid-trial when it is reported.
     kube.apply(quick_trials("wedged", 150, workers={"replicas": 2}, optimizer={"algorithm": "random", "seed": 3},
