@@ -29,7 +29,7 @@ def _journal(path, trials: list[tuple[str, TaskState, float]], best: str | None)
                             finished_at=float(seq))
                 journal.save_task(task, seq)
             if best is not None:
-                journal.set_meta("best", {"trial_id": best, "metric": dict((t, v) for t, _, v in trials)[best]})
+                journal.set_meta("best", {"trial_id": best, "metric": {t: v for t, _, v in trials}[best]})
     finally:
         journal.close()
 

@@ -6,8 +6,9 @@
   separate (plain digits saturates near 0.98-0.99 for most architectures): each 8x8 image is
   upscaled to 16x16 (shape [1, 16, 16], 10 classes) through a random affine map (rotation up to
   +-20 degrees, scale 0.85-1.1 of a 12x12 digit, shift up to +-2 pixels; bilinear), then Gaussian
-  noise (sigma 0.25) is added (a linear model gets ~0.35 where it gets ~0.96 on digits). The split is digits' own (stratified 80/20, seed 0, by original image, so no image
-  has variants on both sides); every original image gives DIGITS_HARD_COPIES variants (train
+  noise (sigma 0.25) is added (a linear model gets ~0.35 where it gets ~0.96 on digits). The
+  split is digits' own (stratified 80/20, seed 0, by original image, so no image has variants on
+  both sides); every original image gives DIGITS_HARD_COPIES variants (train
   and validation alike). Deterministic given `seed` (default 0): the same seed, the same arrays
   (`seed` is for the Python API; the CRD has no such field, so a manifest gets seed 0).
 - synthetic: {shape, classes, size, seed}; each class has a fixed random pattern and samples are
