@@ -42,8 +42,9 @@ Cache: ``~/.cache/morphml-images`` (override with ``MORPHML_IMAGES_CACHE``):
 - ``storage/root``, ``storage/run``: buildah's private storage (``--root``/``--runroot``), so nothing
   goes to ``/var/lib/containers/storage``; ``tmp/``: buildah's ``TMPDIR`` (layer temp files);
 - ``archives/<repository>-<tag>.oci.tar`` and ``archives/<repository>-<tag>.json`` (the record:
-  ref, key, size, build time). An image is a cache hit when both exist for its key; records not
-  used for a day are deleted by the next build, with their archive and buildah image;
+  ref, key, size, build time). An image is a cache hit when both exist for its key; the next build
+  deletes records not used for a day and, per repository, all but the three most recently used
+  (``prunable``), with their archive and buildah image, and any working container a killed build left;
 - ``logs/<what>.log``: the last mmdebstrap / build / push output of each.
 
 The key of an image covers its Dockerfile, ``pyproject.toml``, ``README.md``, every file under
@@ -82,6 +83,7 @@ import tempfile
 import time
 import tomllib
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -112,6 +114,8 @@ APT_OPTIONS = ("Acquire::Check-Valid-Until", "Acquire::Check-Date", "Acquire::ht
 #: Host pip settings carried into the stand-in's /etc/pip.conf (where the package index is).
 PIP_SETTINGS = ("index-url", "extra-index-url", "trusted-host", "timeout", "default-timeout")
 STALE_SECONDS = 24 * 3600
+#: Cache records kept per image repository besides the ones in use (each tree that was tested builds one).
+KEEP_PER_REPOSITORY = 3
 BUILD_TIMEOUT = 3600
 
 
@@ -478,12 +482,36 @@ def _read_record(path: Path) -> dict[str, object] | None:
     return record if isinstance(record, dict) else None
 
 
-def _prune(cache: Path, keep: set[Path], log: Log) -> None:
-    """Delete cache records (with their archive and buildah image) not used for STALE_SECONDS."""
-    now = time.time()
-    for record_path in (cache / "archives").glob("*.json"):
-        if record_path in keep or now - record_path.stat().st_mtime < STALE_SECONDS:
+def prunable(records: Iterable[tuple[Path, float, str]], keep: set[Path], now: float,
+             per_repository: int = KEEP_PER_REPOSITORY, stale_seconds: float = STALE_SECONDS) -> list[Path]:
+    """Which of ``records`` (path, last used, repository) to delete: every one unused for ``stale_seconds``,
+    and in each repository all but the ``per_repository`` most recently used (a day of edits builds an
+    image per tree: 1-6 GB each, the disk fills well before any is a day old). ``keep`` is never deleted."""
+    records = list(records)
+    doomed: list[Path] = []
+    by_repository: dict[str, list[tuple[float, Path]]] = {}
+    kept = Counter(repository for path, _, repository in records if path in keep)
+    for path, used, repository in records:
+        if path in keep:
             continue
+        if now - used >= stale_seconds:
+            doomed.append(path)
+        else:
+            by_repository.setdefault(repository, []).append((used, path))
+    for repository, entries in by_repository.items():
+        entries.sort(reverse=True)  # most recently used first
+        doomed.extend(path for _, path in entries[max(0, per_repository - kept[repository]):])
+    return doomed
+
+
+def _prune(cache: Path, keep: set[Path], log: Log) -> None:
+    """Delete the cache records `prunable` picks, with their archive and buildah image, and any working
+    container a killed build left (we hold the cache lock: no build of ours is running)."""
+    records = []
+    for record_path in (cache / "archives").glob("*.json"):
+        record = _read_record(record_path) or {}
+        records.append((record_path, record_path.stat().st_mtime, str(record.get("repository", ""))))
+    for record_path in prunable(records, keep, time.time()):
         record = _read_record(record_path) or {}
         (cache / "archives" / str(record.get("archive", record_path.with_suffix(".oci.tar").name))).unlink(
             missing_ok=True)
@@ -492,6 +520,8 @@ def _prune(cache: Path, keep: set[Path], log: Log) -> None:
                            capture_output=True, timeout=300, check=False)
         record_path.unlink(missing_ok=True)
         log(f"morphml: pruned unused image {record.get('ref', record_path.name)}")
+    subprocess.run(["buildah", *_storage_args(cache), "rm", "--all"], env=_env(cache), capture_output=True,
+                   timeout=300, check=False)
 
 
 def _build(role: str, root: Path, cache: Path, key: str, repository: str, tag: str, ref: str, log: Log
@@ -503,7 +533,8 @@ def _build(role: str, root: Path, cache: Path, key: str, repository: str, tag: s
     started = time.monotonic()
     # The host's CA bundle over the image's: RUN steps reach the package index through the machine's
     # TLS proxy. Mounted, so it never enters a layer. --layers keeps the dependency layer for reuse.
-    _buildah(cache, "bud", "--isolation", "chroot", "--pull=never", "--layers",
+    # --force-rm: a failed step's working container goes too (each holds a GB-sized layer in progress).
+    _buildah(cache, "bud", "--isolation", "chroot", "--pull=never", "--layers", "--force-rm",
              "--volume", f"{CA_BUNDLE}:{CA_BUNDLE}:ro",
              "--label", f"{KEY_LABEL}={key}",
              "-f", str(root / DOCKERFILES[role]), "-t", ref, str(root),

@@ -237,3 +237,22 @@ def test_stand_in_base_uses_the_hosts_debian_bookworm_sources(tmp_path):
     (tmp_path / "sources.list.d" / "debian.sources").unlink()
     with pytest.raises(images.ImageBuildError, match="no Debian bookworm"):
         images.debian_sources(tmp_path)
+
+
+def test_prune_keeps_images_in_use_and_the_three_latest_per_repository_and_drops_day_old_ones():
+    now = 1_000_000.0
+    archives = Path("/cache/archives")
+
+    def record(repository: str, tag: str, age: float) -> tuple[Path, float, str]:
+        return archives / f"{repository}-{tag}.json", now - age, repository
+
+    masters = [record("morphml-master", f"m{i}", age=60.0 * i) for i in range(6)]  # m0 newest
+    workers = [record("morphml-worker", "w0", age=10.0), record("morphml-worker", "old", age=2 * 86400.0)]
+    tests = [record("morphml-testworker", f"t{i}", age=60.0 * i) for i in range(3)]
+    in_use = {masters[5][0]}  # the oldest master is the one this build uses
+
+    doomed = set(images.prunable([*masters, *workers, *tests], in_use, now))
+
+    # In use + the two newest others = three masters left; a day-old worker goes, the newest stays;
+    # three test images are within the limit.
+    assert doomed == {masters[2][0], masters[3][0], masters[4][0], workers[1][0]}
