@@ -14,7 +14,10 @@ The shape, in full:
   back; replicas follow spec and phase), ask the master for GetStatus with the losses after
   status.lastLossSeq, post one Event per new loss (named after its number, before the status that
   remembers it), write the status and the other Events `status.compute_status` chose. Once
-  terminal: workers at 0, master pod deleted.
+  terminal: workers at 0 at once (the GPUs are free); the master pod stays, serving GetStatus and
+  the finished experiment's files (`morphml results`) until the experiment is deleted, and is
+  re-created like any other time when it goes away (a master on a finished journal reports the
+  terminal phase and starts nothing).
 - `worker_pod_event` (worker pods): a worker pod deleted, failed, evicted or unready past
   worker_unready_seconds (`pod_loss.decide`) is reported to the master with WorkerGone at once,
   so its trials are re-leased without waiting for heartbeats; a master that does not answer is
@@ -192,13 +195,15 @@ def ensure_master_network_policy(body: kopf.Body) -> None:
                     networking.create_namespaced_network_policy, networking.read_namespaced_network_policy)
 
 
-def ensure_master_pod(body: kopf.Body) -> tuple[Any, str | None]:
+def ensure_master_pod(body: kopf.Body, restart_for_spec: bool = True) -> tuple[Any, str | None]:
     """The master pod, created when missing (a new one resumes from the journal).
 
     Returns (pod, why): `why` says which spec sections (budget, faultTolerance, master) the running
     master was started without (`builders.master_restart_reason`); the pod is then deleted, so the
     next reconcile starts a master that reads them (and resumes from the journal). Level-triggered, from the pod's own
-    annotation: a change the operator missed while it was down is applied too.
+    annotation: a change the operator missed while it was down is applied too. With
+    `restart_for_spec` False (a finished search: the API server refuses spec changes then, and
+    there is nothing left to apply one to) a master that differs is left serving.
     """
     name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
     core = _core()
@@ -209,6 +214,8 @@ def ensure_master_pod(body: kopf.Body) -> tuple[Any, str | None]:
     if pod.status and pod.status.phase in ("Failed", "Succeeded"):
         # An evicted or otherwise ended master does not restart by itself; a new pod resumes the journal.
         core.delete_namespaced_pod(pod.metadata.name, namespace)
+        return pod, None
+    if not restart_for_spec:
         return pod, None
     annotation = (pod.metadata.annotations or {}).get(builders.MASTER_SPEC_ANNOTATION)
     why = builders.master_restart_reason(annotation, body["spec"])
@@ -225,16 +232,6 @@ def ensure_master_pod(body: kopf.Body) -> tuple[Any, str | None]:
                 return pod, None
             raise
     return pod, why
-
-
-def delete_master_pod(body: kopf.Body, reason: str, logger: Logger) -> None:
-    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-    try:
-        _core().delete_namespaced_pod(builders.master_name(name), namespace)
-        logger.info("deleted the master pod: %s", reason)
-    except ApiException as error:
-        if error.status != 404:
-            raise
 
 
 def ensure_worker_deployment(body: kopf.Body, replicas: int) -> Any:
@@ -263,7 +260,9 @@ def reconcile(body: kopf.Body, phase: str | None) -> dict:
     """Ensure everything the experiment owns; returns what the status needs (token, master pod, deployment).
 
     The ConfigMap is brought up to date before the master pod: a master restarted for a changed
-    spec reads the new manifest.
+    spec reads the new manifest. The master pod is ensured in every phase: after the end it
+    serves the results (`morphml results`) and the status until the experiment is deleted; only
+    the workers go (`builders.desired_worker_replicas` is 0 then).
     """
     ensure_service_account(body)
     token = ensure_token_secret(body)
@@ -271,7 +270,7 @@ def reconcile(body: kopf.Body, phase: str | None) -> dict:
     ensure_journal_pvc(body)
     ensure_master_service(body)
     ensure_master_network_policy(body)
-    master_pod, restart_reason = (None, None) if phase in TERMINAL_PHASES else ensure_master_pod(body)
+    master_pod, restart_reason = ensure_master_pod(body, restart_for_spec=phase not in TERMINAL_PHASES)
     if restart_reason:
         # kopf.event, not kopf.info: a milestone is posted whatever the log posting level.
         kopf.event(body, type="Normal", reason="MasterRestarting",
@@ -348,7 +347,7 @@ def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
                                               losses_after_seq=last_loss)
         except MasterUnreachable as error:
             master_error = str(error)
-    elif old_phase not in TERMINAL_PHASES:
+    else:
         master_error = "the master pod has no IP yet"
     if master_status is not None:
         _check_loss_numbering(master_status, last_loss, logger)
@@ -364,11 +363,13 @@ def poll(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
     # patching first could lose an Event (the operator dies between the two).
     post_keyed_events(body, [event for event in events if event.key])
     if new_status["phase"] in TERMINAL_PHASES and old_phase not in TERMINAL_PHASES:
-        # Free the GPUs now, not on the next tick; the journal PVC and status.best keep the result.
+        # Free the GPUs now, not on the next tick. The master pod stays (a few hundred millicores
+        # and MiB, no GPU): it serves best/ and trials.csv to `morphml results` and the status.
         ensure_worker_deployment(body, 0)
         new_status["workers"]["desired"] = 0
         new_status["workersSummary"] = f"{ready}/0"
-        delete_master_pod(body, f"search {new_status['phase']}", logger)
+        logger.info("search %s: workers scaled to 0; the master keeps serving the results",
+                    new_status["phase"])
     for key, value in new_status.items():
         patch.status[key] = value
     for event in events:

@@ -214,8 +214,10 @@ def fetch_results(name: str, namespace: str, out_dir: Path, kubeconfig: str | No
             pod = core.read_namespaced_pod(pod_name, namespace)
         except ApiException as error:
             if error.status == 404:
-                raise ResultsError(f"{where} has no master pod {pod_name}: the operator deletes it when the "
-                                   f"search ends, and it serves the results only while it runs") from None
+                raise ResultsError(f"{where} has no master pod {pod_name} right now: the operator makes it "
+                                   f"again within a few seconds (it serves the results until the experiment is "
+                                   f"deleted); try again, or see kubectl describe nasexperiment {name} -n "
+                                   f"{namespace}") from None
             raise ResultsError(f"reading pod {pod_name} failed: {error.status} {error.reason}") from None
         if (pod.status.phase if pod.status else None) != "Running":
             raise ResultsError(f"the master pod {pod_name} is not running (phase "

@@ -119,10 +119,14 @@ def test_digits_goes_pending_running_succeeded_and_frees_its_workers(kube, opera
     assert status["startTime"] <= status["completionTime"]
     assert status["observedGeneration"] == experiment(kube, ns, "digits")["metadata"]["generation"]
 
-    # GPUs (here CPUs) are freed: workers at 0, master gone, the journal claim kept.
+    # GPUs (here CPUs) are freed: workers at 0 and their pods gone; the master pod stays (it serves
+    # the results, `morphml results`) and the journal claim is kept.
     kube.wait_for(lambda: kube.kubectl_json("get", "deployment", "digits-worker", "-n", ns)["spec"]["replicas"] == 0,
                   30, 0.5, "workers scaled to 0")
-    kube.wait_for(lambda: not kube.pods(ns, "morphml.io/experiment=digits"), 90, 1.0, "experiment pods to go")
+    kube.wait_for(lambda: not kube.pods(ns, "morphml.io/experiment=digits,app.kubernetes.io/component=worker"),
+                  90, 1.0, "the worker pods to go")
+    masters = kube.pods(ns, "morphml.io/experiment=digits,app.kubernetes.io/component=master")
+    assert [p["metadata"]["name"] for p in masters if kube.pod_ready(p)] == ["digits-master"], masters
     assert kube.kubectl_json("get", "pvc", "digits-journal", "-n", ns)["metadata"]["name"] == "digits-journal"
 
     def printed_table():
