@@ -146,6 +146,29 @@ def test_restart_rebuilds_the_sampler_from_the_journaled_trials_and_continues_th
     assert restarted.num_sampler_trials >= 30
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_nsga2_replay_after_a_restart_keeps_the_parents_chosen_while_a_trial_was_in_flight(seed):
+    """A generation's parents are chosen when its first trial is asked; a trial of the previous
+    generation still in flight then, told later, must not change them after a restart either
+    (the coordinator's replay checks that each replayed ask gives the journaled candidates)."""
+
+    def make() -> NSGA2Search:
+        return NSGA2Search(space(), population_size=4, max_trials=30, seed=seed, objectives=TWO)
+
+    live = make()
+    first = live.ask(5)  # all of generation 0: none is complete yet
+    for candidate in first[:4]:
+        live.tell(candidate.id, score(candidate.graph))
+    live.ask(1)  # generation 1's first trial: its parents come from the 4 complete trials
+    saved = json.loads(live.state_json())  # a journal snapshot here
+    best = {"val_accuracy": 0.999, "params": 1}  # the late trial dominates every parent
+    live.tell(first[4].id, best)
+    restarted = make()
+    restarted.load_state_dict(saved)
+    restarted.tell(first[4].id, best)  # the journaled op after the snapshot
+    assert [c.arch_hash for c in restarted.ask(3)] == [c.arch_hash for c in live.ask(3)]
+
+
 def test_state_from_another_algorithm_is_refused():
     tpe = TPESearch(space(), population_size=4, max_trials=6, seed=1)
     run(tpe)

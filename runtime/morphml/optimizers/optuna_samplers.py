@@ -295,7 +295,25 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         self._optuna_tell(self._trial_of[candidate_id], *self._optuna_result(self._metrics[candidate_id]))
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"trials": self._trials}
+        return {"trials": self._trials, "study_attrs": self._study_attrs()}
+
+    def _study_attr_prefixes(self) -> tuple[str, ...]:
+        """Key prefixes of the study-level state the sampler keeps in the study (NSGA-II: its parents)."""
+        return ()
+
+    def _study_attrs(self) -> dict[str, list[int]]:
+        """The study's system attributes under `_study_attr_prefixes()`, each a list of trial ids,
+        journaled as trial numbers (ids are the storage's; numbers are the study's order)."""
+        prefixes = self._study_attr_prefixes()
+        if not prefixes:
+            return {}
+        number_of = {t._trial_id: t.number for t in self.study.get_trials(deepcopy=False)}
+        attrs = self.study._storage.get_study_system_attrs(self.study._study_id)
+        return {
+            key: [number_of[i] for i in value]
+            for key, value in sorted(attrs.items())
+            if key.startswith(prefixes)
+        }
 
     def _load_settings(self, settings: dict[str, Any]) -> None:
         super()._load_settings(settings)
@@ -325,6 +343,13 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
                 if record["candidate"] is not None:
                     self._trial_of[record["candidate"]] = len(self._trials)
                 self._trials.append(dict(record))
+        # NSGA-II's parent population of each generation is chosen once, when the generation's
+        # first trial is asked, from the trials complete then, and kept in the study: a trial of
+        # the previous generation that completes later (one in flight) does not change it. Chosen
+        # again here from all journaled trials it would differ, so it is journaled and restored.
+        trials = self.study.get_trials(deepcopy=False)
+        for key, numbers in state.get("study_attrs", {}).items():
+            self.study._storage.set_study_system_attr(self.study._study_id, key, [trials[n]._trial_id for n in numbers])
 
     @property
     def num_sampler_trials(self) -> int:
@@ -337,6 +362,9 @@ class NSGA2Search(TPESearch):
     generation; crossover and mutation over the trial parameters."""
 
     algorithm = "nsga2"
+
+    def _study_attr_prefixes(self) -> tuple[str, ...]:
+        return (self._optuna.samplers.NSGAIISampler._get_parent_cache_key_prefix(),)
 
     def _sampler(self, seed: int) -> Any:
         with warnings.catch_warnings():
