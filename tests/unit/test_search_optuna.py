@@ -169,6 +169,49 @@ def test_nsga2_replay_after_a_restart_keeps_the_parents_chosen_while_a_trial_was
     assert [c.arch_hash for c in restarted.ask(3)] == [c.arch_hash for c in live.ask(3)]
 
 
+def test_nsga2_under_the_coordinator_restarts_from_its_journal_with_trials_in_flight(tmp_path, monkeypatch):
+    """Three trials in flight, results coming back out of order, a snapshot every 3 optimizer ops:
+    generations straddle and snapshots fall inside them; every restart replays the journal."""
+    import queue
+
+    import morphml.distributed.coordinator as coordinator_module
+    from morphml.distributed.clock import ManualClock
+    from morphml.distributed.coordinator import ExperimentCoordinator, ExperimentSettings, LeaseMessage
+    from morphml.distributed.journal import Journal
+
+    monkeypatch.setattr(coordinator_module, "SNAPSHOT_EVERY", 3)
+
+    def start(running: list[LeaseMessage]) -> tuple[ExperimentCoordinator, queue.Queue]:
+        optimizer = NSGA2Search(space(), population_size=4, max_trials=24, seed=5, objectives=TWO)
+        settings = ExperimentSettings(max_trials=24, heartbeat_interval=1.0, missed_heartbeats=3)
+        coordinator = ExperimentCoordinator(optimizer, settings, Journal(tmp_path / "j.db"), ManualClock())
+        worker_id, _ = coordinator.register("a", 0, 3, running=[(m.task_id, m.attempt) for m in running])
+        return coordinator, coordinator.connect(worker_id)
+
+    def receive() -> None:
+        while not box.empty():
+            item = box.get_nowait()
+            if isinstance(item, LeaseMessage):
+                in_flight.append(item)
+
+    coordinator, box = start([])
+    in_flight: list[LeaseMessage] = []
+    restarts = 0
+    while coordinator.phase == "Running":
+        receive()
+        assert in_flight, "the coordinator leased nothing while the search runs"
+        lease = in_flight.pop(-1 if len(in_flight) % 2 else 0)  # newest or oldest first, in turn
+        graph = coordinator.optimizer._candidates[coordinator.leases.tasks[lease.task_id].candidate_id].graph
+        assert coordinator.report_result(lease.task_id, lease.attempt, True, score(graph)) == "accepted"
+        if coordinator.succeeded % 5 == 0 and coordinator.phase == "Running":
+            receive()
+            coordinator.journal.close()
+            coordinator, box = start(in_flight)  # raises if a replayed ask differs from the journaled one
+            restarts += 1  # the worker comes back still running its trials and reports them later
+    assert restarts >= 3 and coordinator.succeeded == 24
+    coordinator.journal.close()
+
+
 def test_state_from_another_algorithm_is_refused():
     tpe = TPESearch(space(), population_size=4, max_trials=6, seed=1)
     run(tpe)
