@@ -303,6 +303,18 @@ def report(results: dict[str, dict[int, list[dict[str, Any]]]], methods: tuple[s
     return table(headers, rows)
 
 
+def per_seed(results: dict[str, dict[int, list[dict[str, Any]]]], methods: tuple[str, ...], checkpoints: list[int],
+             figure: Callable[[list[dict[str, Any]], int], float]) -> str:
+    """One line per method and checkpoint: the figure of each seed, seeds in order."""
+    lines = []
+    for method in methods:
+        runs = results.get(method, {})
+        for k in checkpoints:
+            values = " / ".join(f"{figure(runs[seed], k):.4f}" for seed in sorted(runs))
+            lines.append(f"  {method} after {k} (seeds {', '.join(map(str, sorted(runs)))}): {values}")
+    return "\n".join(line for line in lines if not line.endswith("(seeds ): "))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -336,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     if "single" in args.part:
         print("\nbest val_accuracy (one objective)")
         print(report(results, SINGLE_METHODS, checkpoints, best_after, "best val_accuracy"))
+        print(per_seed(results, SINGLE_METHODS, checkpoints, best_after))
     if "multi" in args.part:
         print(f"\nhypervolume (val_accuracy max, params min; error and log10 params up to {HV_REFERENCE})")
         print(report(results, MULTI_METHODS, checkpoints, hypervolume, "hypervolume"))
+        print(per_seed(results, MULTI_METHODS, checkpoints, hypervolume))
     return 0
 
 

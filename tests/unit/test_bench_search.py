@@ -51,3 +51,10 @@ def test_hypervolume_is_the_area_the_front_dominates_up_to_the_reference():
     assert bench_search.hypervolume(front[:1], 1) == pytest.approx(0.8 * 3)
     beyond = [{"val_accuracy": 0.95, "params": 2_000_000}]  # over the reference's million parameters
     assert bench_search.hypervolume(beyond, 1) == 0.0
+
+
+def test_per_seed_lists_each_seed_of_each_method_in_seed_order_and_skips_methods_not_run():
+    results = {"tpe": {1: [{"val_accuracy": 0.6}, {"val_accuracy": 0.8}], 0: [{"val_accuracy": 0.7}]}}
+    text = bench_search.per_seed(results, bench_search.SINGLE_METHODS, [1, 2], bench_search.best_after)
+    assert text.splitlines() == ["  tpe after 1 (seeds 0, 1): 0.7000 / 0.6000",
+                                 "  tpe after 2 (seeds 0, 1): 0.7000 / 0.8000"]
