@@ -5,7 +5,8 @@
   architecture: trials of a known length, no torch, so "mid-trial" is real and CPU stays free.
   Worker pods import it from the test image (`morphml-testworker`: the master image plus this file
   on PYTHONPATH, `tests.cluster.images.ensure_test_image`). `oom_once`: the same, but the first trial
-  a worker pod runs allocates memory until the kernel's OOM killer ends it (the OOM test).
+  a worker pod runs allocates memory until the kernel's OOM killer ends it; `oom_killed_once`: the
+  same with the trial process made the OOM killer's choice (tests/cluster/test_worker_oom.py).
 - `IMAGES`: image references the cluster fixtures fill in (`"testworker"` from `morphml_images`,
   `"worker"` from `worker_image`), read by the tests' manifest helpers; `WORKER_RESOURCES`: the small
   requests those helpers give worker pods (the node has this machine's CPUs, 2 here).
@@ -73,6 +74,27 @@ def oom_once(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict
         chunks = []
         for _ in range(64):
             chunks.append(b"\x01" * (64 << 20))  # written: every page is resident (calloc'd zeros are not)
+        raise RuntimeError(f"allocated {len(chunks) * 64} MiB without being OOM-killed: is the memory limit set?")
+    return sleep_epochs(arch_json, evaluation_spec, device)
+
+
+def oom_killed_once(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
+    """`oom_once` with the victim chosen: the first call in a pod (marker /tmp/oom-killed-once)
+    raises its own process's oom_score_adj to 1000, the most (any process may raise its own;
+    lowering needs CAP_SYS_RESOURCE), then allocates and touches memory until the OOM killer ends
+    it. The trial process is then both the largest process of the container and the one with the
+    highest score adjustment (the kubelet gives all of a Burstable container's processes the same
+    one), so the kernel kills it and not the worker beside it, as long as the memory limit is
+    several times the worker's own size (the OOM test gives 512Mi; the worker is ~100 MiB). The
+    worker lives on and reports the trial. Every later call is `sleep_epochs`. The process test
+    (tests/process/test_worker_oom_cgroup.py) moves the marker with MORPHML_TEST_OOM_MARKER."""
+    marker = Path(os.environ.get("MORPHML_TEST_OOM_MARKER", "/tmp/oom-killed-once"))
+    if not marker.exists():
+        Path("/proc/self/oom_score_adj").write_text("1000\n")
+        marker.write_text(f"{os.getpid()} oom_score_adj={Path('/proc/self/oom_score_adj').read_text().strip()}\n")
+        chunks = []
+        for _ in range(64):
+            chunks.append(b"\x01" * (64 << 20))  # written: every page is resident
         raise RuntimeError(f"allocated {len(chunks) * 64} MiB without being OOM-killed: is the memory limit set?")
     return sleep_epochs(arch_json, evaluation_spec, device)
 

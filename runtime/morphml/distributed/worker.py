@@ -33,8 +33,13 @@ silent past its bound turns it NOT_SERVING until it recovers, and a runner stuck
 replacement bound is killed (its trial reported failed, kind "timeout") and replaced. The
 decision is morphml.distributed.liveness; docs/reliability.md ("A wedged worker") has the why.
 
+Out of memory: a runner killed by SIGKILL is looked up in the container's memory cgroup (its OOM
+kill count, morphml.distributed.worker_memory): the trial is reported failed, kind "oom" with a
+message that says out of memory and names the memory limit, or "exception" for a kill -9 from
+outside; the master retries it (faultTolerance.maxTaskRetries) like any failed trial.
+
 Imports: grpc, grpc_health, morphml.distributed.{proto, auth, clock, liveness, master (options
-only)}. No torch.
+only), worker_memory}. No torch.
 """
 
 from __future__ import annotations
@@ -46,7 +51,6 @@ import os
 import queue
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +71,7 @@ from .liveness import SESSION, Clock, LivenessMonitor, Verdict, liveness_bounds,
 from .master import DEFAULT_MAX_MESSAGE_BYTES, default_bind_host, grpc_options
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
+from .worker_memory import ContainerMemory, describe_runner_kill
 
 log = logging.getLogger("morphml.worker")
 
@@ -191,6 +196,10 @@ class RunnerProcess:
         # Why a process was killed (kept until its end of file is read): cancel or wedged.
         self._killed_on_purpose: set[subprocess.Popen[bytes]] = set()
         self._wedged: dict[subprocess.Popen[bytes], str] = {}
+        # The container's OOM kill count when the current process started: a runner that dies by
+        # SIGKILL is told apart as out of memory or killed from outside (worker_memory).
+        self.memory = ContainerMemory()
+        self.oom_kills_at_start: int | None = None
 
     def _started(self) -> subprocess.Popen[bytes]:
         self.ensure_started()
@@ -202,6 +211,7 @@ class RunnerProcess:
             if self.proc is None or self.proc.poll() is not None:
                 self._buffer = b""
                 self._replies = []
+                self.oom_kills_at_start = self.memory.oom_kills()
                 command = [sys.executable, "-m", "morphml.distributed.trial_runner"]
                 if self.beat_seconds > 0:
                     command += ["--beat-seconds", f"{self.beat_seconds:g}"]
@@ -742,9 +752,11 @@ class WorkerNode:
                 if reply is None:  # killed on purpose (cancel)
                     reply = None
                 else:
-                    kind = "oom" if reply == -signal.SIGKILL else "exception"
-                    reply = {"ok": False, "kind": kind, "duration": now - head_started,
-                             "message": f"trial process exited with code {reply} before reporting a result"}
+                    # SIGKILL: the OOM killer, or someone from outside (the container's cgroup
+                    # tells which); the message is what the master journals for the attempt.
+                    kind, message = describe_runner_kill(reply, runner.oom_kills_at_start, runner.memory)
+                    log.warning("trial %s/%d failed (%s): %s", head["ref"][0], head["ref"][1], kind, message)
+                    reply = {"ok": False, "kind": kind, "duration": now - head_started, "message": message}
             head_started = now
             if status != "reply":
                 # The queued trials died with the runner before starting: give them to a new one.
