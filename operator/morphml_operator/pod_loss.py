@@ -14,6 +14,9 @@ A worker pod is lost when:
   A pod that has never been Ready is starting, not lost. An unready pod not yet past the
   threshold gets `recheck_in`: the handler looks again then (no watch event would come).
 
+A worker container killed by the OOM killer (the kubelet's `OOMKilled`) is named by `oom_kills`,
+so the cause can be told to the user, not only the loss.
+
 Telling the master can fail (it is restarting, frozen, cut off): `gone_retry_delay` says when to
 try again, with backoff, until the master answers or there is nobody left to tell.
 
@@ -87,6 +90,57 @@ def decide(event_type: str | None, pod: Mapping[str, Any], now: float, unready_a
             return PodLossDecision(reason=f"pod unready for {unready_for:.1f} s", ready=ready)
         return PodLossDecision(recheck_in=unready_after - unready_for, ready=ready)
     return PodLossDecision(ready=ready)
+
+
+# --------------------------------------------------------------------------- a container OOM-killed
+
+
+@dataclasses.dataclass(frozen=True)
+class OomKill:
+    """A container of a worker pod ended by the kernel's OOM killer, as the kubelet reports it.
+
+    `key` is the same for every event showing the same termination (pod uid, container, restart
+    count), so a caller posting an Event per OOM kill (named after the key) posts each once."""
+
+    key: str
+    container: str
+    message: str
+
+
+def oom_kills(pod: Mapping[str, Any]) -> list[OomKill]:
+    """The pod's containers whose latest termination is `OOMKilled` (exit 137), newest state first.
+
+    The whole container is killed when the kubelet asks the kernel for it (cgroup v2 with
+    `memory.oom.group`, the default since Kubernetes 1.28) or when the OOM killer picks the
+    worker process itself; the kubelet then shows the termination in `state.terminated` (pod
+    phase Failed, or before the restart) or, once it restarted the container, in
+    `lastState.terminated`. A trial runner OOM-killed inside a live container is not here: the
+    worker reports that one itself (kind "oom").
+    """
+    metadata = pod.get("metadata") or {}
+    limits = {c.get("name"): ((c.get("resources") or {}).get("limits") or {}).get("memory")
+              for c in ((pod.get("spec") or {}).get("containers") or [])}
+    found = []
+    for status in ((pod.get("status") or {}).get("containerStatuses") or []):
+        state, last = status.get("state") or {}, status.get("lastState") or {}
+        terminated = state.get("terminated") or last.get("terminated") or {}
+        if terminated.get("reason") != "OOMKilled":
+            continue
+        name = str(status.get("name", ""))
+        restarts = int(status.get("restartCount", 0) or 0)
+        current = "terminated" in state
+        # A restarted container's count includes the restart after this kill; a dead one's not yet.
+        number = restarts + 1 if current else restarts
+        limit = limits.get(name)
+        at = f" at {terminated['finishedAt']}" if terminated.get("finishedAt") else ""
+        then = "" if current else f"; restarted ({restarts} restart{'s' if restarts != 1 else ''})"
+        where = (f"at its limit of {limit}, spec.workers.resources.limits.memory" if limit
+                 else "with no memory limit set: the node's memory")
+        message = (f"worker pod {metadata.get('name', '')}: container {name} was OOMKilled{at} (exit code "
+                   f"{terminated.get('exitCode', 137)}, out of memory {where}){then}; "
+                   "its trials go back to the queue without a retry")
+        found.append(OomKill(key=f"{metadata.get('uid', '')}-{name}-{number}", container=name, message=message))
+    return found
 
 
 # --------------------------------------------------------------------------- reporting a lost pod

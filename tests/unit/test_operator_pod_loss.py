@@ -113,3 +113,50 @@ def test_worker_gone_retries_stop_at_the_deadline_and_never_sleep_past_it():
     assert gone_retry_delay(pod_loss.GONE_UNREACHABLE, attempt=9, elapsed=298.0, give_up_after=300) == 2.0
     assert gone_retry_delay(pod_loss.GONE_UNREACHABLE, attempt=9, elapsed=300.0, give_up_after=300) is None
     assert gone_retry_delay(pod_loss.GONE_UNREACHABLE, attempt=0, elapsed=0.0, give_up_after=0) is None
+
+
+# --------------------------------------------------------------------------- oom_kills
+
+
+def oom_pod(state: dict, last: dict | None = None, restarts: int = 0, limit: str | None = "512Mi") -> dict:
+    resources = {"limits": {"memory": limit}} if limit else {}
+    body = pod(status={"containerStatuses": [{"name": "worker", "restartCount": restarts, "state": state,
+                                              "lastState": last or {}}]})
+    body["spec"] = {"containers": [{"name": "worker", "resources": resources}]}
+    return body
+
+
+OOM = {"terminated": {"reason": "OOMKilled", "exitCode": 137, "finishedAt": "2026-11-29T10:00:03Z"}}
+
+
+def test_a_container_oom_killed_and_restarted_is_named_with_its_limit():
+    [kill] = pod_loss.oom_kills(oom_pod({"running": {}}, OOM, restarts=1))
+    assert kill.container == "worker" and kill.key == "u1-worker-1"
+    assert kill.message == ("worker pod w-1: container worker was OOMKilled at 2026-11-29T10:00:03Z (exit code 137, "
+                            "out of memory at its limit of 512Mi, spec.workers.resources.limits.memory); restarted "
+                            "(1 restart); its trials go back to the queue without a retry")
+
+
+def test_a_container_dead_of_oom_before_its_restart_has_the_key_the_restart_will_have():
+    [dead] = pod_loss.oom_kills(oom_pod(OOM, restarts=0))
+    [restarted] = pod_loss.oom_kills(oom_pod({"running": {}}, OOM, restarts=1))
+    assert dead.key == restarted.key  # one Event per kill, whichever event shows it first
+    assert "restarted" not in dead.message
+    [second] = pod_loss.oom_kills(oom_pod({"running": {}}, OOM, restarts=2))
+    assert second.key != restarted.key and "(2 restarts)" in second.message
+
+
+@pytest.mark.parametrize("state, last", [
+    ({"running": {}}, {}),
+    ({"running": {}}, {"terminated": {"reason": "Error", "exitCode": 1}}),
+    ({"terminated": {"reason": "Completed", "exitCode": 0}}, OOM),  # the latest end was not the OOM killer
+    ({"waiting": {"reason": "ContainerCreating"}}, {}),
+])
+def test_other_terminations_are_not_oom_kills(state, last):
+    assert pod_loss.oom_kills(oom_pod(state, last, restarts=1)) == []
+
+
+def test_no_limit_and_no_statuses():
+    [kill] = pod_loss.oom_kills(oom_pod(OOM, limit=None))
+    assert "out of memory with no memory limit set" in kill.message
+    assert pod_loss.oom_kills(pod()) == []
