@@ -22,8 +22,10 @@ overall best (the best any method reached with that seed; '-' when never). Targe
 ASHA reaches full fidelity's best within 0.5 % with at most 1/3 of its epochs, and at equal
 epochs its best is at least Optuna+Hyperband's.
 
-Run: nice -n 19 python benchmarks/bench_multifidelity.py [--seeds 3] [--epochs 9] [--full-trials 27]
-     [--fraction 3] [--workers 2] [--methods ...] [--keep DIR]
+Run: nice -n 19 python benchmarks/bench_multifidelity.py [--seeds 3] [--first-seed 0] [--epochs 9]
+     [--full-trials 27] [--fraction 3] [--workers 2] [--methods ...] [--keep DIR] [--json FILE]
+     python benchmarks/bench_multifidelity.py --from-json FILE [FILE ...] (the table of saved runs, seeds merged;
+     the same --epochs, --full-trials and --fraction as they ran with)
 
 Imports: the standard library, yaml, optuna, morphml (space, graph, evaluation, the journal's
 read-only reader), bench_search (the space and the trainer settings, so both benchmarks search
@@ -198,6 +200,8 @@ def figures(epochs: list[tuple[float, int, float]], overall: float) -> tuple[flo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed + seeds - 1 (more seeds in a second run)")
     parser.add_argument("--epochs", type=int, default=9, help="epochs of a full trial (rungs 1, 3, 9, ...)")
     parser.add_argument("--full-trials", type=int, default=27, help="trials of the full-fidelity run")
     parser.add_argument("--fraction", type=int, default=3,
@@ -207,12 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=7200, help="seconds one morphml run may take")
     parser.add_argument("--keep", type=Path, help="keep each run's manifest, log and output here")
     parser.add_argument("--json", type=Path, help="write every run's epochs here")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="train nothing: the figures of runs written by --json (several: their seeds merged)")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = merged(args.from_json)
+        return report(saved, sorted({seed for method in saved.values() for seed in method}),
+                      [m for m in args.methods if m in saved], args)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = args.keep or Path(tempfile.mkdtemp(prefix="morphml-bench-mf-"))
     runs: dict[str, dict[int, list[tuple[float, int, float]]]] = {}
     started = time.monotonic()
-    for seed in range(args.seeds):  # seeds outermost: a run stopped early has every method on its first seeds
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:  # seeds outermost: a run stopped early has every method on its first seeds
         for method in args.methods:
             t0 = time.monotonic()
             epochs = run_optuna(method, seed, args) if method.startswith("optuna-") else \
@@ -223,10 +234,44 @@ def main(argv: list[str] | None = None) -> int:
     print(f"all runs: {time.monotonic() - started:.0f} s wall; outputs in {work}")
     if args.json:
         args.json.write_text(json.dumps(runs))
+    return report(runs, list(seeds), args.methods, args)
+
+
+def targets(best: dict[str, dict[int, float]]) -> None:
+    """Issue 12's two targets, seed by seed and by the medians (where both methods of a target ran)."""
+    for a, b, margin, what in (("morphml-asha", "morphml-full", WITHIN, f"ASHA within {WITHIN:g} of full fidelity"),
+                               ("morphml-asha", "optuna-hyperband", 0.0, "ASHA >= Optuna+Hyperband")):
+        common = sorted(set(best.get(a, {})) & set(best.get(b, {})))
+        if not common:
+            continue
+        met = [seed for seed in common if best[a][seed] >= best[b][seed] - margin]
+        gap = statistics.median(best[a][seed] - best[b][seed] for seed in common)
+        medians = statistics.median(best[a][s] for s in common) - statistics.median(best[b][s] for s in common)
+        print(f"target {what}: met in {len(met)} of {len(common)} seeds; median of the per-seed differences "
+              f"{gap:+.4f}; difference of the medians {medians:+.4f}")
+
+
+def merged(paths: list[Path]) -> dict[str, dict[int, list[tuple[float, int, float]]]]:
+    """The runs of several --json files, by method and seed (a later file's seed replaces an earlier one's)."""
+    runs: dict[str, dict[int, list[tuple[float, int, float]]]] = {}
+    for path in paths:
+        for method, by_seed in json.loads(path.read_text()).items():
+            for seed, epochs in by_seed.items():
+                runs.setdefault(method, {})[int(seed)] = [(float(v), int(n), float(s)) for v, n, s in epochs]
+    return runs
+
+
+def report(runs: dict[str, dict[int, list[tuple[float, int, float]]]], seeds: list[int], methods: list[str],
+           args: argparse.Namespace) -> int:
+    """Prints the per-seed bests and the table of medians."""
     overall = {seed: max(v for method in runs.values() for v, _, _ in method.get(seed, []))
-               for seed in range(args.seeds)}
+               for seed in seeds}
+    best = {m: {seed: max(v for v, _, _ in runs[m][seed]) for seed in runs[m]} for m in methods}
+    for seed in seeds:
+        print(f"seed {seed} best: " + ", ".join(f"{m} {best[m][seed]:.4f}" for m in methods if seed in best[m]))
+    targets(best)
     rows = []
-    for method in args.methods:
+    for method in methods:
         per_seed = [figures(runs[method][seed], overall[seed]) for seed in sorted(runs[method])]
         reached = [r for _, _, _, r in per_seed if r is not None]
         rows.append([
