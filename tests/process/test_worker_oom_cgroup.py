@@ -9,8 +9,9 @@
   node (tests/cluster/test_worker_oom.py), here in seconds and without the node.
 - From outside: a runner SIGKILLed by hand is not called out of memory (the count did not move).
 
-The cgroup is made for the test and removed after it (root only: skipped where this process may
-not make one). Imports: pytest, the standard library, proc_helpers, morphml.distributed.worker_memory.
+The cgroup (a child of the test process's own) is made for the test and removed after it (root
+only: skipped where this process may not make one). Imports: pytest, the standard library,
+proc_helpers, morphml.distributed.worker_memory.
 """
 
 from __future__ import annotations
@@ -43,33 +44,43 @@ LIMIT_MIB = 300
 EVALUATOR = "tests.cluster.operator_trials:oom_killed_once"
 
 
-def _make_cgroup(name: str) -> tuple[Path, Path]:
-    """(the cgroup's directory, its cgroup.procs) with a LIMIT_MIB memory limit, v1 or v2."""
+def _own_cgroup(controller: str) -> str:
+    """This process's cgroup path in the v1 hierarchy of `controller` ("" for v2), from /proc/self/cgroup."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (controller and controller in controllers.split(",")) or (not controller and controllers == ""):
+            return path.lstrip("/")
+    return ""
+
+
+def _make_cgroup(name: str) -> Path:
+    """A child of this process's own memory cgroup (so the test stays inside whatever limits the
+    machine puts on it) with a LIMIT_MIB memory limit, v1 or v2; returns its directory."""
     v1 = Path("/sys/fs/cgroup/memory")
     if (v1 / "memory.limit_in_bytes").exists():
-        group = v1 / name
+        group = v1 / _own_cgroup("memory") / name
         group.mkdir()
         (group / "memory.limit_in_bytes").write_text(f"{LIMIT_MIB << 20}\n")
-        return group, group / "cgroup.procs"
-    v2 = Path("/sys/fs/cgroup")
-    if "memory" in (v2 / "cgroup.subtree_control").read_text().split():
-        group = v2 / name
+        return group
+    parent = Path("/sys/fs/cgroup") / _own_cgroup("")
+    if "memory" in (parent / "cgroup.subtree_control").read_text().split():
+        group = parent / name
         group.mkdir()
         (group / "memory.max").write_text(f"{LIMIT_MIB << 20}\n")
         (group / "memory.swap.max").write_text("0\n")
-        return group, group / "cgroup.procs"
-    raise OSError("no memory cgroup controller to make a group under")
+        return group
+    raise OSError(f"no memory controller for the children of {parent}")
 
 
 @pytest.fixture
 def memory_cgroup() -> Iterator[Path]:
     """A fresh memory cgroup (its cgroup.procs), removed afterwards once its processes are gone."""
     try:
-        group, procs_file = _make_cgroup(f"morphml-oom-test-{os.getpid()}")
+        group = _make_cgroup(f"morphml-oom-test-{os.getpid()}")
     except OSError as error:
         pytest.skip(f"cannot make a memory cgroup here (root and a cgroup filesystem needed): {error}")
     try:
-        yield procs_file
+        yield group / "cgroup.procs"
     finally:
         deadline = time.monotonic() + 10
         while True:
