@@ -11,7 +11,8 @@ What lives here:
 - `download_artifacts(address, token, out_dir)`: the gRPC half alone (also what a test against a
   local master uses).
 - `ResultsError`: a user error with what to do (no such experiment, not finished, no master pod,
-  a file the master does not have).
+  a file the master does not have: `ResultsNotWritten`, which `fetch_results` waits out for
+  WRITE_WAIT_S, since the master writes the files a moment after its phase turns terminal).
 
 Each file is written to a temporary name in its folder, its size checked against the one the
 master announced, then renamed: a broken transfer never leaves a half file under the real name.
@@ -29,6 +30,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,17 @@ GROUP, VERSION, PLURAL = "morphml.io", "v1alpha1", "nasexperiments"
 MASTER_PORT = 50051  # morphml_operator.builders.MASTER_PORT
 FINISHED_PHASES = ("Succeeded", "Failed")
 RPC_TIMEOUT_S = 120.0
+#: The master writes best/ and trials.csv a moment after its phase turns terminal (and again after
+#: a restart on the finished journal): a fetch right at the end waits this long for them.
+WRITE_WAIT_S = 30.0
 
 
 class ResultsError(Exception):
     """`morphml results` cannot go on; the message says why and what to do."""
+
+
+class ResultsNotWritten(ResultsError):
+    """The master has not (yet) the file asked for (gRPC NOT_FOUND)."""
 
 
 def master_pod_name(name: str) -> str:
@@ -88,7 +97,7 @@ def download_artifacts(address: str, token: str, out_dir: Path, files: tuple[str
             except grpc.RpcError as error:
                 code = error.code()
                 if code == grpc.StatusCode.NOT_FOUND:
-                    raise ResultsError(f"the master has no {key} (is the experiment finished with a best trial? "
+                    raise ResultsNotWritten(f"the master has no {key} (is the experiment finished with a best trial? "
                                        f"{error.details()})") from None
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise ResultsError(f"the master refused the experiment's token for {key}: "
@@ -223,5 +232,13 @@ def fetch_results(name: str, namespace: str, out_dir: Path, kubeconfig: str | No
             raise ResultsError(f"the master pod {pod_name} is not running (phase "
                                f"{pod.status.phase if pod.status else 'unknown'}); try again once it is")
         with _forward(core, pod_name, namespace, MASTER_PORT) as forward:
-            files = download_artifacts(f"127.0.0.1:{forward.port}", token, Path(out_dir))
+            deadline = time.monotonic() + WRITE_WAIT_S
+            while True:
+                try:
+                    files = download_artifacts(f"127.0.0.1:{forward.port}", token, Path(out_dir))
+                    break
+                except ResultsNotWritten:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(1.0)
     return {"phase": phase, "best": status.get("best") or {}, "files": [str(f) for f in files]}
