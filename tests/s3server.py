@@ -5,7 +5,10 @@ What lives here:
 - `ensure_weed()`: the `weed` binary, built once by ``tests/s3bin/build.sh`` from the SeaweedFS
   version pinned in ``tests/s3bin/go.mod`` and cached like the Kubernetes binaries (the same cache
   root, ``MORPHML_KUBE_CACHE`` or ``~/.cache/morphml-kube``, in ``seaweedfs-<hash of go.mod, go.sum,
-  build.sh>``; the same lock, so parallel pytest processes build once).
+  build.sh>``; a lock, so parallel pytest processes build once). `prebuild()` starts that build in a
+  thread and `wait_prebuilt()` joins it: tests/conftest.py calls them around collection when a
+  selected test is marked ``s3``, so on a fresh machine the build runs beside the Kubernetes builds
+  and before the first test, never inside a test's timeout.
 - `S3Server`: one `weed server -s3` (master, volume server, filer and S3 gateway in one process)
   on 127.0.0.1 only, every port picked free, its data, config and sockets in a private directory
   that `stop()` removes; telemetry, the Iceberg and Lance listeners off. `start()` waits (with a
@@ -29,6 +32,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,8 +58,36 @@ def weed_dir() -> Path:
     return build.cache_root() / f"seaweedfs-{digest.hexdigest()[:16]}"
 
 
+_prebuild: dict[str, object] = {}
+
+
+def prebuild() -> None:
+    """Start building weed in a daemon thread (no-op when cached or already started)."""
+    if "thread" in _prebuild or (weed_dir() / "weed").is_file():
+        return
+
+    def target() -> None:
+        try:
+            ensure_weed()
+        except Exception as exc:  # raised again by ensure_weed in the first test that needs it
+            _prebuild["error"] = exc
+
+    thread = threading.Thread(target=target, name="weed-build", daemon=True)
+    _prebuild["thread"] = thread
+    thread.start()
+
+
+def wait_prebuilt() -> None:
+    thread = _prebuild.get("thread")
+    if isinstance(thread, threading.Thread):
+        thread.join()
+
+
 def ensure_weed(log=None) -> Path:
     """The weed binary, built first when the cache lacks it (minutes on 2 cores, once)."""
+    error = _prebuild.get("error")
+    if isinstance(error, Exception):
+        raise error
     # build._ensure is the kube binaries' cache/lock/log logic; it prunes other "seaweedfs-" builds
     # after a day unused.
     directory = build._ensure(weed_dir(), ("weed",), S3BIN_DIR / "build.sh", "SeaweedFS S3 server (weed)",

@@ -13,14 +13,17 @@ Imports: standard library only (it must run before anything else is installed).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 KUBEBIN_DIR = Path(__file__).resolve().parent / "kubebin"
 BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "etcd", "helm",
@@ -144,8 +147,9 @@ def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, ho
     go = _find_go()
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    # One lock per kind (build.sh / addons.sh): the two kinds build in parallel, each kind once.
-    lock_path = root / (".build.lock" if script.stem == "build" else f".build-{script.stem}.lock")
+    # One lock per script (kubebin/build.sh, kubebin/addons.sh, s3bin/build.sh): the kinds build in
+    # parallel, each once.
+    lock_path = root / f".build-{script.parent.name}-{script.stem}.lock"
     with open(lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -162,8 +166,7 @@ def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, ho
         started = time.monotonic()
         with open(build_log, "wb") as out:
             env = dict(os.environ, PATH=f"{Path(go).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-            proc = subprocess.run(["bash", str(script), str(tmp)], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            proc = _run_in_own_group(["bash", str(script), str(tmp)], env=env, stdout=out)
         if proc.returncode != 0:
             tail = build_log.read_text(errors="replace")[-4000:]
             failed = root / f"failed-{target.name}.log"
@@ -180,6 +183,22 @@ def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, ho
         log(f"morphml: {what} built in {seconds:.0f} s")
         _prune(root, keep=target)
         return target
+
+
+def _run_in_own_group(argv: list[str], env: dict[str, str], stdout: Any) -> subprocess.CompletedProcess:
+    """Run a build script in a process group of its own, and kill the whole group if this process is
+    interrupted (a test timeout, Ctrl-C): a killed bash leaves its `go build` running otherwise,
+    orphaned, holding a core and writing into the next build's directory."""
+    proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(argv, returncode)
 
 
 PRUNE_AFTER_SECONDS = 24 * 3600

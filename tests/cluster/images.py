@@ -588,6 +588,7 @@ def ensure_images(roles: Iterable[str] = ROLES, root: Path = ROOT, log: Log | No
             _ensure_tools(log)
             # Build from a snapshot of the inputs, keyed by the snapshot: the tree may be edited while
             # a build runs, and the image must match its key.
+            (cache / "tmp").mkdir(parents=True, exist_ok=True)  # a fresh machine has no cache yet
             context = Path(tempfile.mkdtemp(prefix="context-", dir=cache / "tmp"))
             try:
                 snapshot_inputs(root, context)

@@ -21,9 +21,17 @@ from selenium.webdriver.support.ui import Select
 
 from morphml.distributed.journal import JournalError
 from proc_helpers import TOKEN, finished, free_port, journal_tasks, status, wait_for, write_manifest
+from tests.cluster import hostdeps
 from tests.headless import artifacts_dir, chrome, page_state, requested_urls, wait_until
 
 pytestmark = pytest.mark.process
+
+
+@pytest.fixture(scope="module", autouse=True)
+def browser_installed() -> None:
+    """Chromium installed before any search starts: on a fresh machine the install takes about a
+    minute, long enough for a search to end before the page could be seen mid-run."""
+    hostdeps.ensure(hostdeps.BROWSER_TOOLS)
 
 NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -29,7 +29,7 @@ from tests import s3server
 
 torch = pytest.importorskip("torch")
 
-pytestmark = pytest.mark.process
+pytestmark = [pytest.mark.process, pytest.mark.s3]
 BUCKET = "morphml-process"
 PREFIX = "teams/nas"
 EPOCHS = 3

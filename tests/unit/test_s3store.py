@@ -15,7 +15,7 @@ from morphml.distributed.checkpoints import ArtifactSettings, make_store
 from morphml.distributed.s3store import S3Settings, S3Store, S3StoreError
 from tests import s3server
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.unit, pytest.mark.s3, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
