@@ -2,7 +2,8 @@
 ``helm install`` of the real chart, the operator as a pod from the ``morphml-master`` image built in
 this run, a short digits experiment whose master and workers run as containers from the
 ``morphml-master`` / ``morphml-worker`` images, to Succeeded with each trial counted once in the
-journal.
+journal; then (issue 12, acceptance 6) `morphml results` fetches its trained best model, which
+scores its recorded val_accuracy.
 
 The images come from ``tests.cluster.images`` (built if the tree changed, then imported into the
 node's containerd: the worker archive, ~3 GB with torch, takes minutes), once per session
@@ -25,6 +26,7 @@ import yaml
 from . import images
 from .kube import Kube
 from .operator_trials import finished_once, image, journal_file, read_journal
+from .results_check import assert_best_model_scores_its_recorded_accuracy, fetch_results_with_the_cli, trials_rows
 
 pytestmark = [pytest.mark.cluster, pytest.mark.real_node]
 
@@ -94,12 +96,13 @@ def _exec(kube: Kube, ns: str, pod: str, *args: str) -> tuple[int, str]:
 @pytest.mark.timeout(1800)
 def test_digits_succeeds_with_operator_master_and_workers_running_from_the_built_images(
         real_kube: Kube, operator: tuple[str, str], built_images: dict[str, images.BuiltImage],
-        real_namespace: str) -> None:
+        real_namespace: str, tmp_path: Path) -> None:
     kube, ns = real_kube, real_namespace
     op_ns, op_pod = operator
     trials = 4
     t0 = time.monotonic()
-    kube.apply(digits("digits", trials), ns)
+    manifest = digits("digits", trials)
+    kube.apply(manifest, ns)
     timings: dict[str, float] = {}
 
     # While it runs: the operator, the master and both workers are containers from the built images.
@@ -136,6 +139,21 @@ def test_digits_succeeds_with_operator_master_and_workers_running_from_the_built
     accepted, twice = finished_once(journal)
     assert len(accepted) == trials and twice == [], journal["results"]
     assert journal["phase"] == "Succeeded", journal["phase"]
+
+    # Issue 12, acceptance 6 (cluster): the documented command fetches the trained best model of
+    # the finished experiment (its master still serves after the end), and it scores what the
+    # trial recorded on the validation split.
+    out = tmp_path / "runs" / "digits"
+    t1 = time.monotonic()
+    fetched = fetch_results_with_the_cli(kube, ns, "digits", out)
+    print(f"morphml results digits: {time.monotonic() - t1:.1f} s", flush=True)
+    assert "digits" in fetched and "Succeeded" in fetched, fetched
+    doc = assert_best_model_scores_its_recorded_accuracy(out, manifest["spec"]["evaluation"])
+    assert doc["trial_id"] == status["best"]["trialId"], (doc, status["best"])
+    assert doc["metrics"]["val_accuracy"] == pytest.approx(status["best"]["value"], abs=1e-12)
+    rows = trials_rows(out)
+    assert sorted(r["trial_id"] for r in rows) == sorted(accepted), rows
+    assert {r["status"] for r in rows} == {"succeeded"}, rows
 
 
 @pytest.mark.slow
