@@ -431,6 +431,7 @@ def worker_pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, log
 
 
 def handle_worker_pod(event_type: str | None, pod: dict, memo: Any, logger: Logger) -> None:
+    post_oom_events(pod, memo, logger)
     if memo.get("reported_gone"):
         return
     decision = pod_loss.decide(event_type, pod, time.time(), SETTINGS.worker_unready_seconds,
@@ -455,6 +456,41 @@ def handle_worker_pod(event_type: str | None, pod: dict, memo: Any, logger: Logg
     # report itself retries until the master answers (report_pod_lost).
     memo["reported_unready" if unready else "reported_gone"] = True
     report_pod_lost(uid, experiment, namespace, pod["metadata"]["name"], decision.reason, logger)
+
+
+def post_oom_events(pod: dict, memo: Any, logger: Logger) -> None:
+    """One Warning Event `WorkerOOMKilled` on the experiment per OOM kill of a worker container
+    (`pod_loss.oom_kills`: the whole container killed, so `kubectl describe nasexperiment` says out
+    of memory and at which limit). A trial runner killed inside a live container is the worker's
+    to report (kind "oom" in the journal). Keyed by pod, container and kill number: posted once
+    however many watch events show the same termination (409 = posted before)."""
+    kills = [kill for kill in pod_loss.oom_kills(pod) if kill.key not in memo.setdefault("oom_events", set())]
+    if not kills:
+        return
+    experiment = (pod["metadata"].get("labels") or {}).get(builders.EXPERIMENT_LABEL)
+    namespace = pod["metadata"]["namespace"]
+    if not experiment:
+        return
+    try:
+        body: Any = kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, experiment)
+    except ApiException as error:
+        if error.status == 404:
+            return  # the experiment is gone: nobody to tell
+        raise
+    uid = body["metadata"]["uid"]
+    for kill in kills:
+        manifest = builders.build_event(experiment, namespace, uid, f"oom-{kill.key}", "Warning", "WorkerOOMKilled",
+                                        kill.message, _now())
+        try:
+            _core().create_namespaced_event(namespace, manifest)  # type: ignore[arg-type]  # a dict is sent as is
+        except ApiException as error:
+            if error.status != 409:
+                logger.warning("posting the OOM Event of %s: %s %s", pod["metadata"].get("name"), error.status,
+                               error.reason)
+                continue  # the next watch event of this pod tries again
+        memo["oom_events"].add(kill.key)
+        logger.warning("%s", kill.message)
 
 
 # Pod uid -> the timer of its next WorkerGone attempt (at most one chain of retries per pod).
