@@ -63,7 +63,7 @@ _prebuild: dict[str, object] = {}
 
 def prebuild() -> None:
     """Start building weed in a daemon thread (no-op when cached or already started)."""
-    if "thread" in _prebuild or (weed_dir() / "weed").is_file():
+    if "thread" in _prebuild or build._complete(weed_dir(), ("weed",)):
         return
 
     def target() -> None:

@@ -507,12 +507,10 @@ def prunable(records: Iterable[tuple[Path, float, str]], keep: set[Path], now: f
 def _prune(cache: Path, keep: set[Path], log: Log) -> None:
     """Delete the cache records `prunable` picks, with their archive and buildah image, and any working
     container a killed build left (we hold the cache lock: no build of ours is running)."""
-    records = []
-    for record_path in (cache / "archives").glob("*.json"):
-        record = _read_record(record_path) or {}
-        records.append((record_path, record_path.stat().st_mtime, str(record.get("repository", ""))))
-    for record_path in prunable(records, keep, time.time()):
-        record = _read_record(record_path) or {}
+    records = {path: _read_record(path) or {} for path in (cache / "archives").glob("*.json")}
+    entries = [(path, path.stat().st_mtime, str(record.get("repository", ""))) for path, record in records.items()]
+    for record_path in prunable(entries, keep, time.time()):
+        record = records[record_path]
         (cache / "archives" / str(record.get("archive", record_path.with_suffix(".oci.tar").name))).unlink(
             missing_ok=True)
         if record.get("ref"):
