@@ -10,7 +10,8 @@ One trial of real training (the worker image, digits, one checkpoint per epoch:
 `spec.artifacts.checkpointIntervalEpochs: 1`) on 2 CPU workers. The journal is read on the host
 (the claim's hostPath volume, `operator_trials.journal_file`), as the other cluster tests do.
 
-Imports: pytest, PyYAML, the standard library, this package's modules, morphml (journal, proto client).
+Imports: pytest, PyYAML, the standard library, this package's modules, tests.architectures, morphml (journal,
+proto client).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.architectures import FIXED_CNN
+
 from .kube import Kube
 from .operator_trials import finished_once, image, journal_file, read_journal
 from .results_check import assert_best_model_scores_its_recorded_accuracy, fetch_results_with_the_cli, trials_rows
@@ -34,22 +37,13 @@ NAME = "resume"
 EPOCHS = 8
 #: Small requests: the node has the machine's CPUs; torch needs room for its memory.
 WORKER_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "3Gi"}}
-#: One fixed architecture (every list has one choice), the process tier's (test_checkpoint_resume.py).
-LAYERS = [
-    {"type": "conv2d", "filters": [32], "kernelSize": [3], "activation": ["relu"]},
-    {"type": "conv2d", "filters": [32], "kernelSize": [3], "activation": ["relu"]},
-    {"type": "maxpool", "poolSize": [2]},
-    {"type": "flatten"},
-    {"type": "dense", "units": [128], "activation": ["relu"]},
-    {"type": "dropout", "rate": [0.2]},
-]
 
 
 def manifest() -> dict[str, Any]:
     doc: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
     doc["metadata"]["name"] = NAME
     doc["spec"].update({
-        "searchSpace": {"layers": LAYERS},
+        "searchSpace": {"layers": FIXED_CNN},
         "optimizer": {"algorithm": "random", "seed": 5},
         "evaluation": {"dataset": {"name": "digits"}, "epochs": EPOCHS, "batchSize": 32, "learningRate": 0.003,
                        "optimizer": "adam", "timeoutSeconds": 600},

@@ -29,25 +29,18 @@ import pytest
 import yaml
 
 from proc_helpers import REPO, assert_each_trial_once, finished, free_port, journal_events, reading, status, wait_for
+from tests.architectures import FIXED_CNN
 
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.process
 EPOCHS = 6
 
-LAYERS = [
-    {"type": "conv2d", "filters": [32], "kernelSize": [3], "activation": ["relu"]},
-    {"type": "conv2d", "filters": [32], "kernelSize": [3], "activation": ["relu"]},
-    {"type": "maxpool", "poolSize": [2]},
-    {"type": "flatten"},
-    {"type": "dense", "units": [128], "activation": ["relu"]},
-    {"type": "dropout", "rate": [0.2]},
-]
 
 
 def manifest(path: Path, name: str, max_trials: int = 1, epochs: int = EPOCHS) -> Path:
     spec = {
-        "searchSpace": {"layers": LAYERS},
+        "searchSpace": {"layers": FIXED_CNN},
         "optimizer": {"algorithm": "random", "seed": 5},
         "evaluation": {"dataset": {"name": "digits"}, "epochs": epochs, "batchSize": 32, "learningRate": 0.003,
                        "optimizer": "adam", "timeoutSeconds": 600},
