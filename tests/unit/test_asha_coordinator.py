@@ -373,3 +373,51 @@ def test_when_no_trial_trains_the_full_budget_the_best_stopped_trial_is_best(tmp
     again = make(tmp_path, store=False, max_trials=3)  # the same after a restart
     assert again.status()["best"]["trial_id"] == promotion.task_id
     again.journal.close()
+
+
+@pytest.mark.parametrize("snapshot_every", [3, 10**6])
+def test_promoted_trials_update_the_optimizer_with_their_highest_rung_and_a_restart_replays_it(
+        tmp_path, monkeypatch, snapshot_every):
+    """The optimizer is told a trial's first rung result, then updated with each higher rung's:
+    what it learns is the longest training each trial got. The updates are optimizer ops in the
+    journal, so a master restarted mid-search (from a snapshot, or replaying every op) has the
+    same optimizer state."""
+    import morphml.distributed.coordinator as coordinator_module
+    from morphml.optimizers import RegularizedEvolution
+    from test_optimizers import space
+
+    monkeypatch.setattr(coordinator_module, "SNAPSHOT_EVERY", snapshot_every)
+
+    def optimizer():
+        return RegularizedEvolution(space(), population_size=4, sample_size=2, max_trials=9, seed=1)
+
+    coord = make(tmp_path, optimizer())
+    _, box = join(coord, "w", slots=1)
+    for _ in range(8):  # first-rung results and promotions of the best so far to rung 3
+        assert train(coord, leases(box)[0], tmp_path) == "accepted"
+    updates = [arg for _, op, arg in coord.journal.optimizer_ops_after(0) if op == "update"]
+    promoted = [coord.leases.tasks[task_id] for task_id, _ in promoted_events(coord)]
+    assert len(updates) == len(promoted) == 2 and all(u["metrics"]["epochs"] == 3 for u in updates)
+    assert [u["id"] for u in updates] == [t.candidate_id for t in promoted]
+    assert all(coord.optimizer.result_for(t.arch_hash)["epochs"] == 3 for t in promoted)
+    (running,) = leases(box)  # out when the master dies
+    before = coord.optimizer.state_dict()
+    coord.journal.close()
+
+    again = make(tmp_path, optimizer())
+    assert again.optimizer.state_dict() == before
+    worker_id, _ = again.register("w", 0, 1, running=[(running.task_id, running.attempt)])
+    box2 = again.connect(worker_id)
+    assert train(again, running, tmp_path) == "accepted"
+    drive(again, box2, tmp_path)
+    assert again.phase == "Succeeded"
+    last = {}  # each trial's highest rung result, from the journal
+    for event in again.journal.events("rung_result"):
+        if event["detail"]["epoch"] >= last.get(event["task_id"], (0, None))[0]:
+            last[event["task_id"]] = (event["detail"]["epoch"], event["detail"]["value"])
+    for task in again.leases.tasks.values():
+        epoch, value = last[task.task_id]
+        assert again.optimizer.result_for(task.arch_hash)["epochs"] == epoch
+        assert again.optimizer.result_for(task.arch_hash)["val_accuracy"] == value
+    assert max(epoch for epoch, _ in last.values()) == 9
+    again.journal.close()

@@ -192,6 +192,35 @@ def test_tell_unknown_id_is_an_error_and_a_second_tell_is_ignored() -> None:
     assert optimizer.result_for(candidate.arch_hash) == {"val_accuracy": 0.5}
 
 
+def test_update_replaces_a_told_result_and_evolution_breeds_from_the_new_value() -> None:
+    """Multi-fidelity: a promoted trial's value at a higher rung replaces its first-rung value
+    (Optimizer.update), in best(), in the parent choice and in the snapshot (state_json caches
+    finished records); nothing else is an update."""
+    optimizer = RegularizedEvolution(space(), population_size=2, sample_size=2, max_trials=10, seed=4)
+    first, second = optimizer.ask(2)
+    pending = optimizer.ask(0)
+    optimizer.tell(first, {"val_accuracy": 0.5, "epochs": 1})
+    optimizer.tell(second, {"val_accuracy": 0.4, "epochs": 1})
+    assert optimizer.best()[0].id == first.id
+    before = optimizer.state_json()
+    assert optimizer.update(second.id, {"val_accuracy": 0.9, "epochs": 3}) is True
+    assert optimizer.best() == (second, {"val_accuracy": 0.9, "epochs": 3})
+    assert optimizer.result_for(second.arch_hash) == {"val_accuracy": 0.9, "epochs": 3}
+    (child,) = optimizer.ask(1)  # the fitter of the two is the parent now
+    assert child.parents == (second.id,)
+    assert optimizer.state_json() != before and json.loads(optimizer.state_json()) == optimizer.state_dict()
+    # A failed later segment, a candidate not told yet, or one that failed: no update.
+    assert optimizer.update(second.id, {"status": "failed"}) is False
+    assert optimizer.update(second.id, None) is False
+    assert optimizer.update(child.id, {"val_accuracy": 1.0}) is False
+    optimizer.tell(child, None)
+    assert optimizer.update(child.id, {"val_accuracy": 1.0}) is False
+    assert optimizer.best()[1] == {"val_accuracy": 0.9, "epochs": 3} and pending == []
+    reloaded = RegularizedEvolution(space(), population_size=2, sample_size=2, max_trials=10, seed=4)
+    reloaded.load_state_dict(json.loads(optimizer.state_json()))
+    assert reloaded.best()[0].id == second.id
+
+
 def test_optimize_counts_an_evaluator_exception_as_a_failed_trial() -> None:
     calls = []
 

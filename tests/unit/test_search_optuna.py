@@ -146,6 +146,30 @@ def test_restart_rebuilds_the_sampler_from_the_journaled_trials_and_continues_th
     assert restarted.num_sampler_trials >= 30
 
 
+@pytest.mark.parametrize("cls", [TPESearch, NSGA2Search])
+def test_update_gives_the_sampler_the_new_values_and_a_restart_the_same_search(cls):
+    """Multi-fidelity: a promoted trial's value at a higher rung replaces its first one in the
+    Optuna study (rebuilt, a finished trial cannot be told again), and a restart from the
+    state after the update continues exactly as the live optimizer does."""
+
+    def make() -> TPESearch:
+        return cls(space(), population_size=4, max_trials=30, seed=3, objectives=TWO if cls is NSGA2Search else None)
+
+    live = make()
+    asked = live.ask(6)
+    for candidate in asked:
+        live.tell(candidate.id, {**score(candidate.graph), "val_accuracy": 0.1})
+    assert live.update(asked[2].id, {"val_accuracy": 0.97, "params": 1234, "epochs": 9}) is True
+    number = live._trial_of[asked[2].id]
+    trial = live.study.get_trials(deepcopy=False)[number]
+    assert trial.values[0] == 0.97 and trial.state.name == "COMPLETE"
+    assert [t.values[0] for t in live.study.get_trials(deepcopy=False) if t.number != number] == [0.1] * 5
+    assert live.update(asked[3].id, {"status": "failed"}) is False
+    restarted = make()
+    restarted.load_state_dict(json.loads(live.state_json()))
+    assert [c.arch_hash for c in restarted.ask(5)] == [c.arch_hash for c in live.ask(5)]
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_nsga2_replay_after_a_restart_keeps_the_parents_chosen_while_a_trial_was_in_flight(seed):
     """A generation's parents are chosen when its first trial is asked; a trial of the previous

@@ -241,7 +241,7 @@ class ExperimentCoordinator:
         # asha/hyperband: trials train in segments up to their rung and pause there (see _segment_result).
         self._asha: Asha | None = self.scheduler if isinstance(self.scheduler, Asha) else None
         # Trials whose candidate the optimizer was told about (asha/hyperband: at the first rung
-        # result, once per trial; see docs/early-stopping.md).
+        # result, then updated at each higher rung; see docs/early-stopping.md).
         self._told: set[str] = set()
         # Epochs leased so far (each lease's segment; a finished attempt's unused epochs are given
         # back): what spec.budget.maxEpochs limits. Journaled (meta epochs_leased) with each lease.
@@ -404,6 +404,8 @@ class ExperimentCoordinator:
                         f"optimizer is not deterministic or the manifest changed since the journal was written")
             elif op == "tell":
                 self.optimizer.tell(arg["id"], arg["metrics"])
+            elif op == "update":
+                self.optimizer.update(arg["id"], arg["metrics"])
         self._ops_since_snapshot = len(ops)
         if ops:
             self._last_op_seq = ops[-1][0]
@@ -423,6 +425,15 @@ class ExperimentCoordinator:
     def _tell(self, candidate_id: str, metrics: dict | None) -> None:
         self.optimizer.tell(candidate_id, metrics)
         self._last_op_seq = self.journal.log_optimizer_op("tell", {"id": candidate_id, "metrics": metrics})
+        self._ops_since_snapshot += 1
+
+    def _update_told(self, candidate_id: str, metrics: dict) -> None:
+        """A told candidate's later result (asha/hyperband: its value at a higher rung), for an
+        optimizer that takes one (`Optimizer.update`); logged only when it changed something."""
+        update = getattr(self.optimizer, "update", None)
+        if update is None or not update(candidate_id, metrics):
+            return
+        self._last_op_seq = self.journal.log_optimizer_op("update", {"id": candidate_id, "metrics": metrics})
         self._ops_since_snapshot += 1
 
     def _maybe_snapshot(self, force: bool = False) -> None:
@@ -768,8 +779,9 @@ class ExperimentCoordinator:
                         now: float) -> None:
         """asha/hyperband: a segment's result is the trial's result at the rung it was leased to
         reach. Below the full budget the trial PAUSES there (a promotion may resume it); at the
-        full budget (or if it trained that far anyway) it SUCCEEDS. The optimizer is told once per
-        trial, at its first rung result, so evolution and TPE learn while the search runs."""
+        full budget (or if it trained that far anyway) it SUCCEEDS. The optimizer is told at a
+        trial's first rung result, so evolution and TPE learn while the search runs, and updated
+        with each later rung's result, so what it learns is the longest training the trial got."""
         assert self._asha is not None
         rung = self._asha.target(task.task_id)
         reached = metrics.get("epochs")
@@ -785,6 +797,8 @@ class ExperimentCoordinator:
         if task.task_id not in self._told:
             self._told.add(task.task_id)
             self._tell(task.candidate_id, metrics)
+        else:  # a promoted trial's result at a higher rung: the optimizer learns its longer training
+            self._update_told(task.candidate_id, metrics)
         if final:
             self.succeeded += 1
             self.journal.event(now, "succeeded", task.task_id, att.attempt, att.worker_id, worker_name,

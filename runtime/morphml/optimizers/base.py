@@ -314,6 +314,27 @@ class Optimizer:
         self._fitness[candidate_id] = fitness
         self._on_result(candidate_id)
 
+    def update(self, candidate_id: str | Candidate, metrics: Mapping[str, Any] | None) -> bool:
+        """A better-informed result of a candidate already told: multi-fidelity search (asha,
+        hyperband) tells a trial at its first rung and updates it each time a promotion takes it
+        to a higher rung, so the optimizer learns from the longest training a trial got rather
+        than from its first epochs (docs/early-stopping.md). The new metrics and fitness replace
+        the told ones. Returns False and changes nothing for a candidate not told yet or told as
+        failed, or for metrics that are themselves a failure (a failed later segment does not
+        undo what the trial showed before)."""
+        if isinstance(candidate_id, Candidate):
+            candidate_id = candidate_id.id
+        if self._status.get(candidate_id) != "done" or not isinstance(metrics, Mapping):
+            return False
+        fitness = self._fitness_of(metrics)
+        if fitness is None:
+            return False
+        self._metrics[candidate_id] = _json_safe(metrics)
+        self._fitness[candidate_id] = fitness
+        self._record_text.pop(candidate_id, None)  # its snapshot record changed
+        self._on_update(candidate_id)
+        return True
+
     def is_finished(self) -> bool:
         return self._exhausted or self._finished()
 
@@ -411,7 +432,7 @@ class Optimizer:
 
     def state_json(self) -> str:
         """`json.dumps(state_dict())`, for snapshots: the record of a done or failed candidate
-        never changes, so its JSON text is made once and reused (a snapshot then costs the
+        changes only through `update`, so its JSON text is made once and reused (a snapshot then costs the
         new candidates, not the whole history, in Python work)."""
         texts = []
         for i in self._candidates:
@@ -524,6 +545,10 @@ class Optimizer:
 
     def _on_result(self, candidate_id: str) -> None:
         return None
+
+    def _on_update(self, candidate_id: str) -> None:
+        """After `update` replaced a told candidate's metrics and fitness (which every ranking
+        here reads, so most optimizers need nothing more)."""
 
     def _finished(self) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError

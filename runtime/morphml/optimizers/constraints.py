@@ -140,6 +140,16 @@ class ConstrainedOptimizer:
         return out
 
     def tell(self, candidate_id: str | Candidate, metrics: Mapping[str, Any] | float | None) -> None:
+        self.inner.tell(candidate_id, self._checked(metrics))
+
+    def update(self, candidate_id: str | Candidate, metrics: Mapping[str, Any] | None) -> bool:
+        """The inner optimizer's update, after the same latency check as a tell (a result now
+        over maxLatencyMs is infeasible, which an update does not apply: see Optimizer.update)."""
+        checked = self._checked(metrics)
+        return self.inner.update(candidate_id, checked) if isinstance(checked, Mapping) else False
+
+    def _checked(self, metrics: Mapping[str, Any] | float | None) -> Mapping[str, Any] | float | None:
+        """The result as the inner optimizer must see it: infeasible when over maxLatencyMs."""
         limit = self.limits.get("max_latency_ms")
         if limit is not None and isinstance(metrics, Mapping):
             ok = str(metrics.get("status", "ok")).lower() not in ("failed", "error")
@@ -157,7 +167,7 @@ class ConstrainedOptimizer:
                     "violation": violation,
                     "error": f"infeasible: {reason}",
                 }
-        self.inner.tell(candidate_id, metrics)
+        return metrics
 
     def is_finished(self) -> bool:
         return self._gave_up or self.inner.is_finished()

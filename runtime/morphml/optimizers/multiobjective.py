@@ -97,8 +97,8 @@ class MultiObjectiveMixin(_MixinBase):
     def goals(self) -> list[str]:
         return [o["goal"] for o in self.objectives]
 
-    def tell(self, candidate_id: str | Any, metrics: Mapping[str, Any] | float | None) -> None:
-        key = getattr(candidate_id, "id", candidate_id)
+    def _with_graph_metrics(self, key: str, metrics: Any) -> Any:
+        """The metrics plus the graph metrics (params, flops) an objective needs and they lack."""
         if isinstance(metrics, (int, float)) and not isinstance(metrics, bool):
             metrics = {self.objective: float(metrics)}
         if isinstance(metrics, Mapping) and key in self._candidates:
@@ -106,6 +106,18 @@ class MultiObjectiveMixin(_MixinBase):
             if missing and str(metrics.get("status", "ok")).lower() not in ("failed", "error"):
                 graph = self._candidates[key].graph
                 metrics = {**metrics, **{m: graph_metric(graph, m) for m in missing}}
+        return metrics
+
+    def update(self, candidate_id: str | Any, metrics: Mapping[str, Any] | None) -> bool:
+        key = getattr(candidate_id, "id", candidate_id)
+        updated = super().update(candidate_id, self._with_graph_metrics(key, metrics))
+        if updated:
+            self._front = None  # the point moved: recomputed from the results when next asked for
+        return updated
+
+    def tell(self, candidate_id: str | Any, metrics: Mapping[str, Any] | float | None) -> None:
+        key = getattr(candidate_id, "id", candidate_id)
+        metrics = self._with_graph_metrics(key, metrics)
         super().tell(candidate_id, metrics)
         if self._front is not None and key in self._candidates and self._status[key] == "done":
             values = self.values_of(self._metrics[key])

@@ -294,6 +294,21 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
     def _on_result(self, candidate_id: str) -> None:
         self._optuna_tell(self._trial_of[candidate_id], *self._optuna_result(self._metrics[candidate_id]))
 
+    def _on_update(self, candidate_id: str) -> None:
+        """A finished Optuna trial cannot be told again, so its record takes the new values and
+        the study is rebuilt from the records, as after a restart (`add_trial` of each)."""
+        values, violation = self._optuna_result(self._metrics[candidate_id])
+        if values is None:
+            return
+        record = self._trials[self._trial_of[candidate_id]]
+        record["values"], record["violation"] = list(values), violation
+        if self.constraints_aware:
+            # Optuna keeps a trial's constraint values in its system attrs (set by after_trial).
+            key = self._optuna.samplers._base._CONSTRAINTS_KEY
+            if key in record["system_attrs"]:
+                record["system_attrs"][key] = [violation]
+        self._load_extra_state(self._extra_state())
+
     def _extra_state(self) -> dict[str, Any]:
         return {"trials": self._trials, "study_attrs": self._study_attrs()}
 
