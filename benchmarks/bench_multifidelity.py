@@ -82,9 +82,13 @@ def manifest(name: str, seed: int, epochs: int, max_trials: int, max_epochs: int
     return {"apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "metadata": {"name": name}, "spec": spec}
 
 
-def run_morphml(method: str, seed: int, args: argparse.Namespace, work: Path) -> list[tuple[float, int, float]]:
+Epochs = list[tuple[float, int, float]]  # (val_accuracy, 1, seconds of that epoch) per epoch, as reported
+
+
+def run_morphml(method: str, seed: int, args: argparse.Namespace, work: Path) -> tuple[Epochs, str]:
     """Runs `morphml run`; returns the epochs trained in the order they were reported:
-    (val_accuracy, 1, seconds of that epoch) each, read from the journal's curves."""
+    (val_accuracy, 1, seconds of that epoch) each, read from the journal's curves, and the
+    architecture (JSON) of the trial with the best val_accuracy of any epoch."""
     full_epochs = args.full_trials * args.epochs
     if method == "morphml-full":
         doc = manifest(f"full-{seed}", seed, args.epochs, args.full_trials, None, None)
@@ -107,10 +111,12 @@ def run_morphml(method: str, seed: int, args: argparse.Namespace, work: Path) ->
     journal = Journal.open_read_only(out / "run" / "journal.db")
     try:
         points = journal.curves()
+        arch_of = {task.task_id: task.arch_json for task in journal.load_tasks()}
     finally:
         journal.close()
     points.sort(key=lambda p: (p["reported_at"], p["task_id"], p["step"]))
-    return epochs_of(points)
+    best = max(points, key=lambda p: float(p["metrics"]["val_accuracy"]))  # the first of equals
+    return epochs_of(points), arch_of[best["task_id"]]
 
 
 def epochs_of(points: list[dict[str, Any]]) -> list[tuple[float, int, float]]:
@@ -129,7 +135,7 @@ def epochs_of(points: list[dict[str, Any]]) -> list[tuple[float, int, float]]:
 
 # -- Optuna: a study with a pruner over the same trainer ----------------------------------------
 
-def run_optuna(method: str, seed: int, args: argparse.Namespace) -> list[tuple[float, int, float]]:
+def run_optuna(method: str, seed: int, args: argparse.Namespace) -> tuple[Epochs, str]:
     import optuna
 
     from morphml.evaluation import TrialFailure, evaluate_architecture
@@ -145,7 +151,8 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> list[tuple[f
         pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_RESOURCE, reduction_factor=ETA)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
     sp = space()
-    epochs: list[tuple[float, int, float]] = []
+    epochs: Epochs = []
+    best: dict[str, Any] = {"value": -math.inf, "arch": ""}  # the trial with the best epoch so far
     lock = threading.Lock()
 
     def objective(trial: optuna.Trial) -> float:
@@ -153,6 +160,7 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> list[tuple[f
             graph = build_graph_from_choices(program_from_trial(sp, trial), INPUT_SHAPE, NUM_CLASSES)
         except GraphError:
             raise optuna.TrialPruned from None  # no architecture: nothing trained
+        arch = json.dumps(graph.to_json(), sort_keys=True)
         state = {"last": 0.0, "pruned": False, "value": math.nan}
 
         def progress(step: int, metrics: dict[str, Any]) -> bool:
@@ -162,6 +170,8 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> list[tuple[f
                     state["pruned"] = True
                     return True  # the epoch budget is spent: this epoch is not counted, the search ends
                 epochs.append((float(metrics["val_accuracy"]), 1, float(metrics["seconds"]) - state["last"]))
+                if float(metrics["val_accuracy"]) > best["value"]:
+                    best.update(value=float(metrics["val_accuracy"]), arch=arch)
             state["last"] = float(metrics["seconds"])
             state["value"] = float(metrics["val_accuracy"])
             trial.report(state["value"], step)
@@ -183,7 +193,28 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> list[tuple[f
             study.stop()
 
     study.optimize(objective, n_trials=budget * 20, n_jobs=args.workers, callbacks=[stop])
-    return epochs
+    return epochs, str(best["arch"])
+
+
+# -- the chosen architecture, retrained ----------------------------------------------------------
+
+RETRAIN_SEED = 1000  # fresh training seeds 1000, 1001, ...: none a search trained with
+
+
+def retrain(arch: str, epochs: int, count: int, cache: dict[str, float]) -> list[float]:
+    """The final val_accuracy of `arch` trained `count` times for the full `epochs` with fresh
+    torch seeds: what the architecture a search hands back scores, without the luck of the one
+    run that made it the best (`cache`: by architecture and seed, shared by methods and seeds)."""
+    from morphml.evaluation import evaluate_architecture
+
+    out = []
+    for k in range(count):
+        key = f"{json.dumps(json.loads(arch), sort_keys=True)}@{RETRAIN_SEED + k}"
+        if key not in cache:
+            metrics = evaluate_architecture(arch, evaluation(epochs), device="cpu", seed=RETRAIN_SEED + k)
+            cache[key] = float(metrics["val_accuracy"])
+        out.append(cache[key])
+    return out
 
 
 # -- figures ------------------------------------------------------------------------------------
@@ -213,32 +244,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every run's epochs here")
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="train nothing: the figures of runs written by --json (several: their seeds merged)")
+    parser.add_argument("--retrain", type=int, default=3,
+                        help="retrain each run's best architecture this many times, full epochs, fresh seeds")
     args = parser.parse_args(argv)
     if args.from_json:
-        saved = merged(args.from_json)
+        saved, again = merged(args.from_json)
         return report(saved, sorted({seed for method in saved.values() for seed in method}),
-                      [m for m in args.methods if m in saved], args)
+                      [m for m in args.methods if m in saved], args, again)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     work = args.keep or Path(tempfile.mkdtemp(prefix="morphml-bench-mf-"))
-    runs: dict[str, dict[int, list[tuple[float, int, float]]]] = {}
+    runs: dict[str, dict[int, Epochs]] = {}
+    chosen: dict[str, dict[int, str]] = {}
+    retrained: dict[str, dict[int, list[float]]] = {}
+    cache: dict[str, float] = {}
     started = time.monotonic()
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:  # seeds outermost: a run stopped early has every method on its first seeds
         for method in args.methods:
             t0 = time.monotonic()
-            epochs = run_optuna(method, seed, args) if method.startswith("optuna-") else \
+            epochs, arch = run_optuna(method, seed, args) if method.startswith("optuna-") else \
                 run_morphml(method, seed, args, work)
             runs.setdefault(method, {})[seed] = epochs
-            print(f"  {method} seed {seed}: {len(epochs)} epochs, best {max(v for v, _, _ in epochs):.4f}, "
-                  f"{time.monotonic() - t0:.0f} s wall", flush=True)
+            chosen.setdefault(method, {})[seed] = arch
+            line = (f"  {method} seed {seed}: {len(epochs)} epochs, best {max(v for v, _, _ in epochs):.4f}, "
+                    f"{time.monotonic() - t0:.0f} s wall")
+            if args.retrain:
+                values = retrain(arch, args.epochs, args.retrain, cache)
+                retrained.setdefault(method, {})[seed] = values
+                line += f"; its architecture retrained: {statistics.median(values):.4f} (median of {len(values)})"
+            print(line, flush=True)
+            if args.json:  # after every run: a run stopped early keeps what it did
+                args.json.write_text(json.dumps({**runs, "_chosen": chosen, "_retrained": retrained}))
     print(f"all runs: {time.monotonic() - started:.0f} s wall; outputs in {work}")
-    if args.json:
-        args.json.write_text(json.dumps(runs))
-    return report(runs, list(seeds), args.methods, args)
+    return report(runs, list(seeds), args.methods, args, retrained)
 
 
-def targets(best: dict[str, dict[int, float]]) -> None:
+def targets(best: dict[str, dict[int, float]], measure: str = "best val_accuracy") -> None:
     """Issue 12's two targets, seed by seed and by the medians (where both methods of a target ran)."""
+    print(f"by {measure}:")
     for a, b, margin, what in (("morphml-asha", "morphml-full", WITHIN, f"ASHA within {WITHIN:g} of full fidelity"),
                                ("morphml-asha", "optuna-hyperband", 0.0, "ASHA >= Optuna+Hyperband")):
         common = sorted(set(best.get(a, {})) & set(best.get(b, {})))
@@ -247,23 +290,32 @@ def targets(best: dict[str, dict[int, float]]) -> None:
         met = [seed for seed in common if best[a][seed] >= best[b][seed] - margin]
         gap = statistics.median(best[a][seed] - best[b][seed] for seed in common)
         medians = statistics.median(best[a][s] for s in common) - statistics.median(best[b][s] for s in common)
-        print(f"target {what}: met in {len(met)} of {len(common)} seeds; median of the per-seed differences "
+        print(f"  target {what}: met in {len(met)} of {len(common)} seeds; median of the per-seed differences "
               f"{gap:+.4f}; difference of the medians {medians:+.4f}")
 
 
-def merged(paths: list[Path]) -> dict[str, dict[int, list[tuple[float, int, float]]]]:
-    """The runs of several --json files, by method and seed (a later file's seed replaces an earlier one's)."""
-    runs: dict[str, dict[int, list[tuple[float, int, float]]]] = {}
+def merged(paths: list[Path]) -> tuple[dict[str, dict[int, Epochs]], dict[str, dict[int, list[float]]]]:
+    """The runs of several --json files and their retrained values, by method and seed (a later
+    file's seed replaces an earlier one's; files written before --retrain have none)."""
+    runs: dict[str, dict[int, Epochs]] = {}
+    retrained: dict[str, dict[int, list[float]]] = {}
     for path in paths:
-        for method, by_seed in json.loads(path.read_text()).items():
+        saved = json.loads(path.read_text())
+        for method, by_seed in saved.items():
+            if method.startswith("_"):
+                continue
             for seed, epochs in by_seed.items():
                 runs.setdefault(method, {})[int(seed)] = [(float(v), int(n), float(s)) for v, n, s in epochs]
-    return runs
+                retrained.get(method, {}).pop(int(seed), None)
+        for method, by_seed in saved.get("_retrained", {}).items():
+            for seed, values in by_seed.items():
+                retrained.setdefault(method, {})[int(seed)] = [float(v) for v in values]
+    return runs, retrained
 
 
-def report(runs: dict[str, dict[int, list[tuple[float, int, float]]]], seeds: list[int], methods: list[str],
-           args: argparse.Namespace) -> int:
-    """Prints the per-seed bests and the table of medians."""
+def report(runs: dict[str, dict[int, Epochs]], seeds: list[int], methods: list[str], args: argparse.Namespace,
+           retrained: dict[str, dict[int, list[float]]] | None = None) -> int:
+    """Prints the per-seed bests, the targets and the table of medians."""
     overall = {seed: max(v for method in runs.values() for v, _, _ in method.get(seed, []))
                for seed in seeds}
     best = {m: {seed: max(v for v, _, _ in runs[m][seed]) for seed in runs[m]} for m in methods}
@@ -288,6 +340,18 @@ def report(runs: dict[str, dict[int, list[tuple[float, int, float]]]], seeds: li
           + ", ".join(f"{s}: {v:.4f}" for s, v in overall.items()))
     print(table(["method", "seeds", "best val_accuracy (median, min-max)", "epochs trained", "worker-seconds",
                  f"epochs to within {WITHIN:g} of the overall best (median)"], rows))
+    again = {m: {seed: statistics.median(v) for seed, v in retrained[m].items() if v}
+             for m in methods if retrained and retrained.get(m)}
+    if again:
+        print("\nThe best architecture of each run, retrained with fresh seeds for the full epochs "
+              "(median over its retrains, then over seeds):")
+        for seed in seeds:
+            print(f"seed {seed} retrained: " + ", ".join(f"{m} {again[m][seed]:.4f}" for m in methods
+                                                        if seed in again.get(m, {})))
+        targets(again, "the retrained accuracy of the chosen architecture")
+        print(table(["method", "seeds", "retrained val_accuracy of the chosen architecture (median, min-max)"],
+                    [[m, len(v), f"{statistics.median(v.values()):.4f} ({min(v.values()):.4f}-{max(v.values()):.4f})"]
+                     for m, v in again.items()]))
     return 0
 
 

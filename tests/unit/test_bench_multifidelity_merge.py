@@ -19,8 +19,20 @@ def test_merged_takes_seeds_from_every_file_as_ints_and_a_later_file_wins(tmp_pa
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"morphml-asha": {"0": [[0.5, 1, 1.0]], "1": [[0.6, 1, 2.0]]}}))
     b.write_text(json.dumps({"morphml-asha": {"1": [[0.7, 1, 3.0]]}, "morphml-full": {"1": [[0.8, 1, 4.0]]}}))
-    runs = bench_multifidelity.merged([a, b])
+    runs, retrained = bench_multifidelity.merged([a, b])
     assert runs == {"morphml-asha": {0: [(0.5, 1, 1.0)], 1: [(0.7, 1, 3.0)]}, "morphml-full": {1: [(0.8, 1, 4.0)]}}
+    assert retrained == {}
+
+
+def test_merged_keeps_the_retrained_values_of_the_file_a_seed_came_from(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"morphml-asha": {"0": [[0.5, 1, 1.0]], "1": [[0.6, 1, 2.0]]},
+                             "_chosen": {"morphml-asha": {"0": "{}", "1": "{}"}},
+                             "_retrained": {"morphml-asha": {"0": [0.4, 0.5, 0.6], "1": [0.1]}}}))
+    b.write_text(json.dumps({"morphml-asha": {"1": [[0.7, 1, 3.0]]}}))  # seed 1 again, not retrained
+    runs, retrained = bench_multifidelity.merged([a, b])
+    assert set(runs) == {"morphml-asha"} and runs["morphml-asha"][1] == [(0.7, 1, 3.0)]
+    assert retrained == {"morphml-asha": {0: [0.4, 0.5, 0.6]}}
 
 
 def test_targets_count_the_seeds_where_each_is_met(capsys):
@@ -29,8 +41,9 @@ def test_targets_count_the_seeds_where_each_is_met(capsys):
             "optuna-hyperband": {0: 0.79, 1: 0.80, 2: 0.82}}  # ASHA >= it in seed 0 only
     bench_multifidelity.targets(best)
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("target ASHA within 0.005 of full fidelity: met in 2 of 3 seeds")
-    assert out[1].startswith("target ASHA >= Optuna+Hyperband: met in 1 of 3 seeds")
+    assert out[0] == "by best val_accuracy:"
+    assert out[1].startswith("  target ASHA within 0.005 of full fidelity: met in 2 of 3 seeds")
+    assert out[2].startswith("  target ASHA >= Optuna+Hyperband: met in 1 of 3 seeds")
 
 
 def test_from_json_prints_the_table_without_training(tmp_path, capsys):
@@ -40,3 +53,19 @@ def test_from_json_prints_the_table_without_training(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seed 0 best: morphml-full 0.8000" in out
     assert "| morphml-asha " in out
+    assert "retrained" not in out  # a file from before --retrain has no such figures
+
+
+def test_from_json_prints_the_retrained_figures_and_their_targets(tmp_path, capsys):
+    path = tmp_path / "runs.json"
+    doc = {m: {"0": [[0.7, 1, 1.0], [0.8, 1, 1.0]]} for m in bench_multifidelity.METHODS}
+    doc["_retrained"] = {m: {"0": [0.70, 0.78, 0.74]} for m in bench_multifidelity.METHODS}
+    doc["_retrained"]["morphml-full"] = {"0": [0.76, 0.76, 0.80]}
+    path.write_text(json.dumps(doc))
+    assert bench_multifidelity.main(["--from-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "seed 0 retrained: morphml-full 0.7600, morphml-asha 0.7400" in out
+    assert "by the retrained accuracy of the chosen architecture:" in out
+    assert "target ASHA within 0.005 of full fidelity: met in 0 of 1 seeds" in out
+    assert "target ASHA >= Optuna+Hyperband: met in 1 of 1 seeds" in out
+    assert "| morphml-full      | 1     | 0.7600 (0.7600-0.7600)" in out
