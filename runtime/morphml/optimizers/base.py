@@ -432,8 +432,8 @@ class Optimizer:
 
     def state_json(self) -> str:
         """`json.dumps(state_dict())`, for snapshots: the record of a done or failed candidate
-        changes only through `update`, so its JSON text is made once and reused (a snapshot then costs the
-        new candidates, not the whole history, in Python work)."""
+        changes only through `update` (which drops its text), so its JSON text is made once and
+        reused (a snapshot then costs the new candidates, not the whole history, in Python work)."""
         texts = []
         for i in self._candidates:
             text = self._record_text.get(i)

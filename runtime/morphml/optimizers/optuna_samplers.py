@@ -157,7 +157,6 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
             return self._optuna.samplers.TPESampler(
                 n_startup_trials=self.population_size,
                 constant_liar=True,
-                warn_independent_sampling=False,
                 seed=seed,
                 constraints_func=self._constraints if self.constraints_aware else None,
             )
