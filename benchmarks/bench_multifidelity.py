@@ -1,15 +1,15 @@
 """Benchmark: multi-fidelity search on digits-hard, MorphML's schedulers against Optuna's pruners,
 same space, same per-epoch trainer, same sampler family (TPE), several seeds.
 
-Methods (each with `--epochs` E epochs per full trial, rungs at 1, 3, 9, ... epochs: minResource
-1, reductionFactor 3):
+Methods (each with `--epochs` E epochs per full trial, rungs at r, 3r, 9r, ... epochs: minResource
+r = `--min-resource`, default 1, reductionFactor 3):
 - morphml-full: `morphml run` (real master and `--workers` worker processes on loopback),
   spec.optimizer.algorithm tpe, no early stopping, `--full-trials` trials of E epochs;
 - morphml-asha / morphml-hyperband: the same with spec.earlyStopping asha / hyperband and
   spec.budget.maxEpochs = the full run's epochs / `--fraction` (default 3): trials pause at a rung
   and are promoted from their checkpoint;
 - optuna-hyperband / optuna-sha: a plain Optuna study (TPESampler, HyperbandPruner or
-  SuccessiveHalvingPruner with min_resource 1, reduction_factor 3, max_resource E), its objective
+  SuccessiveHalvingPruner with min_resource r, reduction_factor 3, max_resource E), its objective
   training the same architecture (define-by-run over the same choices through
   `program_from_trial`) with the same trainer, `trial.report` + `should_prune` after each epoch,
   in this process, stopped when it has trained the same epoch budget as ASHA.
@@ -22,8 +22,8 @@ overall best (the best any method reached with that seed; '-' when never). Targe
 ASHA reaches full fidelity's best within 0.5 % with at most 1/3 of its epochs, and at equal
 epochs its best is at least Optuna+Hyperband's.
 
-Run: nice -n 19 python benchmarks/bench_multifidelity.py [--seeds 3] [--first-seed 0] [--epochs 9]
-     [--full-trials 27] [--fraction 3] [--workers 2] [--methods ...] [--keep DIR] [--json FILE]
+Run: nice -n 19 python benchmarks/bench_multifidelity.py [--seeds 3] [--first-seed 0] [--epochs 9] [--min-resource 1]
+     [--full-trials 27] [--fraction 3] [--workers 2] [--methods ...] [--retrain 3] [--keep DIR] [--json FILE]
      python benchmarks/bench_multifidelity.py --from-json FILE [FILE ...] (the table of saved runs, seeds merged;
      the same --epochs, --full-trials and --fraction as they ran with)
 
@@ -55,7 +55,7 @@ from morphml.distributed.journal import Journal
 from morphml.graph import GraphError, build_graph_from_choices
 
 METHODS = ("morphml-full", "morphml-asha", "morphml-hyperband", "optuna-hyperband", "optuna-sha")
-MIN_RESOURCE, ETA = 1, 3
+MIN_RESOURCE, ETA = 1, 3  # the defaults of --min-resource and the reduction factor (fixed)
 TPE_STARTUP = 10
 WITHIN = 0.005
 
@@ -67,7 +67,7 @@ def evaluation(epochs: int) -> dict[str, Any]:
 # -- MorphML: `morphml run` ---------------------------------------------------------------------
 
 def manifest(name: str, seed: int, epochs: int, max_trials: int, max_epochs: int | None,
-             scheduler: str | None) -> dict[str, Any]:
+             scheduler: str | None, min_resource: int = MIN_RESOURCE) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "searchSpace": {"layers": SPACE["layers"]},
         "optimizer": {"algorithm": "tpe", "populationSize": TPE_STARTUP, "seed": seed},
@@ -78,7 +78,7 @@ def manifest(name: str, seed: int, epochs: int, max_trials: int, max_epochs: int
     if max_epochs is not None:
         spec["budget"]["maxEpochs"] = max_epochs
     if scheduler is not None:
-        spec["earlyStopping"] = {"type": scheduler, "minResource": MIN_RESOURCE, "reductionFactor": ETA}
+        spec["earlyStopping"] = {"type": scheduler, "minResource": min_resource, "reductionFactor": ETA}
     return {"apiVersion": "morphml.io/v1alpha1", "kind": "NASExperiment", "metadata": {"name": name}, "spec": spec}
 
 
@@ -95,7 +95,8 @@ def run_morphml(method: str, seed: int, args: argparse.Namespace, work: Path) ->
     else:
         scheduler = method.split("-", 1)[1]
         # maxTrials high enough that the epoch budget is what ends the search
-        doc = manifest(f"{scheduler}-{seed}", seed, args.epochs, full_epochs, full_epochs // args.fraction, scheduler)
+        doc = manifest(f"{scheduler}-{seed}", seed, args.epochs, full_epochs, full_epochs // args.fraction, scheduler,
+                       args.min_resource)
     out = work / f"{method}-{seed}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.yaml"
@@ -145,10 +146,10 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> tuple[Epochs
     budget = args.full_trials * args.epochs // args.fraction
     pruner: Any
     if method == "optuna-hyperband":
-        pruner = optuna.pruners.HyperbandPruner(min_resource=MIN_RESOURCE, max_resource=args.epochs,
+        pruner = optuna.pruners.HyperbandPruner(min_resource=args.min_resource, max_resource=args.epochs,
                                                 reduction_factor=ETA)
     else:
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_RESOURCE, reduction_factor=ETA)
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=args.min_resource, reduction_factor=ETA)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruner)
     sp = space()
     epochs: Epochs = []
@@ -234,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds first-seed .. first-seed + seeds - 1 (more seeds in a second run)")
     parser.add_argument("--epochs", type=int, default=9, help="epochs of a full trial (rungs 1, 3, 9, ...)")
+    parser.add_argument("--min-resource", type=int, default=MIN_RESOURCE,
+                        help="epochs of the first rung, for ours and Optuna's pruners alike (rungs r, 3r, 9r, ...)")
     parser.add_argument("--full-trials", type=int, default=27, help="trials of the full-fidelity run")
     parser.add_argument("--fraction", type=int, default=3,
                         help="the multi-fidelity runs get the full run's epochs / this (the target's 1/3)")
@@ -334,8 +337,8 @@ def report(runs: dict[str, dict[int, Epochs]], seeds: list[int], methods: list[s
             f"{statistics.median(s for _, _, s, _ in per_seed):.0f}",
             f"{statistics.median(reached):g} ({len(reached)} of {len(per_seed)} seeds)" if reached else "-",
         ])
-    print(f"\nE={args.epochs} epochs per full trial, rungs at {MIN_RESOURCE} x {ETA}^k; full run {args.full_trials} "
-          f"trials = {args.full_trials * args.epochs} epochs; multi-fidelity budget "
+    print(f"\nE={args.epochs} epochs per full trial, rungs at {args.min_resource} x {ETA}^k; "
+          f"full run {args.full_trials} trials = {args.full_trials * args.epochs} epochs; multi-fidelity budget "
           f"{args.full_trials * args.epochs // args.fraction} epochs; overall best by seed "
           + ", ".join(f"{s}: {v:.4f}" for s, v in overall.items()))
     print(table(["method", "seeds", "best val_accuracy (median, min-max)", "epochs trained", "worker-seconds",
