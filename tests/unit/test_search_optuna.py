@@ -125,6 +125,26 @@ def test_a_failed_trial_is_an_optuna_fail_and_a_success_carries_every_objective(
     assert [s for _, s, _ in optimizer.history()] == ["failed", "done", "failed"]
 
 
+@pytest.mark.parametrize("seed", [0, 2, 3])  # seeds whose plain study draws 15+ distinct first
+def test_tpe_asks_what_a_plain_optuna_study_with_the_same_seed_asks(seed):
+    """One sampler for the whole search, seeded with the optimizer's seed: until a plain study
+    draws an architecture twice (ours draws again there), the two ask the same architectures.
+    A new sampler per ask (what TPESearch did before) agrees only through the random startup."""
+    sampler = optuna.samplers.TPESampler(n_startup_trials=4, multivariate=True, constant_liar=True, seed=seed)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    plain: list[str] = []
+    for _ in range(30):
+        trial = study.ask()
+        graph = build_graph_from_choices(program_from_trial(space(), trial), (1, 8, 8), 10)
+        if graph.arch_hash in plain:
+            break
+        plain.append(graph.arch_hash)
+        study.tell(trial, score(graph)["val_accuracy"])
+    assert len(plain) >= 12  # well past the 4 random startup trials
+    ours = run(TPESearch(space(), population_size=4, max_trials=len(plain), seed=seed), batch=1)
+    assert ours == plain
+
+
 @pytest.mark.parametrize("cls", [TPESearch, NSGA2Search])
 def test_restart_rebuilds_the_sampler_from_the_journaled_trials_and_continues_the_same_search(cls):
     def make() -> TPESearch:
@@ -144,6 +164,21 @@ def test_restart_rebuilds_the_sampler_from_the_journaled_trials_and_continues_th
     tail = run(restarted)
     assert head + tail == whole
     assert restarted.num_sampler_trials >= 30
+
+
+def test_a_tpe_state_saved_before_tpe_kept_one_sampler_continues_with_a_sampler_per_ask():
+    """A journal of the per-ask TPE (no sampler_rng in its state) resumes the way it was run:
+    a new sampler per ask from the optimizer's RNG, so its replay gives its journaled asks."""
+    live = TPESearch(space(), population_size=4, max_trials=30, seed=9)
+    run(live, stop_after=12)
+    saved = json.loads(live.state_json())
+    assert len(saved["sampler_rng"]["sampler"][1]) == 624  # MT19937's state words
+    del saved["sampler_rng"]
+    first, second = TPESearch(space(), population_size=4, seed=9), TPESearch(space(), population_size=4, seed=9)
+    first.load_state_dict(copy.deepcopy(saved))
+    second.load_state_dict(copy.deepcopy(saved))
+    assert first._model is None and "sampler_rng" not in json.loads(first.state_json())
+    assert run(first, stop_after=9) == run(second, stop_after=9)
 
 
 @pytest.mark.parametrize("cls", [TPESearch, NSGA2Search])

@@ -20,10 +20,13 @@ many pools for the input) is told to Optuna as a failed trial and drawn again.
 The journal stays the one source of truth: the state (`state_dict()`) holds every Optuna trial
 this optimizer made (params, distributions, state, values, system attributes) next to the
 candidates, and `load_state_dict()` rebuilds a fresh in-memory study with `study.add_trial` of
-each, in order, so a restarted master continues the same search. Every ask makes a new sampler
-seeded from the optimizer's own RNG (whose state is in the state_dict too): the same trials and
-the same RNG state give the same asks, before or after a restart; the coordinator's replay
-relies on that.
+each, in order, so a restarted master continues the same search. TPE keeps one sampler for the
+whole search, as a plain Optuna study does (seeded with the optimizer's seed, so ours and
+`optuna.create_study(sampler=TPESampler(seed=s))` ask the same architectures), and the state holds
+its random states (numpy MT19937, the sampler's and its startup random sampler's); NSGA-II makes
+a new sampler at every ask, seeded from the optimizer's own RNG (also in the state). Either way
+the same trials and the same random states give the same asks, before or after a restart; the
+coordinator's replay relies on that.
 
 Dedup and failures, as for our own optimizers: an architecture already asked (by `arch_hash`) is
 never asked again. When Optuna draws one, the draw is told to Optuna as that architecture's result
@@ -107,6 +110,24 @@ def program_from_trial(space: SearchSpace, trial: Any) -> list[tuple]:
     return program
 
 
+def _numpy_rng(state: Any) -> Any:
+    """The numpy RandomState behind an Optuna sampler's `_rng` (a LazyRandomState, or the
+    RandomState itself in older Optuna)."""
+    return state.rng if hasattr(state, "rng") else state
+
+
+def _numpy_state_to_json(rng: Any) -> list[Any]:
+    name, keys, pos, has_gauss, cached = rng.get_state()
+    return [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_json(state: Sequence[Any]) -> tuple[Any, ...]:
+    import numpy  # optuna's own dependency
+
+    name, keys, pos, has_gauss, cached = state
+    return (str(name), numpy.array(keys, dtype=numpy.uint32), int(pos), int(has_gauss), float(cached))
+
+
 class TPESearch(MultiObjectiveMixin, Optimizer):
     """Optuna's tree-structured Parzen estimator as Optuna 5 sets it up by default: for one
     objective multivariate (one joint density over the parameters every trial has, the others
@@ -119,9 +140,13 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
     trials than the ungrouped one in each seed compared (docs/benchmarks.md (d))."""
 
     algorithm = "tpe"
+    # One sampler for the search (True), or a new one at each draw seeded from self.rng (False).
+    # A new TPE sampler per draw started a new random stream each time and, at 64 trials on the
+    # benchmark space, found worse architectures than a plain Optuna study with one sampler
+    # (docs/benchmarks.md (d)); NSGA-II keeps the per-draw samplers its benchmark was run with.
+    persistent_sampler = True
     setting_names: tuple[str, ...] = ("population_size", "max_trials", "seed", "objectives")
-    # Set by ConstrainedOptimizer: infeasible results reach Optuna as constraint violations.
-    constraints_aware = False
+    _constraints_aware = False
 
     @morphml1_call_forms
     def __init__(
@@ -149,6 +174,21 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         self._trials: list[dict[str, Any]] = []
         self._trial_of: dict[str, int] = {}  # candidate id -> trial number
         self.study = self._new_study()
+        self._model: Any = None  # the persistent sampler (persistent_sampler), made by _new_model
+        if self.persistent_sampler:
+            self._model = self._sampler(self.seed if self.seed is not None else self.rng.getrandbits(31))
+
+    @property
+    def constraints_aware(self) -> bool:
+        """Set by ConstrainedOptimizer: infeasible results reach Optuna as constraint violations
+        (the samplers get `constraints_func`)."""
+        return self._constraints_aware
+
+    @constraints_aware.setter
+    def constraints_aware(self, value: bool) -> None:
+        self._constraints_aware = bool(value)
+        if getattr(self, "_model", None) is not None:  # the same random states, now constrained
+            self._set_model_rng_state(self._model_rng_state())
 
     # -- Optuna plumbing ---------------------------------------------------------------------
 
@@ -166,6 +206,21 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
                 seed=seed,
                 constraints_func=self._constraints if self.constraints_aware else None,
             )
+
+    def _model_rng_state(self) -> dict[str, list[Any]]:
+        """The persistent sampler's random states as JSON: {"sampler": .., "startup": ..}."""
+        if self._model is None:
+            return {}
+        return {
+            "sampler": _numpy_state_to_json(_numpy_rng(self._model._rng)),
+            "startup": _numpy_state_to_json(_numpy_rng(self._model._random_sampler._rng)),
+        }
+
+    def _set_model_rng_state(self, state: Mapping[str, Any]) -> None:
+        """A new persistent sampler (its search-space cache belongs to one study) with `state`."""
+        self._model = self._sampler(0)
+        _numpy_rng(self._model._rng).set_state(_numpy_state_from_json(state["sampler"]))
+        _numpy_rng(self._model._random_sampler._rng).set_state(_numpy_state_from_json(state["startup"]))
 
     def _new_study(self) -> Any:
         with warnings.catch_warnings():
@@ -220,8 +275,8 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         self._trials[number]["violation"] = violation
         if self.constraints_aware:
             # Optuna records a trial's constraints in the sampler's after_trial, which runs on the
-            # study's current sampler: make it one with constraints_func (its seed draws nothing).
-            self.study.sampler = self._sampler(0)
+            # study's current sampler: make it one with constraints_func (after_trial draws nothing).
+            self.study.sampler = self._model if self._model is not None else self._sampler(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if values is None:
@@ -263,11 +318,10 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         if self.space.input_shape is None or self.space.num_classes is None:
             self.space.sample(self.rng)  # raises the SearchSpaceError that says how to bind it
         for attempt in range(2 * NOVELTY_ATTEMPTS):
-            seed = self.rng.getrandbits(31)
             if attempt < NOVELTY_ATTEMPTS:
-                sampler = self._sampler(seed)
+                sampler = self._model if self._model is not None else self._sampler(self.rng.getrandbits(31))
             else:  # the model keeps proposing known architectures: explore at random instead
-                sampler = self._optuna.samplers.RandomSampler(seed=seed)
+                sampler = self._optuna.samplers.RandomSampler(seed=self.rng.getrandbits(31))
             graph, number = self._draw(sampler)
             if graph is None:
                 self._optuna_tell(number, None)
@@ -318,7 +372,10 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         self._load_extra_state(self._extra_state())
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"trials": self._trials, "study_attrs": self._study_attrs()}
+        state: dict[str, Any] = {"trials": self._trials, "study_attrs": self._study_attrs()}
+        if self._model is not None:
+            state["sampler_rng"] = self._model_rng_state()
+        return state
 
     def _study_attr_prefixes(self) -> tuple[str, ...]:
         """Key prefixes of the study-level state the sampler keeps in the study (NSGA-II: its parents)."""
@@ -373,6 +430,12 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         trials = self.study.get_trials(deepcopy=False)
         for key, numbers in state.get("study_attrs", {}).items():
             self.study._storage.set_study_system_attr(self.study._study_id, key, [trials[n]._trial_id for n in numbers])
+        if self.persistent_sampler and "sampler_rng" in state:
+            self._set_model_rng_state(state["sampler_rng"])
+        else:
+            # NSGA-II, or a TPE state saved before TPE kept one sampler: a new sampler per draw,
+            # as that search was run, so its journal replays to the same asks.
+            self._model = None
 
     @property
     def num_sampler_trials(self) -> int:
@@ -385,6 +448,7 @@ class NSGA2Search(TPESearch):
     generation; crossover and mutation over the trial parameters."""
 
     algorithm = "nsga2"
+    persistent_sampler = False
 
     def _study_attr_prefixes(self) -> tuple[str, ...]:
         return (self._optuna.samplers.NSGAIISampler._get_parent_cache_key_prefix(),)
