@@ -174,7 +174,7 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
         self._trials: list[dict[str, Any]] = []
         self._trial_of: dict[str, int] = {}  # candidate id -> trial number
         self.study = self._new_study()
-        self._model: Any = None  # the persistent sampler (persistent_sampler), made by _new_model
+        self._model: Any = None  # the one sampler (persistent_sampler); None: a new one per draw
         if self.persistent_sampler:
             self._model = self._sampler(self.seed if self.seed is not None else self.rng.getrandbits(31))
 
@@ -209,8 +209,6 @@ class TPESearch(MultiObjectiveMixin, Optimizer):
 
     def _model_rng_state(self) -> dict[str, list[Any]]:
         """The persistent sampler's random states as JSON: {"sampler": .., "startup": ..}."""
-        if self._model is None:
-            return {}
         return {
             "sampler": _numpy_state_to_json(_numpy_rng(self._model._rng)),
             "startup": _numpy_state_to_json(_numpy_rng(self._model._random_sampler._rng)),
