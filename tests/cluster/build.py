@@ -12,6 +12,7 @@ Imports: standard library only (it must run before anything else is installed).
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
 import fcntl
@@ -166,7 +167,7 @@ def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, ho
         started = time.monotonic()
         with open(build_log, "wb") as out:
             env = dict(os.environ, PATH=f"{Path(go).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-            proc = _run_in_own_group(["bash", str(script), str(tmp)], env=env, stdout=out)
+            proc = _run_in_own_group(["bash", str(script), str(tmp)], env=env, stdout=out, hold=lock)
         if proc.returncode != 0:
             tail = build_log.read_text(errors="replace")[-4000:]
             failed = root / f"failed-{target.name}.log"
@@ -185,12 +186,28 @@ def _ensure(target: Path, binaries: tuple[str, ...], script: Path, what: str, ho
         return target
 
 
-def _run_in_own_group(argv: list[str], env: dict[str, str], stdout: Any) -> subprocess.CompletedProcess:
+_BUILD_GROUPS: set[int] = set()  # process groups of the builds running now
+
+
+@atexit.register
+def _kill_running_builds() -> None:
+    """A session that ends while a build runs in one of its daemon threads (a prebuild for tests
+    that were then deselected, `-m unit`) takes the build with it instead of leaving it orphaned."""
+    for group in list(_BUILD_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def _run_in_own_group(argv: list[str], env: dict[str, str], stdout: Any,
+                      hold: Any = None) -> subprocess.CompletedProcess:
     """Run a build script in a process group of its own, and kill the whole group if this process is
-    interrupted (a test timeout, Ctrl-C): a killed bash leaves its `go build` running otherwise,
-    orphaned, holding a core and writing into the next build's directory."""
+    interrupted (a test timeout, Ctrl-C) or exits: a killed bash leaves its `go build` running otherwise,
+    orphaned, holding a core and writing into the next build's directory. `hold`: the build's lock
+    file, passed to the script so that its flock stays held while any process of the build lives,
+    even one that outlives this process (SIGKILL of this process skips the cleanup above)."""
     proc = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, pass_fds=(hold.fileno(),) if hold is not None else ())
+    _BUILD_GROUPS.add(proc.pid)
     try:
         returncode = proc.wait()
     except BaseException:
@@ -198,6 +215,8 @@ def _run_in_own_group(argv: list[str], env: dict[str, str], stdout: Any) -> subp
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    finally:
+        _BUILD_GROUPS.discard(proc.pid)
     return subprocess.CompletedProcess(argv, returncode)
 
 
