@@ -191,8 +191,9 @@ _BUILD_GROUPS: set[int] = set()  # process groups of the builds running now
 
 @atexit.register
 def _kill_running_builds() -> None:
-    """A session that ends while a build runs in one of its daemon threads (a prebuild for tests
-    that were then deselected, `-m unit`) takes the build with it instead of leaving it orphaned."""
+    """A session that ends while a build runs in one of its daemon threads (a prebuild it never
+    waited for, as a `pytest -m unit` run on an empty cache left) takes the build with it instead of
+    leaving it orphaned."""
     for group in list(_BUILD_GROUPS):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, signal.SIGKILL)
