@@ -223,9 +223,53 @@ def test_max_epochs_is_never_exceeded_even_with_a_lost_worker(tmp_path):
     assert st["phase"] == "Succeeded" and "spec.budget.maxEpochs=20 reached" in st["message"], st["message"]
     assert st["epochs"] <= 20
     leased = coord.journal.events("leased")
-    assert [e["task_id"] for e in leased].count(first[1].task_id) == 2  # the lost lease was leased again
+    # the lost lease was leased again (and later, in the budget's end game, promoted: from epoch 1)
+    assert [e["task_id"] for e in leased if e["detail"].get("start_epoch", 0) == 0].count(first[1].task_id) == 2
     spent = sum((e["detail"].get("stop_epoch") or 9) - e["detail"].get("start_epoch", 0) for e in leased)
     assert spent <= 20 and st["paused"] == 0 and st["failed"] == 0
+    coord.journal.close()
+
+
+@pytest.mark.parametrize("restart_after", [None, 1, 2])
+def test_the_last_epochs_of_max_epochs_take_the_best_paused_trial_to_the_full_budget(tmp_path, restart_after):
+    """maxEpochs 20, rungs 1/3/9: ASHA's own rule needs 9 first-rung and 3 second-rung results
+    (15 epochs) before a promotion to 9 (6 more: 21). Once fewer than 9 epochs are left (no new
+    trial can reach 9), the paused trials are promoted instead, highest rung first, best first:
+    the best second-rung trial trains to 9. A master restarted after the first or second such
+    promotion goes on from the journal: nothing promoted twice, the same end."""
+    coord = make(tmp_path, max_trials=50, max_epochs=20)
+    _, box = join(coord, "w", slots=1)
+    closing, batch = 0, leases(box)
+    for _ in range(100):
+        if not batch:
+            break
+        (lease,) = batch
+        assert train(coord, lease, tmp_path) == "accepted"
+        batch = leases(box)
+        now_closing = sum(1 for e in coord.journal.events("promoted") if e["detail"].get("closing"))
+        if now_closing > closing:
+            closing = now_closing
+            if restart_after == closing:  # the master dies with the promoted segment out
+                (out,) = batch
+                coord.journal.close()
+                coord = make(tmp_path, max_trials=50, max_epochs=20)
+                worker_id, adopted = coord.register("w", 0, 1, running=[(out.task_id, out.attempt)])
+                assert adopted == [(out.task_id, out.attempt)]
+                box = coord.connect(worker_id)
+                assert coord._asha.target(out.task_id) == out.stop_epoch
+    st = coord.status()
+    assert st["phase"] == "Succeeded" and "spec.budget.maxEpochs=20 reached" in st["message"], st["message"]
+    assert st["epochs"] <= 20 and st["failed"] == 0
+    promoted = coord.journal.events("promoted")
+    ends = [(e["task_id"], e["detail"]["from_epoch"]) for e in promoted]
+    assert len(ends) == len(set(ends))  # each trial promoted at most once from a rung
+    first = next(e for e in promoted if e["detail"].get("closing"))
+    assert all(e["detail"]["epochs_left"] < 9 for e in promoted if e["detail"].get("closing"))
+    assert (first["detail"]["from_epoch"], first["detail"]["to_epoch"]) == (3, 9)
+    at_three = {e["task_id"]: e["detail"]["value"] for e in coord.journal.events("rung_result")
+                if e["detail"]["epoch"] == 3 and e["seq"] < first["seq"]}
+    assert first["task_id"] == max(at_three, key=at_three.get)  # the best at rung 3 then
+    assert st["succeeded"] == 1 and coord.best is not None and coord.best.task_id == first["task_id"]
     coord.journal.close()
 
 

@@ -100,6 +100,43 @@ def test_a_replay_of_the_same_events_gives_the_same_state_and_promotions():
     assert all(p.trial_id != "a" for p in again.promotions())
 
 
+def test_below_the_full_budget_of_epochs_left_every_paused_trial_follows_ashas_promotions():
+    a = asha()  # rungs 1, 3, 9
+    for trial, value in (("a", 0.9), ("b", 0.4), ("c", 0.6), ("d", 0.7)):
+        a.assign(trial)
+        a.record(trial, 1, value)
+    a.promote(Promotion("a", 1, 3))
+    a.record("a", 3, 0.95)
+    # ASHA's own rule: floor(4 / 3) = 1 at rung 1 ("a", taken), floor(1 / 3) = 0 at rung 3: nothing
+    assert a.promotions() == a.promotions(epochs_left=9) == []
+    # fewer epochs left than a new trial needs to reach 9: the end game, highest rung first, then best
+    assert a.promotions(epochs_left=8) == [Promotion("a", 3, 9, closing=True), Promotion("d", 1, 3, closing=True),
+                                           Promotion("c", 1, 3, closing=True), Promotion("b", 1, 3, closing=True)]
+    a.promote(Promotion("a", 3, 9, closing=True))
+    a.promote(Promotion("d", 1, 3, closing=True))
+    assert [p.trial_id for p in a.promotions(epochs_left=2)] == ["c", "b"]  # each trial once from a rung
+
+
+def test_in_the_end_game_ashas_own_promotions_still_come_first():
+    a = asha(kind="hyperband")  # brackets with first rungs 1, 3, 9 (round-robin)
+    for trial in ("a", "b", "c", "d", "e", "f"):
+        a.assign(trial)  # a, d: bracket 0; b, e: bracket 1; c, f: bracket 2
+    for trial, value in (("a", 0.5), ("d", 0.6)):
+        a.record(trial, 1, value)
+    for trial, value in (("b", 0.7), ("e", 0.2)):
+        a.record(trial, 3, value)
+    for trial in ("g", "h", "i", "j", "k", "l", "m"):
+        a.assign(trial)
+    for trial, value in (("g", 0.9), ("j", 0.1)):  # bracket 0 now has 4 results at rung 1: "g" is its top
+        a.record(trial, 1, value)
+    own = a.promotions(epochs_left=100)
+    assert own == [Promotion("g", 1, 3, 0)]
+    assert a.promotions(epochs_left=5) == own + [
+        Promotion("b", 3, 9, 1, closing=True), Promotion("e", 3, 9, 1, closing=True),
+        Promotion("d", 1, 3, 0, closing=True), Promotion("a", 1, 3, 0, closing=True),
+        Promotion("j", 1, 3, 0, closing=True)]
+
+
 def test_several_objectives_rank_a_rung_by_non_dominated_front_then_crowding():
     bracket = SuccessiveHalving([1, 3], 2, ("maximize", "minimize"))
     # (accuracy up, params down): x and y are non-dominated, z is dominated by x

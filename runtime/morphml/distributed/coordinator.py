@@ -1078,7 +1078,7 @@ class ExperimentCoordinator:
         """The promotion ASHA takes next among those that fit the epoch budget (None: none)."""
         assert self._asha is not None
         left = self._epochs_left()
-        for promotion in self._asha.promotions():
+        for promotion in self._asha.promotions(left):
             task = self.leases.tasks.get(promotion.trial_id)
             if task is None or task.state is not TaskState.PAUSED:
                 continue
@@ -1095,11 +1095,13 @@ class ExperimentCoordinator:
             if promotion is None:
                 break
             assert self._asha is not None
+            # the end game's promotions say so, with the epochs that were left (before this one)
+            closing = {"closing": True, "epochs_left": self._epochs_left()} if promotion.closing else {}
             self._asha.promote(promotion)
             task = self.leases.promote(promotion.trial_id)
             self._save_task(task)
             self.journal.event(now, "promoted", task.task_id, task.attempt, from_epoch=promotion.from_epoch,
-                               to_epoch=promotion.to_epoch, bracket=promotion.bracket)
+                               to_epoch=promotion.to_epoch, bracket=promotion.bracket, **closing)
             made += 1
         return made
 

@@ -201,12 +201,14 @@ def rung_epochs(min_resource: int, reduction_factor: int, full: int) -> list[int
 
 @dataclass(frozen=True)
 class Promotion:
-    """Promote `trial_id` from its rung at `from_epoch` to train until `to_epoch` (in `bracket`)."""
+    """Promote `trial_id` from its rung at `from_epoch` to train until `to_epoch` (in `bracket`).
+    `closing`: taken in the epoch budget's end game, outside the top 1/eta (see `Asha.promotions`)."""
 
     trial_id: str
     from_epoch: int
     to_epoch: int
     bracket: int = 0
+    closing: bool = False
 
 
 Value = float | tuple[float, ...]  # one objective, or one value per objective (several objectives)
@@ -256,6 +258,14 @@ class SuccessiveHalving:
             for trial in self.top(k):
                 if trial not in self.promoted[k]:
                     yield Promotion(trial, self.rungs[k], self.rungs[k + 1], self.bracket)
+
+    def closing_candidates(self) -> Iterator[Promotion]:
+        """Every trial with a result at a rung below the top and not promoted from it, whatever its
+        rank there: highest rung first, best first within a rung (the end game's promotions)."""
+        for k in range(len(self.rungs) - 2, -1, -1):
+            for trial in self.ranked(k):
+                if trial not in self.promoted[k]:
+                    yield Promotion(trial, self.rungs[k], self.rungs[k + 1], self.bracket, closing=True)
 
 
 def _scalar(value: Value) -> float:
@@ -318,11 +328,21 @@ class Asha:
         """The stop_epoch of the trial's current segment."""
         return self.target_of[trial_id]
 
-    def promotions(self) -> list[Promotion]:
+    def promotions(self, epochs_left: int | None = None) -> list[Promotion]:
         """Every promotion allowed now, in the order to take them: highest rung first (over all
-        brackets), then bracket, then best first."""
-        found = [p for b in self.brackets for p in b.candidates()]
-        return sorted(found, key=lambda p: (-p.from_epoch, p.bracket))
+        brackets), then bracket, then best first.
+
+        `epochs_left`: what spec.budget.maxEpochs still allows (None: no epoch budget). Below the
+        full budget R a new trial can no longer train to R, so the budget is in its end game: after
+        ASHA's own promotions come every other paused trial's (`closing`), highest rung first, best
+        first, so the last epochs take the best trials found so far further instead of training
+        new trials for a rung or two."""
+        found = sorted((p for b in self.brackets for p in b.candidates()), key=lambda p: (-p.from_epoch, p.bracket))
+        if epochs_left is None or epochs_left >= self.full:
+            return found
+        taken = {(p.trial_id, p.from_epoch) for p in found}
+        closing = [p for b in self.brackets for p in b.closing_candidates() if (p.trial_id, p.from_epoch) not in taken]
+        return found + sorted(closing, key=lambda p: (-p.from_epoch, p.bracket))
 
     def rungs_status(self) -> list[dict]:
         """Per bracket and rung: epochs, results, promoted (what status() shows)."""
