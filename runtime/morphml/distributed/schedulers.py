@@ -19,7 +19,10 @@ with events, no gRPC needed.
   the full budget R, plus R. A trial trains one segment per rung (its lease's stop_epoch); its
   result at a rung below R pauses it. When a slot frees, the coordinator asks `promotions()`: a
   paused trial in the top floor(n_k / eta) of rung k (n_k results there), highest rung first, each
-  trial promoted at most once from each rung; else a new trial starts at rung 0.
+  trial promoted at most once from each rung; else a new trial starts at rung 0. With an epoch
+  budget (spec.budget.maxEpochs), once fewer epochs are left than R, every other paused trial
+  follows as a `closing` promotion (`promotions(epochs_left)`): the budget's end goes to the best
+  trials found, not to new trials that could no longer reach R.
 - `hyperband` (Asha with several brackets): bracket s = 0..s_max is an ASHA whose first rung is
   minResource * eta^s (the last bracket trains R at once), and new trials go to the brackets in
   turn (round-robin: trial i to bracket i mod (s_max + 1)). That is the asynchronous Hyperband of
