@@ -1096,7 +1096,8 @@ class ExperimentCoordinator:
                 break
             assert self._asha is not None
             # the end game's promotions say so, with the epochs that were left (before this one)
-            closing = {"closing": True, "epochs_left": self._epochs_left()} if promotion.closing else {}
+            closing: dict[str, Any] = \
+                {"closing": True, "epochs_left": self._epochs_left()} if promotion.closing else {}
             self._asha.promote(promotion)
             task = self.leases.promote(promotion.trial_id)
             self._save_task(task)
