@@ -7,6 +7,8 @@ refuses unknown fields, so instead they read environment variables set on the wo
 
 - MORPHML_TEST_SLEEP: seconds `sleepy` sleeps (default 0.5)
 - MORPHML_TEST_FAIL_DIR: directory where `fail_once_per_trial` marks trials it failed
+- MORPHML_TEST_POISON_DIR: directory where `kills_its_worker` marks the architecture that kills
+  every worker it runs on
 
 Each returns a deterministic fake accuracy derived from the architecture, so runs are
 reproducible.
@@ -71,4 +73,24 @@ def fail_once_per_trial(arch_json: dict, evaluation_spec: dict, device: str | No
     if not os.path.exists(marker):
         open(marker, "w").close()
         raise RuntimeError(f"first attempt of {key} fails on purpose")
+    return instant(arch_json, evaluation_spec, device)
+
+
+def kills_its_worker(arch_json: dict, evaluation_spec: dict, device: str | None) -> dict:
+    """The first architecture this sees (marked in MORPHML_TEST_POISON_DIR) SIGKILLs the worker
+    process that runs it, every time (as an OOM kill of the whole container would); every other
+    architecture returns at once."""
+    import signal
+
+    key = hashlib.sha256(json.dumps(arch_json, sort_keys=True).encode()).hexdigest()[:16]
+    marker = os.path.join(os.environ["MORPHML_TEST_POISON_DIR"], "poison")
+    try:
+        with open(marker, "x") as fh:  # the first trial anywhere claims the mark
+            fh.write(key)
+    except FileExistsError:
+        pass
+    with open(marker) as fh:
+        if fh.read() == key:
+            os.kill(os.getppid(), signal.SIGKILL)  # the trial runner's parent: the worker
+            time.sleep(30)  # the worker is gone; its runner goes with it
     return instant(arch_json, evaluation_spec, device)

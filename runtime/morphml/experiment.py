@@ -473,6 +473,7 @@ class FaultTolerance:
     heartbeat_interval_seconds: int = 10
     missed_heartbeats: int = 3
     max_task_retries: int = 2
+    max_task_losses: int = 5
 
     @property
     def heartbeat_timeout_seconds(self) -> int:
@@ -533,6 +534,7 @@ class Experiment:
                 heartbeat_interval_seconds=faults["heartbeatIntervalSeconds"],
                 missed_heartbeats=faults["missedHeartbeats"],
                 max_task_retries=faults["maxTaskRetries"],
+                max_task_losses=faults.get("maxTaskLosses", FaultTolerance.max_task_losses),
             ),
             workers=WorkerSettings(
                 replicas=workers["replicas"],

@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+import yaml
 
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.proto import worker_pb2 as pb
@@ -215,3 +216,38 @@ def test_draining_worker_declared_gone_does_not_register_again(procs, tmp_path):
     assert registered == ["wa"], f"the draining worker registered again: {registered}"
     leased = sum(1 for a in journal_attempts(journal) if a.worker_name == "wa")
     assert leased == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_trial_that_kills_every_worker_it_runs_on_fails_after_max_task_losses(procs, tmp_path):
+    """spec.faultTolerance.maxTaskLosses 2: the first trial SIGKILLs the worker that runs it (like
+    an OOM kill of the whole container). Its first loss sends it back to the queue; a replacement
+    worker (as a Deployment would start) takes it and dies too; that second loss fails the trial
+    (kind lost) instead of taking down the next worker, and the other trials finish on the third."""
+    manifest = write_manifest(tmp_path / "m.yaml", evaluator="tests.evaluators:kills_its_worker", max_trials=4,
+                              max_failed=1)
+    doc = yaml.safe_load(manifest.read_text())
+    doc["spec"]["faultTolerance"] = {"maxTaskLosses": 2}
+    manifest.write_text(yaml.safe_dump(doc))
+    poison = tmp_path / "poison"
+    poison.mkdir()
+    port = free_port()
+    procs.master(manifest, port, extra=["--heartbeat-interval", "2", "--missed-heartbeats", "3"])
+    env = {"MORPHML_TEST_POISON_DIR": str(poison)}
+    workers = [procs.worker(port, "w1", env=env)]
+    while not finished(status(port)):  # a replacement for each dead worker, as a Deployment does
+        if workers[-1].poll() is not None:
+            assert len(workers) < 4, "more workers died than maxTaskLosses allows"
+            workers.append(procs.worker(port, f"w{len(workers) + 1}", env=env))
+        time.sleep(0.1)
+    st = status(port)
+    assert (st.phase, st.succeeded, st.failed) == ("Succeeded", 3, 1), st
+    assert [w.poll() for w in workers[:2]] == [-signal.SIGKILL, -signal.SIGKILL] and workers[2].poll() is None
+    journal = tmp_path / "journal.db"
+    (failed,) = journal_tasks(journal, ("failed",))
+    assert failed.error_kind == "lost" and "maxTaskLosses=2" in failed.error_message, failed.error_message
+    assert failed.retries_used == 0  # losses use no retry
+    (event,) = journal_events(journal, "failed")
+    assert (event["task_id"], event["worker_name"], event["detail"]["losses"]) == (failed.task_id, "w2", 2)
+    assert [(e["task_id"], e["worker_name"]) for e in journal_events(journal, "requeued")] == [(failed.task_id, "w1")]
+    assert {a.worker_name for a in journal_attempts(journal, failed.task_id)} == {"w1", "w2"}

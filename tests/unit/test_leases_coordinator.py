@@ -151,6 +151,53 @@ def test_failures_are_retried_then_counted_and_too_many_fail_the_experiment(tmp_
     assert list(opt.told) == [("c0", None), ("c1", None)]
 
 
+def test_a_trial_that_loses_its_worker_max_task_losses_times_fails_and_a_restart_keeps_counting(tmp_path):
+    """maxTaskLosses 3: a trial whose workers keep dying under it (stream, heartbeat, pod gone)
+    goes back to the queue twice, and fails (kind lost) at the third loss instead of taking the
+    next worker down. A clean leave (deregister) and a master restart do not count, and the count
+    survives the restart (it is the journal's requeued events)."""
+    opt = CountingOptimizer()
+    coord, _ = make(tmp_path, opt, max_trials=1, max_task_losses=3, max_failed_trials=0)
+    w, box = join(coord, "a")
+    (m,) = leases(box)
+    coord.worker_lost(w, LossReason.STREAM)  # loss 1
+    w, box = join(coord, "b")
+    (m,) = leases(box)
+    assert coord.deregister(w, "SIGTERM") == [(m.task_id, m.attempt)]  # a clean leave: not a loss
+    w, box = join(coord, "c")
+    (m,) = leases(box)
+    coord.worker_lost(w, LossReason.HEARTBEAT)  # loss 2
+    w, box = join(coord, "d")
+    (m,) = leases(box)
+    coord.journal.close()  # the master dies with the lease out
+
+    coord, _ = make(tmp_path, CountingOptimizer(), max_trials=1, max_task_losses=3, max_failed_trials=0)
+    w, adopted = coord.register("d", 0, 1, running=[(m.task_id, m.attempt)])  # "d" reconnects with it
+    assert adopted == [(m.task_id, m.attempt)]
+    coord.connect(w)
+    assert m.attempt == 4 and coord.leases.tasks[m.task_id].retries_used == 0  # losses use no retry
+    assert coord.worker_lost(w, LossReason.POD_GONE) == [(m.task_id, 4)]  # loss 3: failed, not requeued
+    task = coord.leases.tasks[m.task_id]
+    assert task.state.value == "failed" and task.error_kind == "lost"
+    assert "maxTaskLosses=3" in task.error_message and "d" in task.error_message and "pod_gone" in task.error_message
+    (event,) = coord.journal.events("failed")
+    assert (event["task_id"], event["attempt"], event["detail"]["losses"]) == (m.task_id, 4, 3)
+    assert [e["detail"]["detected_by"] for e in coord.journal.events("requeued")] == \
+        ["stream", "deregister", "heartbeat", "restart"]
+    assert coord.phase == "Failed" and "maxFailedTrials=0" in coord.message  # counted like any failed trial
+    _, box = join(coord, "e")
+    assert leases(box) == []  # nobody else is taken down
+    coord.journal.close()
+    again, _ = make(tmp_path, CountingOptimizer(), max_trials=1, max_task_losses=3)
+    assert again.failed == 1 and again.leases.tasks[m.task_id].error_kind == "lost"
+    again.journal.close()
+
+
+def test_max_task_losses_below_one_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"spec\.faultTolerance\.maxTaskLosses=0"):
+        ExperimentSettings(max_task_losses=0)
+
+
 def test_metrics_without_the_objective_or_with_nan_are_failures(tmp_path):
     coord, _ = make(tmp_path, max_trials=2, max_task_retries=0)
     _, box = join(coord, "a", slots=2)

@@ -121,6 +121,8 @@ BAD_MANIFESTS: list[BadManifest] = [
         _set("spec.faultTolerance.missedHeartbeats", 0),
         "spec.faultTolerance.missedHeartbeats",
     ),
+    BadManifest("max_task_losses_zero", _set("spec.faultTolerance.maxTaskLosses", 0),
+                "spec.faultTolerance.maxTaskLosses"),
     BadManifest("suspend_wrong_type", _set("spec.suspend", "yes"), "spec.suspend"),
     BadManifest("name_too_long_for_pod_names", _set("metadata.name", "d" * 51), "metadata.name"),
 ]

@@ -30,7 +30,8 @@ MANIFEST = {
         "optimizer": {"algorithm": "genetic", "populationSize": 4, "generations": 2, "elitism": 1, "seed": 7},
         "objective": {"metric": "val_loss", "goal": "minimize"},
         "budget": {"maxTrials": 13, "maxFailedTrials": 4},
-        "faultTolerance": {"heartbeatIntervalSeconds": 4, "missedHeartbeats": 5, "maxTaskRetries": 1},
+        "faultTolerance": {"heartbeatIntervalSeconds": 4, "missedHeartbeats": 5, "maxTaskRetries": 1,
+                           "maxTaskLosses": 7},
         "evaluation": {"dataset": {"name": "synthetic"}, "epochs": 2},
     },
 }
@@ -80,6 +81,7 @@ def test_every_mapped_field_comes_from_the_manifest(manifest_file, tmp_path):
     assert settings.name == "mapped"
     assert (settings.max_trials, settings.max_failed_trials) == (13, 4)
     assert (settings.heartbeat_interval, settings.missed_heartbeats, settings.max_task_retries) == (4.0, 5, 1)
+    assert settings.max_task_losses == 7
     assert (settings.metric, settings.goal) == ("val_loss", "minimize")
     assert settings.seed == 7
     assert settings.evaluation["dataset"] == {"name": "synthetic"} and settings.evaluation["epochs"] == 2

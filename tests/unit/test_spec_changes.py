@@ -46,6 +46,7 @@ SAMPLES: dict[str, Any] = {
     "spec.faultTolerance.heartbeatIntervalSeconds": 2,
     "spec.faultTolerance.missedHeartbeats": 5,
     "spec.faultTolerance.maxTaskRetries": 0,
+    "spec.faultTolerance.maxTaskLosses": 2,
     "spec.master.image": "morphml-master:0.2.0",
     "spec.master.resources": {"limits": {"memory": "8Gi"}},
     "spec.workers.replicas": 7,

@@ -78,6 +78,11 @@ SNAPSHOT_GROWTH = 0.5  # ...and at least this fraction of all ops so far: a stat
 # at most about half of the ops.
 
 
+# Worker losses that count toward spec.faultTolerance.maxTaskLosses: a worker that died or went
+# silent under the trial (not a clean leave, not a master restart).
+COUNTED_LOSSES = frozenset({LossReason.STREAM.value, LossReason.HEARTBEAT.value, LossReason.POD_GONE.value})
+LOST_FAILURE_KIND = "lost"
+
 @dataclass
 class ExperimentSettings:
     """What the coordinator needs from the manifest (spec.budget, faultTolerance, ...)."""
@@ -86,6 +91,9 @@ class ExperimentSettings:
     max_trials: int = 100
     max_failed_trials: int = 10
     max_task_retries: int = 2
+    # Worker losses a trial may be out for before it fails (kind "lost"): a trial that kills its
+    # workers must not take down worker after worker for ever.
+    max_task_losses: int = 5
     heartbeat_interval: float = 10.0
     missed_heartbeats: int = 3
     evaluation: dict = field(default_factory=dict)
@@ -121,6 +129,8 @@ class ExperimentSettings:
             raise ValueError(f"prefetch={self.prefetch!r}: must be >= 0")
         if self.max_task_retries < 0:
             raise ValueError(f"spec.faultTolerance.maxTaskRetries={self.max_task_retries!r}: must be >= 0")
+        if self.max_task_losses < 1:
+            raise ValueError(f"spec.faultTolerance.maxTaskLosses={self.max_task_losses!r}: must be >= 1")
         if self.goal not in ("maximize", "minimize"):
             raise ValueError(f"spec.objective.goal={self.goal!r}: allowed maximize, minimize")
         if self.max_epochs is not None and (isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int)
@@ -258,6 +268,9 @@ class ExperimentCoordinator:
         self._last_report: dict[tuple[str, int], tuple[int, dict]] = {}
         self.retries = 0
         self.stale_results = 0
+        # Per trial: how often a worker died under it (the journal's "requeued" events of lost
+        # workers; spec.faultTolerance.maxTaskLosses).
+        self._losses_of: collections.Counter[str] = collections.Counter()
         # Every result by disposition and every loss by detection path, whole journal (restored
         # at start): what the metrics' counters read, so they agree with the journal across restarts.
         self.results_by_disposition: collections.Counter[str] = collections.Counter()
@@ -320,6 +333,8 @@ class ExperimentCoordinator:
             self._restore_curves()
             self._restore_segments(tasks)
             self.retries = self.journal.count_events("retry")
+            self._losses_of.update(e["task_id"] for e in self.journal.events("requeued")
+                                   if e["detail"].get("detected_by") in COUNTED_LOSSES)
             self.stale_results = self.journal.count_results("stale")
             self.loss_seq = self.journal.last_loss_seq()
             self.results_by_disposition.update(self.journal.count_results_by_disposition())
@@ -521,11 +536,24 @@ class ExperimentCoordinator:
             rec = self.registry.mark_dead(worker_id, reason.value)
             if rec is None:
                 return []
-            released = self.leases.release_worker(worker_id, reason.value, now)
+            counted = reason.value in COUNTED_LOSSES
+            give_up = {task_id for task_id, _ in self.leases.live_leases(worker_id)
+                       if counted and self._losses_of[task_id] + 1 >= self.settings.max_task_losses}
+            message = (f"the trial lost its worker {self.settings.max_task_losses} times "
+                       f"(spec.faultTolerance.maxTaskLosses={self.settings.max_task_losses}; the last: {rec.name}, "
+                       f"{reason.value}): it may be what takes its workers down (out of memory for the whole "
+                       f"container, a crash); see the worker's logs")
+            released = self.leases.release_worker(worker_id, reason.value, now, give_up=give_up,
+                                                  give_up_kind=LOST_FAILURE_KIND, give_up_message=message)
             rec.leases.clear()
             for task_id, attempt in released:
                 self.journal.save_attempt(self.leases.attempts[(task_id, attempt)])
                 self._save_task(self.leases.tasks[task_id])
+                if counted:
+                    self._losses_of[task_id] += 1
+                if task_id in give_up:
+                    self._lost_for_good(self.leases.tasks[task_id], attempt, rec, reason, message, now)
+                    continue
                 self.journal.event(now, "requeued", task_id, attempt, worker_id, rec.name, detected_by=reason.value,
                                    detected_at=now)
             self.journal.event(now, "worker_dead", worker_id=worker_id, worker_name=rec.name,
@@ -542,6 +570,22 @@ class ExperimentCoordinator:
             self._dispatch()
             self.changed.notify_all()
             return released
+
+    def _lost_for_good(self, task: Task, attempt: int, rec: Any, reason: LossReason, message: str,
+                       now: float) -> None:
+        """A trial out for its maxTaskLosses-th lost worker: failed (counts toward maxFailedTrials),
+        the optimizer told, its checkpoints released like any failed trial's."""
+        self.failed += 1
+        if task.task_id not in self._told:
+            if self._asha is not None:
+                self._told.add(task.task_id)
+            self._tell(task.candidate_id, None)
+        self.journal.event(now, "failed", task.task_id, attempt, rec.worker_id, rec.name,
+                           failure_kind=LOST_FAILURE_KIND, message=message, detected_by=reason.value,
+                           losses=self._losses_of[task.task_id])
+        log.warning("trial %s failed: %s", task.task_id, message)
+        self._retain({task.task_id})
+        self._check_done()
 
     def worker_gone(self, worker: str, reason: str) -> tuple[list[str], list[tuple[str, int]]]:
         """The operator says the pod is gone: every live registration of that name/id dies now."""

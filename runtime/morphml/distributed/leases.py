@@ -11,7 +11,7 @@ Imports: morphml.distributed.states only.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from .states import AttemptState, TaskState, check_transition
@@ -288,9 +288,16 @@ class LeaseTable:
             self.track(task)
 
     # --- losing workers -----------------------------------------------------------------------
-    def release_worker(self, worker_id: str, reason: str, now_wall: float) -> list[tuple[str, int]]:
+    def live_leases(self, worker_id: str) -> list[tuple[str, int]]:
+        """The worker's leases whose attempt is still out (what release_worker would release)."""
+        return sorted(key for key in self._by_worker.get(worker_id, set())
+                      if self.attempts[key].state is AttemptState.LEASED)
+
+    def release_worker(self, worker_id: str, reason: str, now_wall: float, give_up: Collection[str] = (),
+                       give_up_kind: str = "", give_up_message: str = "") -> list[tuple[str, int]]:
         """The worker is gone: its live attempts become STALE and their tasks go back to the
-        queue at once, without using the tasks' retry budget. Returns the released leases."""
+        queue at once, without using the tasks' retry budget; a task in `give_up` (it lost too
+        many workers) fails instead, with that kind and message. Returns the released leases."""
         released = []
         for task_id, attempt in sorted(self._by_worker.pop(worker_id, set())):
             task = self.tasks[task_id]
@@ -300,7 +307,12 @@ class LeaseTable:
             att.set_state(AttemptState.STALE)
             att.ended_at, att.outcome = now_wall, reason
             if task.state is TaskState.LEASED and task.attempt == attempt:
-                task.set_state(TaskState.PENDING)
+                if task_id in give_up:
+                    task.error_kind, task.error_message = give_up_kind, give_up_message
+                    task.set_state(TaskState.FAILED)
+                    task.finished_by, task.finished_attempt, task.finished_at = att.worker_name, attempt, now_wall
+                else:
+                    task.set_state(TaskState.PENDING)
                 self.track(task)
             released.append((task_id, attempt))
         return released

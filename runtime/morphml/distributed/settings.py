@@ -61,6 +61,7 @@ def experiment_settings(
         max_trials=budget.max_trials,
         max_failed_trials=budget.max_failed_trials,
         max_task_retries=fault_tolerance.max_task_retries,
+        max_task_losses=fault_tolerance.max_task_losses,
         heartbeat_interval=float(heartbeat_interval or fault_tolerance.heartbeat_interval_seconds),
         missed_heartbeats=int(missed_heartbeats or fault_tolerance.missed_heartbeats),
         evaluation=dict(evaluation),
@@ -110,7 +111,7 @@ def settings_for_master_config(
     """`ExperimentSettings` for the seed's `MasterNode(optimizer, config)`.
 
     Keys (all optional): name, max_trials (default population_size x num_generations when the
-    optimizer has them, else 100), max_failed_trials, max_task_retries, heartbeat_interval,
+    optimizer has them, else 100), max_failed_trials, max_task_retries, max_task_losses, heartbeat_interval,
     missed_heartbeats, evaluation, metric, goal, seed, num_workers (= min_workers), prefetch,
     early_stopping (spec.earlyStopping's camelCase object), artifacts (spec.artifacts'), max_epochs.
     """
@@ -131,6 +132,7 @@ def settings_for_master_config(
             heartbeat_interval_seconds=faults.heartbeat_interval_seconds,
             missed_heartbeats=faults.missed_heartbeats,
             max_task_retries=int(config.get("max_task_retries", faults.max_task_retries)),
+            max_task_losses=int(config.get("max_task_losses", faults.max_task_losses)),
         ),
         objective=Objective(metric=config.get("metric", objective.metric), goal=config.get("goal", objective.goal)),
         evaluation=dict(config.get("evaluation", {})),
