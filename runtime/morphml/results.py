@@ -13,7 +13,8 @@ each other trial is dominated by or equal to one of them; `knee` marks the one c
 ideal point) and `pareto.png` (every trial on the first two objectives, the front highlighted).
 `best.json` stays the best trial by the first objective.
 
-Imports: csv, json, morphml.pareto, morphml.graph, morphml.distributed.journal (all SQL lives there)
+Imports: csv, io, json, os, morphml.pareto, morphml.graph, morphml.distributed.journal (all SQL lives there),
+morphml.distributed.checkpoints (write_atomic)
 and states; matplotlib lazily.
 No torch.
 """
@@ -21,10 +22,13 @@ No torch.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from morphml.distributed.checkpoints import write_atomic
 from morphml.distributed.journal import Journal
 from morphml.distributed.states import TaskState
 from morphml.graph import ArchitectureGraph, GraphError
@@ -77,12 +81,15 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
         journal.close()
     keys = sorted({k for t in trials for k in t["metrics"]} - {metric, "epochs"})
     metric_columns = [metric] + keys
-    with open(out / "trials.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(FIXED_COLUMNS + metric_columns + TAIL_COLUMNS)
-        for t in trials:
-            writer.writerow([t[c] for c in FIXED_COLUMNS] + [t["metrics"].get(k, "") for k in metric_columns]
-                            + [t[c] for c in TAIL_COLUMNS])
+    # Every file through a temporary one and a rename: the master serves trials.csv (DownloadArtifact)
+    # and a reader may look the moment it appears; it must never see half a file.
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(FIXED_COLUMNS + metric_columns + TAIL_COLUMNS)
+    for t in trials:
+        writer.writerow([t[c] for c in FIXED_COLUMNS] + [t["metrics"].get(k, "") for k in metric_columns]
+                        + [t[c] for c in TAIL_COLUMNS])
+    write_atomic(out / "trials.csv", text.getvalue().encode())
     best = None
     for t in trials:
         value = t["metrics"].get(metric)
@@ -101,7 +108,7 @@ def write_results(journal_path: str | Path, out_dir: str | Path, metric: str = "
         doc = {"trial_id": t["trial_id"], "metric": metric, "value": value, "metrics": t["metrics"],
                "summary": t["summary"], "arch_hash": t["arch_hash"], "attempt": t["attempt"], "worker": t["worker"],
                "architecture": json.loads(t["arch_json"])}
-        (out / "best.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        write_atomic(out / "best.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
         summary["best"] = {k: doc[k] for k in ("trial_id", "value", "summary", "arch_hash")}
     try:
         plot_convergence(trials, metric, goal, out / "convergence.png")
@@ -165,10 +172,11 @@ def write_pareto(trials: list[dict], objectives: list[dict], out: Path) -> dict:
     """Writes pareto.csv and pareto.png; returns {size, objectives, knee, plot_skipped?}."""
     rows, scored = pareto_rows(trials, objectives)
     columns = ["trial_id", "arch_hash"] + [o["metric"] for o in objectives] + ["knee", "summary"]
-    with open(out / "pareto.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "pareto.csv", text.getvalue().encode())
     info: dict = {"size": len(rows), "objectives": objectives,
                   "knee": next((r["trial_id"] for r in rows if r["knee"]), None)}
     try:
@@ -204,7 +212,7 @@ def plot_pareto(scored: list[tuple[dict, list[float]]], rows: list[dict], object
     ax.grid(alpha=0.3)
     ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path)
+    _save_png(fig, path)
     plt.close(fig)
 
 
@@ -289,10 +297,17 @@ def convergence_figure(trials: list[dict], metric: str, goal: str) -> Figure:
     return fig
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    """fig as a PNG at `path`, through a temporary file and a rename (like write_atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
 def plot_convergence(trials: list[dict], metric: str, goal: str, path: Path) -> None:
     """Writes convergence.png (see convergence_figure)."""
     fig = convergence_figure(trials, metric, goal)  # selects the Agg backend before pyplot is imported
     import matplotlib.pyplot as plt
 
-    fig.savefig(path)
+    _save_png(fig, path)
     plt.close(fig)

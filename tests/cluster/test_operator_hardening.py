@@ -71,7 +71,11 @@ def test_150_worker_losses_across_master_and_operator_restarts_are_150_worker_lo
     ns, name = kube_namespace, "losses"
     kube.apply(quick_trials(name, 30, workers={"replicas": 5, "nodeSelector": NOWHERE},
                             optimizer={"algorithm": "random", "seed": 1},
-                            budget={"maxTrials": 1000, "maxFailedTrials": 10}), ns)
+                            budget={"maxTrials": 1000, "maxFailedTrials": 10},
+                            # each fake worker takes the same requeued trial: with the default
+                            # maxTaskLosses (5) it would fail, ten such end the search, and the
+                            # losses after that would be WorkerStopped Events, not WorkerLost
+                            faultTolerance={"maxTaskLosses": 1000}), ns)
     master = serving_master(kube, ns, name)
     token = token_of(kube, ns, name)
     started = time.time()

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import yaml
 
 from morphml.distributed.auth import token_metadata
 from morphml.distributed.journal import Journal
@@ -52,11 +53,16 @@ PROCESS_LAYERS = [
 
 def write_manifest(path: Path, evaluator: str = "tests.evaluators:instant", max_trials: int = 6,
                    max_failed: int = 3, retries: int = 2, algorithm: str = "random", population: int = 4,
-                   generations: int = 3, name: str = "proc") -> Path:
-    return loopback.write_manifest(
+                   generations: int = 3, name: str = "proc", max_task_losses: int | None = None) -> Path:
+    written = loopback.write_manifest(
         path, name=name, layers=PROCESS_LAYERS, evaluator=evaluator, timeout_seconds=60,
         optimizer={"algorithm": algorithm, "populationSize": population, "generations": generations, "seed": 7},
         max_trials=max_trials, max_failed=min(max_failed, max_trials), retries=retries)
+    if max_task_losses is not None:  # spec.faultTolerance.maxTaskLosses (default 5)
+        doc = yaml.safe_load(written.read_text())
+        doc["spec"].setdefault("faultTolerance", {})["maxTaskLosses"] = max_task_losses
+        written.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return written
 
 
 class Procs:

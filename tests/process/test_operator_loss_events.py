@@ -55,7 +55,9 @@ class OperatorView:
 
 @pytest.mark.timeout(180)
 def test_150_losses_across_a_master_restart_are_150_events_and_workers_lost_150(procs, tmp_path):
-    manifest = write_manifest(tmp_path / "m.yaml", max_trials=1000, max_failed=10)
+    # Each fake worker takes the same requeued trial; maxTaskLosses high so that it never fails
+    # (ten failed trials would end the search, and later losses would be WorkerStopped).
+    manifest = write_manifest(tmp_path / "m.yaml", max_trials=1000, max_failed=10, max_task_losses=1000)
     port = free_port()
     address = f"127.0.0.1:{port}"
     journal = tmp_path / "journal.db"
@@ -94,7 +96,7 @@ def test_150_losses_across_a_master_restart_are_150_events_and_workers_lost_150(
 @pytest.mark.timeout(240)
 def test_a_backlog_past_one_page_is_read_page_by_page_in_one_tick(procs, tmp_path):
     """520 losses before the operator looks: the master answers 500 per call; one tick reads both pages."""
-    manifest = write_manifest(tmp_path / "m.yaml", max_trials=1000, max_failed=10)
+    manifest = write_manifest(tmp_path / "m.yaml", max_trials=1000, max_failed=10, max_task_losses=1000)
     port = free_port()
     address = f"127.0.0.1:{port}"
     procs.master(manifest, port, tmp_path / "journal.db")
@@ -102,4 +104,5 @@ def test_a_backlog_past_one_page_is_read_page_by_page_in_one_tick(procs, tmp_pat
     assert lose_fake_workers(address, TOKEN, 520, "backlog") == 520
     view.tick()
     assert len(view.events) == view.posts == 520
+    assert set(view.events.values()) == {"WorkerLost"}
     assert (view.status["workersLost"], view.status["lastLossSeq"]) == (520, 520)

@@ -235,14 +235,17 @@ def test_a_trial_that_kills_every_worker_it_runs_on_fails_after_max_task_losses(
     procs.master(manifest, port, extra=["--heartbeat-interval", "2", "--missed-heartbeats", "3"])
     env = {"MORPHML_TEST_POISON_DIR": str(poison)}
     workers = [procs.worker(port, "w1", env=env)]
-    while not finished(status(port)):  # a replacement for each dead worker, as a Deployment does
-        if workers[-1].poll() is not None:
+    while not finished(status(port)):  # a replacement for each killed worker, as a Deployment does
+        code = workers[-1].poll()
+        if code is not None and code < 0:
             assert len(workers) < 4, "more workers died than maxTaskLosses allows"
             workers.append(procs.worker(port, f"w{len(workers) + 1}", env=env))
         time.sleep(0.1)
     st = status(port)
     assert (st.phase, st.succeeded, st.failed) == ("Succeeded", 3, 1), st
-    assert [w.poll() for w in workers[:2]] == [-signal.SIGKILL, -signal.SIGKILL] and workers[2].poll() is None
+    # the third worker finished the other trials and lives on, or has already left cleanly at the end
+    assert [w.poll() for w in workers[:2]] == [-signal.SIGKILL, -signal.SIGKILL] and len(workers) == 3
+    assert workers[2].poll() in (None, 0), workers[2].log_path.read_text()[-2000:]
     journal = tmp_path / "journal.db"
     (failed,) = journal_tasks(journal, ("failed",))
     assert failed.error_kind == "lost" and "maxTaskLosses=2" in failed.error_message, failed.error_message

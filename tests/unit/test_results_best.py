@@ -47,3 +47,27 @@ def test_without_a_journaled_best_the_best_succeeded_trial_is_chosen(tmp_path):
                                        ("t000003", TaskState.SUCCEEDED, 0.8)], best=None)
     summary = write_results(tmp_path / "journal.db", tmp_path / "out")
     assert summary["best"]["trial_id"] == "t000003"
+
+
+def test_a_rewrite_that_fails_leaves_the_previous_files_whole_and_no_partial_file(tmp_path, monkeypatch):
+    """trials.csv and best.json go through a temporary file and a rename: the master serves
+    trials.csv while it rewrites it, and a reader (or a full disk mid-write) must never leave half a
+    file where the whole one was."""
+    journal, out = tmp_path / "journal.db", tmp_path / "out"
+    _journal(journal, [("t000001", TaskState.SUCCEEDED, 0.7)], best="t000001")
+    write_results(journal, out)
+    before = {name: (out / name).read_bytes() for name in ("trials.csv", "best.json")}
+    assert before["trials.csv"].count(b"\n") == 2  # the header and one trial
+    _journal(journal, [("t000002", TaskState.SUCCEEDED, 0.9)], best="t000002")
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("morphml.distributed.checkpoints.os.replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_results(journal, out)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    monkeypatch.undo()
+    write_results(journal, out)
+    assert (out / "trials.csv").read_bytes().count(b"\n") == 3
+    assert json.loads((out / "best.json").read_text())["trial_id"] == "t000002"

@@ -236,7 +236,9 @@ def make_store(settings: ArtifactSettings, root: Path | str) -> ArtifactStore:
 BEST_DIR = "best"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary file beside it (fsynced, then renamed over
+    `path`): a reader sees the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as out:
         out.write(data)
@@ -278,10 +280,10 @@ def write_best(out_dir: Path | str, best: Mapping[str, Any] | None, store: Artif
     stale = folder / "model.pt"
     if f"{BEST_DIR}/model.pt" not in written and stale.exists():
         stale.unlink()  # a model of an earlier best would not match architecture.json
-    _write_atomic(folder / "architecture.json", (json.dumps(arch_doc, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(folder / "architecture.json", (json.dumps(arch_doc, indent=2, sort_keys=True) + "\n").encode())
     doc = {"trial_id": best.get("trial_id"), "metric": metric, "value": best.get("metric"),
            "checkpoint": key or None, "metrics": best.get("metrics") or {}}
-    _write_atomic(folder / "metrics.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(folder / "metrics.json", (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
     written += [f"{BEST_DIR}/architecture.json", f"{BEST_DIR}/metrics.json"]
     _fsync_dir(folder)
     return written
