@@ -25,7 +25,8 @@ epochs its best is at least Optuna+Hyperband's.
 Run: nice -n 19 python benchmarks/bench_multifidelity.py [--seeds 3] [--first-seed 0] [--epochs 9] [--min-resource 1]
      [--full-trials 27] [--fraction 3] [--workers 2] [--methods ...] [--retrain 3] [--keep DIR] [--json FILE]
      python benchmarks/bench_multifidelity.py --from-json FILE [FILE ...] (the table of saved runs, seeds merged;
-     the same --epochs, --full-trials and --fraction as they ran with)
+     the settings they ran with are read from the files; files older than that need the same --epochs,
+     --full-trials and --fraction on the command line)
 
 Imports: the standard library, yaml, optuna, morphml (space, graph, evaluation, the journal's
 read-only reader), bench_search (the space and the trainer settings, so both benchmarks search
@@ -58,6 +59,8 @@ METHODS = ("morphml-full", "morphml-asha", "morphml-hyperband", "optuna-hyperban
 MIN_RESOURCE, ETA = 1, 3  # the defaults of --min-resource and the reduction factor (fixed)
 TPE_STARTUP = 10
 WITHIN = 0.005
+# What a --json file records of the run's settings, so that --from-json reports them.
+SETTINGS = ("epochs", "min_resource", "full_trials", "fraction", "workers")
 
 
 def evaluation(epochs: int) -> dict[str, Any]:
@@ -251,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="retrain each run's best architecture this many times, full epochs, fresh seeds")
     args = parser.parse_args(argv)
     if args.from_json:
-        saved, again = merged(args.from_json)
+        saved, again, settings = merged(args.from_json)
+        for name, value in settings.items():  # the settings the runs had, not this call's defaults
+            setattr(args, name, value)
         return report(saved, sorted({seed for method in saved.values() for seed in method}),
                       [m for m in args.methods if m in saved], args, again)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -277,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"; its architecture retrained: {statistics.median(values):.4f} (median of {len(values)})"
             print(line, flush=True)
             if args.json:  # after every run: a run stopped early keeps what it did
-                args.json.write_text(json.dumps({**runs, "_chosen": chosen, "_retrained": retrained}))
+                args.json.write_text(json.dumps({**runs, "_chosen": chosen, "_retrained": retrained,
+                                                 "_settings": {k: getattr(args, k) for k in SETTINGS}}))
     print(f"all runs: {time.monotonic() - started:.0f} s wall; outputs in {work}")
     return report(runs, list(seeds), args.methods, args, retrained)
 
@@ -297,13 +303,23 @@ def targets(best: dict[str, dict[int, float]], measure: str = "best val_accuracy
               f"{gap:+.4f}; difference of the medians {medians:+.4f}")
 
 
-def merged(paths: list[Path]) -> tuple[dict[str, dict[int, Epochs]], dict[str, dict[int, list[float]]]]:
-    """The runs of several --json files and their retrained values, by method and seed (a later
-    file's seed replaces an earlier one's; files written before --retrain have none)."""
+def merged(paths: list[Path]) -> tuple[dict[str, dict[int, Epochs]], dict[str, dict[int, list[float]]],
+                                       dict[str, int]]:
+    """The runs of several --json files, their retrained values, by method and seed (a later
+    file's seed replaces an earlier one's; files written before --retrain have none), and the
+    settings they ran with (SETTINGS; files written before those were saved have none, and then
+    the command line's apply). Files run with different settings are refused, naming the field."""
     runs: dict[str, dict[int, Epochs]] = {}
     retrained: dict[str, dict[int, list[float]]] = {}
+    settings: dict[str, int] = {}
+    first: dict[str, Path] = {}
     for path in paths:
         saved = json.loads(path.read_text())
+        for name, value in (saved.get("_settings") or {}).items():
+            if name in settings and settings[name] != value:
+                raise SystemExit(f"{path}: ran with --{name.replace('_', '-')} {value}, "
+                                 f"{first[name]} with {settings[name]}: their seeds cannot be merged")
+            settings[name], first[name] = value, path
         for method, by_seed in saved.items():
             if method.startswith("_"):
                 continue
@@ -313,7 +329,7 @@ def merged(paths: list[Path]) -> tuple[dict[str, dict[int, Epochs]], dict[str, d
         for method, by_seed in saved.get("_retrained", {}).items():
             for seed, values in by_seed.items():
                 retrained.setdefault(method, {})[int(seed)] = [float(v) for v in values]
-    return runs, retrained
+    return runs, retrained, settings
 
 
 def report(runs: dict[str, dict[int, Epochs]], seeds: list[int], methods: list[str], args: argparse.Namespace,

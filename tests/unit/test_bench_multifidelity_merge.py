@@ -19,9 +19,9 @@ def test_merged_takes_seeds_from_every_file_as_ints_and_a_later_file_wins(tmp_pa
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps({"morphml-asha": {"0": [[0.5, 1, 1.0]], "1": [[0.6, 1, 2.0]]}}))
     b.write_text(json.dumps({"morphml-asha": {"1": [[0.7, 1, 3.0]]}, "morphml-full": {"1": [[0.8, 1, 4.0]]}}))
-    runs, retrained = bench_multifidelity.merged([a, b])
+    runs, retrained, settings = bench_multifidelity.merged([a, b])
     assert runs == {"morphml-asha": {0: [(0.5, 1, 1.0)], 1: [(0.7, 1, 3.0)]}, "morphml-full": {1: [(0.8, 1, 4.0)]}}
-    assert retrained == {}
+    assert retrained == {} and settings == {}  # files from before the settings were saved
 
 
 def test_merged_keeps_the_retrained_values_of_the_file_a_seed_came_from(tmp_path):
@@ -30,7 +30,7 @@ def test_merged_keeps_the_retrained_values_of_the_file_a_seed_came_from(tmp_path
                              "_chosen": {"morphml-asha": {"0": "{}", "1": "{}"}},
                              "_retrained": {"morphml-asha": {"0": [0.4, 0.5, 0.6], "1": [0.1]}}}))
     b.write_text(json.dumps({"morphml-asha": {"1": [[0.7, 1, 3.0]]}}))  # seed 1 again, not retrained
-    runs, retrained = bench_multifidelity.merged([a, b])
+    runs, retrained, _ = bench_multifidelity.merged([a, b])
     assert set(runs) == {"morphml-asha"} and runs["morphml-asha"][1] == [(0.7, 1, 3.0)]
     assert retrained == {"morphml-asha": {0: [0.4, 0.5, 0.6]}}
 
@@ -69,3 +69,23 @@ def test_from_json_prints_the_retrained_figures_and_their_targets(tmp_path, caps
     assert "target ASHA within 0.005 of full fidelity: met in 0 of 1 seeds" in out
     assert "target ASHA >= Optuna+Hyperband: met in 1 of 1 seeds" in out
     assert "| morphml-full      | 1     | 0.7600 (0.7600-0.7600)" in out
+
+
+def test_from_json_reports_the_settings_the_runs_had_not_the_defaults(tmp_path, capsys):
+    path = tmp_path / "runs.json"
+    doc = {m: {"0": [[0.7, 1, 1.0], [0.8, 1, 1.0]]} for m in ("morphml-full", "morphml-asha")}
+    doc["_settings"] = {"epochs": 27, "min_resource": 1, "full_trials": 18, "fraction": 3, "workers": 2}
+    path.write_text(json.dumps(doc))
+    assert bench_multifidelity.main(["--from-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "E=27 epochs per full trial" in out and "full run 18 trials = 486 epochs" in out
+    assert "multi-fidelity budget 162 epochs" in out
+
+
+def test_from_json_refuses_files_run_with_different_settings_naming_the_option(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for path, epochs in ((a, 27), (b, 9)):
+        path.write_text(json.dumps({"morphml-asha": {"0": [[0.5, 1, 1.0]]},
+                                    "_settings": {"epochs": epochs, "full_trials": 18}}))
+    with pytest.raises(SystemExit, match=r"b.json: ran with --epochs 9, .*a.json with 27"):
+        bench_multifidelity.merged([a, b])
