@@ -67,7 +67,12 @@ _state: dict[str, Any] = {}
 
 
 def _needs_cluster(item: pytest.Item) -> bool:
-    return bool(CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())))
+    # These fixtures are defined here, so only tests under tests/cluster/ can get them: a test
+    # elsewhere with a fixture of its own of the same name (a unit test's fake `kube`) must not
+    # start the control plane and the node for a unit-only run.
+    here = Path(__file__).resolve().parent
+    return here in Path(str(item.path)).resolve().parents and bool(
+        CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
 def _image_roles(items: list[pytest.Item]) -> list[str]:
