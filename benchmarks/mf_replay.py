@@ -1,7 +1,7 @@
 """Replay trained curves (mf_curves.py) through schedulers.Asha with the coordinator's epoch-budget
 rules (leases count against the budget when taken; promotions first, the end game included),
-against independent random full-fidelity runs: the chance that ASHA lands within 0.005 of the full
-run, per rung setting and rung metric (docs/benchmarks.md (e)).
+against independent random full-fidelity runs: the chance that ASHA lands within WITHIN (0.005) of the
+full run, per rung setting and rung metric (docs/benchmarks.md (e)).
 
 Run: python benchmarks/mf_replay.py POOL.jsonl [...] [--repeats 1000] [--configs KIND,MIN,ETA,METRIC ...]
 """
@@ -19,10 +19,11 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_multifidelity import WITHIN
 from morphml.distributed.schedulers import Asha, EarlyStoppingSettings
 
 Curve = list[dict[str, float]]
-FULL = 27
 RUNG: dict[str, Callable[[Curve, int], float]] = {
     "acc": lambda c, e: c[e - 1]["val_accuracy"],
     "negloss": lambda c, e: -c[e - 1]["val_loss"],
@@ -30,22 +31,26 @@ RUNG: dict[str, Callable[[Curve, int], float]] = {
 }
 
 
-def load(paths: list[Path]) -> list[Curve]:
-    pool = []
+def load(paths: list[Path]) -> tuple[list[Curve], int]:
+    """The curves and their epochs (a full trial's); curves of another length are refused, naming the file."""
+    pool: list[Curve] = []
     for path in paths:
-        for line in path.read_text().splitlines():
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
             curve = json.loads(line)["curve"]
-            if len(curve) == FULL:
-                pool.append(curve)
-    return pool
+            if pool and len(curve) != len(pool[0]):
+                raise SystemExit(f"{path}:{number}: a curve of {len(curve)} epochs in a pool of {len(pool[0])}")
+            pool.append(curve)
+    if not pool:
+        raise SystemExit(f"no curves in {', '.join(map(str, paths))}")
+    return pool, len(pool[0])
 
 
-def asha_run(pool: list[Curve], rng: random.Random, budget: int, workers: int, kind: str, min_resource: int,
-             eta: int, metric: str) -> tuple[float, int]:
+def asha_run(pool: list[Curve], full: int, rng: random.Random, budget: int, workers: int, kind: str,
+             min_resource: int, eta: int, metric: str) -> tuple[float, int]:
     """One ASHA run over curves drawn at random (one epoch = one time unit): (best, epochs)."""
     settings = EarlyStoppingSettings.from_spec({"type": kind, "minResource": min_resource, "reductionFactor": eta},
-                                               FULL)
-    asha = Asha(settings, "maximize", FULL)
+                                               full)
+    asha = Asha(settings, "maximize", full)
     order = rng.sample(range(len(pool)), len(pool))
     rank = RUNG[metric]
     state = {"leased": 0, "new": 0, "seq": 0, "now": 0}
@@ -99,14 +104,14 @@ def main() -> int:
         "asha,1,3,acc", "asha,1,3,negloss", "asha,1,3,bestacc", "asha,3,3,acc", "asha,3,3,negloss",
         "asha,1,2,acc", "hyperband,1,3,acc"])
     args = parser.parse_args()
-    pool = load(args.paths)
+    pool, full = load(args.paths)
     best = [max(x["val_accuracy"] for x in c) for c in pool]
-    print(f"{len(pool)} curves of {FULL} epochs")
-    for e in (1, 2, 3, 9):
+    print(f"{len(pool)} curves of {full} epochs")
+    for e in (e for e in (1, 2, 3, 9) if e <= full):
         by_acc = spearmanr([c[e - 1]["val_accuracy"] for c in pool], best).statistic
         by_loss = spearmanr([-c[e - 1]["val_loss"] for c in pool], best).statistic
-        print(f"Spearman with the best of {FULL}: after epoch {e}: val_accuracy {by_acc:.3f}, -val_loss {by_loss:.3f}")
-    budget = args.full_trials * FULL // args.fraction
+        print(f"Spearman with the best of {full}: after epoch {e}: val_accuracy {by_acc:.3f}, -val_loss {by_loss:.3f}")
+    budget = args.full_trials * full // args.fraction
     rng = random.Random(0)
     fulls = [max(best[i] for i in rng.sample(range(len(pool)), args.full_trials)) for _ in range(args.repeats)]
     print(f"full run ({args.full_trials} trials): mean best {statistics.mean(fulls):.4f}; "
@@ -114,10 +119,10 @@ def main() -> int:
     for config in args.configs:
         kind, min_resource, eta, metric = config.split(",")
         rng = random.Random(1)
-        runs = [asha_run(pool, rng, budget, args.workers, kind, int(min_resource), int(eta), metric)
+        runs = [asha_run(pool, full, rng, budget, args.workers, kind, int(min_resource), int(eta), metric)
                 for _ in range(args.repeats)]
-        hit = sum(b >= f - 0.005 for (b, _), f in zip(runs, fulls, strict=True)) / args.repeats
-        print(f"{config:20s} P(within 0.005 of the full run) {hit:.3f}; mean best "
+        hit = sum(b >= f - WITHIN for (b, _), f in zip(runs, fulls, strict=True)) / args.repeats
+        print(f"{config:20s} P(within {WITHIN:g} of the full run) {hit:.3f}; mean best "
               f"{statistics.mean(b for b, _ in runs):.4f}; epochs {statistics.median(n for _, n in runs):g}")
     return 0
 
