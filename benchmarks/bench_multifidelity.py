@@ -60,21 +60,33 @@ MIN_RESOURCE, ETA = 1, 3  # the defaults of --min-resource and the reduction fac
 TPE_STARTUP = 10
 WITHIN = 0.005
 # What a --json file records of the run's settings, so that --from-json reports them.
-SETTINGS = ("epochs", "min_resource", "full_trials", "fraction", "workers")
+SETTINGS = ("epochs", "min_resource", "full_trials", "fraction", "workers", "copies", "validation_copies")
 
 
-def evaluation(epochs: int) -> dict[str, Any]:
-    return {**EVALUATION, "epochs": epochs}
+def evaluation(epochs: int, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The trainer settings of bench_search with `epochs`, on `dataset` (default: digits-hard as is)."""
+    return {**EVALUATION, "epochs": epochs, **({"dataset": dataset} if dataset else {})}
+
+
+def dataset_of(copies: int | None, validation_copies: int | None) -> dict[str, Any]:
+    """digits-hard with its copies options (`--copies`, `--validation-copies`) when given."""
+    dataset = dict(EVALUATION["dataset"])
+    if copies is not None:
+        dataset["copies"] = copies
+    if validation_copies is not None:
+        dataset["validationCopies"] = validation_copies
+    return dataset
 
 
 # -- MorphML: `morphml run` ---------------------------------------------------------------------
 
 def manifest(name: str, seed: int, epochs: int, max_trials: int, max_epochs: int | None,
-             scheduler: str | None, min_resource: int = MIN_RESOURCE) -> dict[str, Any]:
+             scheduler: str | None, min_resource: int = MIN_RESOURCE,
+             dataset: dict[str, Any] | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "searchSpace": {"layers": SPACE["layers"]},
         "optimizer": {"algorithm": "tpe", "populationSize": TPE_STARTUP, "seed": seed},
-        "evaluation": evaluation(epochs),
+        "evaluation": evaluation(epochs, dataset),
         "objective": {"metric": "val_accuracy", "goal": "maximize"},
         "budget": {"maxTrials": max_trials, "maxFailedTrials": max_trials},
     }
@@ -93,13 +105,14 @@ def run_morphml(method: str, seed: int, args: argparse.Namespace, work: Path) ->
     (val_accuracy, 1, seconds of that epoch) each, read from the journal's curves, and the
     architecture (JSON) of the trial with the best val_accuracy of any epoch."""
     full_epochs = args.full_trials * args.epochs
+    dataset = dataset_of(args.copies, args.validation_copies)
     if method == "morphml-full":
-        doc = manifest(f"full-{seed}", seed, args.epochs, args.full_trials, None, None)
+        doc = manifest(f"full-{seed}", seed, args.epochs, args.full_trials, None, None, dataset=dataset)
     else:
         scheduler = method.split("-", 1)[1]
         # maxTrials high enough that the epoch budget is what ends the search
         doc = manifest(f"{scheduler}-{seed}", seed, args.epochs, full_epochs, full_epochs // args.fraction, scheduler,
-                       args.min_resource)
+                       args.min_resource, dataset)
     out = work / f"{method}-{seed}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.yaml"
@@ -147,6 +160,7 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> tuple[Epochs
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     budget = args.full_trials * args.epochs // args.fraction
+    dataset = dataset_of(args.copies, args.validation_copies)
     pruner: Any
     if method == "optuna-hyperband":
         pruner = optuna.pruners.HyperbandPruner(min_resource=args.min_resource, max_resource=args.epochs,
@@ -185,7 +199,8 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> tuple[Epochs
             return False
 
         try:
-            evaluate_architecture(graph.to_json(), evaluation(args.epochs), device="cpu", seed=0, progress=progress)
+            evaluate_architecture(graph.to_json(), evaluation(args.epochs, dataset), device="cpu", seed=0,
+                                  progress=progress)
         except TrialFailure:
             raise optuna.TrialPruned from None  # a failed training: left out of the model
         if state["pruned"] or not math.isfinite(state["value"]):
@@ -205,7 +220,8 @@ def run_optuna(method: str, seed: int, args: argparse.Namespace) -> tuple[Epochs
 RETRAIN_SEED = 1000  # fresh training seeds 1000, 1001, ...: none a search trained with
 
 
-def retrain(arch: str, epochs: int, count: int, cache: dict[str, float]) -> list[float]:
+def retrain(arch: str, epochs: int, count: int, cache: dict[str, float],
+            dataset: dict[str, Any] | None = None) -> list[float]:
     """The final val_accuracy of `arch` trained `count` times for the full `epochs` with fresh
     torch seeds: what the architecture a search hands back scores, without the luck of the one
     run that made it the best (`cache`: by architecture and seed, shared by methods and seeds)."""
@@ -215,7 +231,7 @@ def retrain(arch: str, epochs: int, count: int, cache: dict[str, float]) -> list
     for k in range(count):
         key = f"{json.dumps(json.loads(arch), sort_keys=True)}@{RETRAIN_SEED + k}"
         if key not in cache:
-            metrics = evaluate_architecture(arch, evaluation(epochs), device="cpu", seed=RETRAIN_SEED + k)
+            metrics = evaluate_architecture(arch, evaluation(epochs, dataset), device="cpu", seed=RETRAIN_SEED + k)
             cache[key] = float(metrics["val_accuracy"])
         out.append(cache[key])
     return out
@@ -244,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=int, default=3,
                         help="the multi-fidelity runs get the full run's epochs / this (the target's 1/3)")
     parser.add_argument("--workers", type=int, default=2, help="morphml workers; Optuna's n_jobs")
+    parser.add_argument("--copies", type=int, help="digits-hard's copies: variants of each training image (2)")
+    parser.add_argument("--validation-copies", type=int,
+                        help="digits-hard's validationCopies: variants of each validation image (default: --copies)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--timeout", type=float, default=7200, help="seconds one morphml run may take")
     parser.add_argument("--keep", type=Path, help="keep each run's manifest, log and output here")
@@ -277,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             line = (f"  {method} seed {seed}: {len(epochs)} epochs, best {max(v for v, _, _ in epochs):.4f}, "
                     f"{time.monotonic() - t0:.0f} s wall")
             if args.retrain:
-                values = retrain(arch, args.epochs, args.retrain, cache)
+                values = retrain(arch, args.epochs, args.retrain, cache,
+                                 dataset_of(args.copies, args.validation_copies))
                 retrained.setdefault(method, {})[seed] = values
                 line += f"; its architecture retrained: {statistics.median(values):.4f} (median of {len(values)})"
             print(line, flush=True)
@@ -315,7 +335,10 @@ def merged(paths: list[Path]) -> tuple[dict[str, dict[int, Epochs]], dict[str, d
     first: dict[str, Path] = {}
     for path in paths:
         saved = json.loads(path.read_text())
-        for name, value in (saved.get("_settings") or {}).items():
+        saved_settings = saved.get("_settings")
+        if saved_settings is not None:  # files from before the copies options ran digits-hard as is
+            saved_settings = {"copies": None, "validation_copies": None, **saved_settings}
+        for name, value in (saved_settings or {}).items():
             if name in settings and settings[name] != value:
                 raise SystemExit(f"{path}: ran with --{name.replace('_', '-')} {value}, "
                                  f"{first[name]} with {settings[name]}: their seeds cannot be merged")
@@ -353,7 +376,8 @@ def report(runs: dict[str, dict[int, Epochs]], seeds: list[int], methods: list[s
             f"{statistics.median(s for _, _, s, _ in per_seed):.0f}",
             f"{statistics.median(reached):g} ({len(reached)} of {len(per_seed)} seeds)" if reached else "-",
         ])
-    print(f"\nE={args.epochs} epochs per full trial, rungs at {args.min_resource} x {ETA}^k; "
+    print(f"\n{json.dumps(dataset_of(getattr(args, 'copies', None), getattr(args, 'validation_copies', None)))}, "
+          f"E={args.epochs} epochs per full trial, rungs at {args.min_resource} x {ETA}^k; "
           f"full run {args.full_trials} trials = {args.full_trials * args.epochs} epochs; multi-fidelity budget "
           f"{args.full_trials * args.epochs // args.fraction} epochs; overall best by seed "
           + ", ".join(f"{s}: {v:.4f}" for s, v in overall.items()))

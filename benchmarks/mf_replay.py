@@ -3,7 +3,7 @@ rules (leases count against the budget when taken; promotions first, the end gam
 against independent random full-fidelity runs: the chance that ASHA lands within WITHIN (0.005) of the
 full run, per rung setting and rung metric (docs/benchmarks.md (e)).
 
-Run: python benchmarks/mf_replay.py POOL.jsonl [...] [--repeats 1000] [--configs KIND,MIN,ETA,METRIC ...]
+Run: python benchmarks/mf_replay.py POOL.jsonl [...] [--repeats 1000] [--below N] [--configs KIND,MIN,ETA,METRIC ...]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_multifidelity import WITHIN
+from bench_search import EVALUATION
 from morphml.distributed.schedulers import Asha, EarlyStoppingSettings
 
 Curve = list[dict[str, float]]
@@ -31,15 +32,24 @@ RUNG: dict[str, Callable[[Curve, int], float]] = {
 }
 
 
-def load(paths: list[Path]) -> tuple[list[Curve], int]:
-    """The curves and their epochs (a full trial's); curves of another length are refused, naming the file."""
+def load(paths: list[Path], below: int | None = None) -> tuple[list[Curve], int]:
+    """The curves and their epochs (a full trial's); curves of another length or another dataset
+    (mf_curves.py's --copies, --validation-copies) are refused, naming the file and line; with
+    `below`, only the architectures of index < below (pools trained with other settings pair by index)."""
     pool: list[Curve] = []
+    dataset: object = None
     for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), start=1):
-            curve = json.loads(line)["curve"]
+            record = json.loads(line)
+            if below is not None and record["index"] >= below:
+                continue
+            curve, this = record["curve"], record.get("dataset", EVALUATION["dataset"])
             if pool and len(curve) != len(pool[0]):
                 raise SystemExit(f"{path}:{number}: a curve of {len(curve)} epochs in a pool of {len(pool[0])}")
+            if pool and this != dataset:
+                raise SystemExit(f"{path}:{number}: a curve on {this} in a pool on {dataset}")
             pool.append(curve)
+            dataset = this
     if not pool:
         raise SystemExit(f"no curves in {', '.join(map(str, paths))}")
     return pool, len(pool[0])
@@ -97,6 +107,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--repeats", type=int, default=1000)
+    parser.add_argument("--below", type=int, help="only architectures of index < this (to pair pools)")
     parser.add_argument("--full-trials", type=int, default=18)
     parser.add_argument("--fraction", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
@@ -104,7 +115,7 @@ def main() -> int:
         "asha,1,3,acc", "asha,1,3,negloss", "asha,1,3,bestacc", "asha,3,3,acc", "asha,3,3,negloss",
         "asha,1,2,acc", "hyperband,1,3,acc"])
     args = parser.parse_args()
-    pool, full = load(args.paths)
+    pool, full = load(args.paths, args.below)
     best = [max(x["val_accuracy"] for x in c) for c in pool]
     print(f"{len(pool)} curves of {full} epochs")
     for e in (e for e in (1, 2, 3, 9) if e <= full):

@@ -82,6 +82,23 @@ def test_digits_hard_is_deterministic_given_its_seed():
     np.testing.assert_array_equal(other.y_train, first.y_train)
 
 
+def test_digits_hard_copies_set_the_variants_per_image_and_validation_copies_leave_training_alone():
+    default = load_dataset({"name": "digits-hard"})
+    explicit = load_dataset({"name": "digits-hard", "copies": 2, "validationCopies": 2})
+    np.testing.assert_array_equal(explicit.x_train, default.x_train)  # the defaults are the arrays it always had
+    np.testing.assert_array_equal(explicit.x_val, default.x_val)
+    n_train, n_val = len(default.x_train) // 2, len(default.x_val) // 2
+    wide = load_dataset({"name": "digits-hard", "validationCopies": 8})
+    np.testing.assert_array_equal(wide.x_train, default.x_train)  # training variants are drawn first
+    np.testing.assert_array_equal(wide.y_train, default.y_train)
+    assert wide.x_val.shape == (8 * n_val, 1, 16, 16)
+    np.testing.assert_array_equal(wide.y_val, np.tile(default.y_val[:n_val], 8))
+    more = load_dataset({"name": "digits-hard", "copies": 3})
+    assert more.x_train.shape == (3 * n_train, 1, 16, 16) and more.x_val.shape == (3 * n_val, 1, 16, 16)
+    assert not np.allclose(more.x_train[2 * n_train:], more.x_train[:n_train])
+    assert dataset_shape({"name": "digits-hard", "copies": 3}) == ((1, 16, 16), 10)
+
+
 @pytest.mark.timeout(120)
 def test_digits_hard_is_harder_than_digits_for_a_linear_model():
     """Its purpose: plain digits saturates (a linear model gets ~0.96); on digits-hard the same
@@ -145,6 +162,10 @@ def test_npz_with_x_y_is_split_and_grey_images_get_a_channel(tmp_path):
          "'imagenet' is not one of digits, digits-hard, synthetic, npz, torchvision"),
         ({"name": "digits-hard", "seed": -1}, "spec.evaluation.dataset.seed", "-1 must be an integer >= 0"),
         ({"name": "digits-hard", "seed": "x"}, "spec.evaluation.dataset.seed", "'x' must be an integer >= 0"),
+        ({"name": "digits-hard", "copies": 0}, "spec.evaluation.dataset.copies", "0 must be an integer from 1 to 64"),
+        ({"name": "digits-hard", "validationCopies": True}, "spec.evaluation.dataset.validationCopies",
+         "True must be an integer from 1 to 64"),
+        ({"name": "digits-hard", "copies": 65}, "spec.evaluation.dataset.copies", "65 must be an integer from 1 to 64"),
         ({"name": "npz"}, "spec.evaluation.dataset.path", "is required"),
         ({"name": "npz", "path": "/nonexistent/data.npz"}, "spec.evaluation.dataset.path", "does not exist"),
         ({"name": "synthetic", "classes": 1}, "spec.evaluation.dataset.classes", "must be an integer >= 2"),

@@ -108,6 +108,12 @@ BAD_MANIFESTS: list[BadManifest] = [
     BadManifest(
         "npz_dataset_without_path", _set("spec.evaluation.dataset.name", "npz"), "spec.evaluation.dataset.path"
     ),
+    BadManifest("copies_on_plain_digits", _set("spec.evaluation.dataset.copies", 8), "spec.evaluation.dataset.copies"),
+    BadManifest(
+        "validation_copies_zero",
+        _set("spec.evaluation.dataset", {"name": "digits-hard", "validationCopies": 0}),
+        "spec.evaluation.dataset.validationCopies",
+    ),
     BadManifest(
         "evaluator_not_module_function", _set("spec.evaluation.evaluator", "my evaluator"), "spec.evaluation.evaluator"
     ),

@@ -2,15 +2,19 @@
 
 - digits: scikit-learn's bundled 8x8 digits (no network), pixels scaled to [0, 1], shape [1, 8, 8],
   10 classes, a fixed stratified 80/20 split (seed 0).
-- digits-hard: {seed}; the same bundled digits made harder, for benchmarks where search methods
-  separate (plain digits saturates near 0.98-0.99 for most architectures): each 8x8 image is
-  upscaled to 16x16 (shape [1, 16, 16], 10 classes) through a random affine map (rotation up to
-  +-20 degrees, scale 0.85-1.1 of a 12x12 digit, shift up to +-2 pixels; bilinear), then Gaussian
-  noise (sigma 0.25) is added (a linear model gets ~0.35 where it gets ~0.96 on digits). The
-  split is digits' own (stratified 80/20, seed 0, by original image, so no image has variants on
-  both sides); every original image gives DIGITS_HARD_COPIES variants (train
-  and validation alike). Deterministic given `seed` (default 0): the same seed, the same arrays
-  (`seed` is for the Python API; the CRD has no such field, so a manifest gets seed 0).
+- digits-hard: {seed, copies, validationCopies}; the same bundled digits made harder, for
+  benchmarks where search methods separate (plain digits saturates near 0.98-0.99 for most
+  architectures): each 8x8 image is upscaled to 16x16 (shape [1, 16, 16], 10 classes) through a
+  random affine map (rotation up to +-20 degrees, scale 0.85-1.1 of a 12x12 digit, shift up to +-2
+  pixels; bilinear), then Gaussian noise (sigma 0.25) is added (a linear model gets ~0.35 where it
+  gets ~0.96 on digits). The split is digits' own (stratified 80/20, seed 0, by original image, so
+  no image has variants on both sides); every original training image gives `copies` variants
+  (default DIGITS_HARD_COPIES, 2) and every validation image `validationCopies` (default:
+  `copies`). More copies make an epoch more steps of fresh variants and the validation accuracy
+  less noisy (718 validation examples by default, a standard error of about 0.014 at accuracy 0.84;
+  8 copies, 2872 examples: about 0.007). Deterministic given `seed` (default 0) and the copies: the
+  same settings, the same arrays; the defaults give the arrays digits-hard always had (`seed` is
+  for the Python API; the CRD has no such field, so a manifest gets seed 0).
 - synthetic: {shape, classes, size, seed}; each class has a fixed random pattern and samples are
   that pattern plus noise, so a small model learns it in a few epochs.
 - npz: {path}; arrays x_train/y_train/x_val/y_val, or x/y that are split 80/20 (seed 0).
@@ -45,6 +49,7 @@ VAL_FRACTION = 0.2
 # digits-hard: the variants' geometry and noise (see the module docstring).
 DIGITS_HARD_SIZE = 16
 DIGITS_HARD_COPIES = 2
+DIGITS_HARD_MAX_COPIES = 64  # the CRD's maximum of copies and validationCopies
 DIGITS_HARD_ROTATION_DEGREES = 20.0
 DIGITS_HARD_SCALE = (0.85, 1.1)  # times the base zoom, which maps the 8x8 digit onto 12x12 pixels
 DIGITS_HARD_SHIFT = 2.0  # pixels of the 16x16 output, each axis
@@ -138,6 +143,7 @@ def dataset_shape(dataset_spec: Any) -> tuple[tuple[int, ...], int]:
         return (1, 8, 8), 10
     if name == "digits-hard":
         _digits_hard_seed(spec)
+        _digits_hard_copies(spec)
         return (1, DIGITS_HARD_SIZE, DIGITS_HARD_SIZE), 10
     if name == "synthetic":
         shape, classes, _, _ = _synthetic_settings(spec)
@@ -209,6 +215,21 @@ def _digits_hard_seed(spec: Mapping) -> int:
     return seed
 
 
+def _digits_hard_copies(spec: Mapping) -> tuple[int, int]:
+    """(copies, validationCopies) of a digits-hard spec."""
+    def read(key: str, default: int) -> int:
+        value = spec.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= DIGITS_HARD_MAX_COPIES:
+            raise EvaluationSpecError(f"{FIELD}.{key}",
+                                      f"{value!r} must be an integer from 1 to {DIGITS_HARD_MAX_COPIES}")
+        return value
+
+    copies = read("copies", DIGITS_HARD_COPIES)
+    return copies, read("validationCopies", copies)
+
+
 def _affine_variants(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One random variant of each [N, 8, 8] image: [N, 16, 16], bilinear, zero outside the digit."""
     n, h, w = images.shape
@@ -237,17 +258,18 @@ def _affine_variants(images: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 def _load_digits_hard(spec: Mapping) -> Dataset:
     seed = _digits_hard_seed(spec)
+    copies, validation_copies = _digits_hard_copies(spec)
     digits = _load_digits({"name": "digits"})
     rng = np.random.default_rng([seed, 8, 16])
 
-    def variants(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        images = np.concatenate([_affine_variants(x[:, 0].astype(np.float64), rng)
-                                 for _ in range(DIGITS_HARD_COPIES)])
+    def variants(x: np.ndarray, y: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        images = np.concatenate([_affine_variants(x[:, 0].astype(np.float64), rng) for _ in range(count)])
         images += rng.normal(0.0, DIGITS_HARD_NOISE, images.shape)
-        return images[:, None].astype(np.float32), np.tile(y, DIGITS_HARD_COPIES)
+        return images[:, None].astype(np.float32), np.tile(y, count)
 
-    x_train, y_train = variants(digits.x_train, digits.y_train)
-    x_val, y_val = variants(digits.x_val, digits.y_val)
+    # Training variants are drawn first, so the validation copies never change the training set.
+    x_train, y_train = variants(digits.x_train, digits.y_train, copies)
+    x_val, y_val = variants(digits.x_val, digits.y_val, validation_copies)
     shape = (1, DIGITS_HARD_SIZE, DIGITS_HARD_SIZE)
     return Dataset("digits-hard", shape, 10, x_train, y_train, x_val, y_val)
 
