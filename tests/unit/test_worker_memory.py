@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from morphml.distributed.worker_memory import ContainerMemory, describe_runner_kill
+from morphml.distributed.worker_memory import ContainerMemory, OomLedger, describe_runner_kill
 
 pytestmark = pytest.mark.unit
 
@@ -105,6 +105,32 @@ def test_a_sigkill_where_no_count_is_readable_is_most_likely_out_of_memory(tmp_p
     memory = ContainerMemory(tmp_path / "nothing", tmp_path / "no-proc-file")
     kind, message = describe_runner_kill(-signal.SIGKILL, None, memory, sleep=lambda s: None)
     assert kind == "oom" and "most likely out of memory" in message and "no cgroup OOM count" in message
+
+
+def test_one_oom_kill_explains_one_runner_of_a_worker_with_several_slots(tmp_path):
+    """Two runners in one cgroup, both started at count 0: the OOM killer ends the first (0 -> 1);
+    later the second is killed with kill -9 from outside. The count still says 1 > 0, but that
+    kill is the first runner's: the second was killed from outside."""
+    memory = v1_container(tmp_path, kills=0)
+    ledger = OomLedger()
+    set_v1_kills(memory, 1)
+    assert describe_runner_kill(-signal.SIGKILL, 0, memory, sleep=lambda s: None, ledger=ledger)[0] == "oom"
+    kind, message = describe_runner_kill(-signal.SIGKILL, 0, memory, sleep=lambda s: None, ledger=ledger)
+    assert kind == "exception" and "not the OOM killer" in message
+    assert "counts 1 OOM kills, 0 when it started, and each kill since ended another trial process" in message
+    # Without the shared ledger (each runner on its own) the second would have been called an OOM kill.
+    assert describe_runner_kill(-signal.SIGKILL, 0, memory, sleep=lambda s: None)[0] == "oom"
+
+
+def test_two_oom_kills_explain_two_runners_whatever_order_they_are_looked_at(tmp_path):
+    memory = v1_container(tmp_path, kills=3)
+    ledger = OomLedger()
+    set_v1_kills(memory, 5)
+    # the runner started at 4 is looked at first and takes kill 5; the one started at 3 takes kill 4
+    assert describe_runner_kill(-signal.SIGKILL, 4, memory, sleep=lambda s: None, ledger=ledger)[0] == "oom"
+    assert describe_runner_kill(-signal.SIGKILL, 3, memory, sleep=lambda s: None, ledger=ledger)[0] == "oom"
+    assert describe_runner_kill(-signal.SIGKILL, 3, memory, sleep=lambda s: None, ledger=ledger)[0] == "exception"
+    assert ledger.claim(3, 5) is None and ledger.claim(5, 6) == 6
 
 
 @pytest.mark.parametrize("code", [1, -signal.SIGSEGV, 137])

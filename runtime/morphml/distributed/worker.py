@@ -71,7 +71,7 @@ from .liveness import SESSION, Clock, LivenessMonitor, Verdict, liveness_bounds,
 from .master import DEFAULT_MAX_MESSAGE_BYTES, default_bind_host, grpc_options
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
-from .worker_memory import ContainerMemory, describe_runner_kill
+from .worker_memory import ContainerMemory, OomLedger, describe_runner_kill
 
 log = logging.getLogger("morphml.worker")
 
@@ -182,7 +182,8 @@ class RunnerProcess:
     running trial go to `on_report(message)`; answer them with `decide()`."""
 
     def __init__(self, slot: int, beat_seconds: float = 0.0, on_progress: Callable[[], None] | None = None,
-                 on_report: Callable[[dict], None] | None = None, on_checkpoint: Callable[[dict], None] | None = None):
+                 on_report: Callable[[dict], None] | None = None, on_checkpoint: Callable[[dict], None] | None = None,
+                 oom_ledger: OomLedger | None = None):
         self.slot = slot
         self.beat_seconds = beat_seconds
         self.on_progress = on_progress or (lambda: None)
@@ -200,6 +201,8 @@ class RunnerProcess:
         # SIGKILL is told apart as out of memory or killed from outside (worker_memory).
         self.memory = ContainerMemory()
         self.oom_kills_at_start: int | None = None
+        # The kills put down to a runner, shared by the worker's runners (one cgroup, one count).
+        self.oom_ledger = oom_ledger if oom_ledger is not None else OomLedger()
 
     def _started(self) -> subprocess.Popen[bytes]:
         self.ensure_started()
@@ -380,8 +383,9 @@ class WorkerNode:
         self._liveness.add_part(SESSION, self._bounds.stuck_after, active=False)
         for slot in range(config.slots):
             self._liveness.add_part(runner_part(slot), self._bounds.stuck_after, self._bounds.replace_after)
+        oom_ledger = OomLedger()  # the slots' runners share the container's cgroup and its OOM count
         self._runners = [RunnerProcess(i, self._bounds.beat_period, self._progress_callback(runner_part(i)),
-                                       functools.partial(self._on_report, i), self._on_checkpoint)
+                                       functools.partial(self._on_report, i), self._on_checkpoint, oom_ledger)
                          for i in range(config.slots)]
         # Checkpoint files on their way up or down (removed at exit); the uploader's FIFO holds
         # ("upload", message) and ("result", item, reply) so a result follows its trial's uploads.
@@ -754,7 +758,8 @@ class WorkerNode:
                 else:
                     # SIGKILL: the OOM killer, or someone from outside (the container's cgroup
                     # tells which); the message is what the master journals for the attempt.
-                    kind, message = describe_runner_kill(reply, runner.oom_kills_at_start, runner.memory)
+                    kind, message = describe_runner_kill(reply, runner.oom_kills_at_start, runner.memory,
+                                                         ledger=runner.oom_ledger)
                     log.warning("trial %s/%d failed (%s): %s", head["ref"][0], head["ref"][1], kind, message)
                     reply = {"ok": False, "kind": kind, "duration": now - head_started, "message": message}
             head_started = now

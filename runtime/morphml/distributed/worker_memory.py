@@ -13,6 +13,10 @@ died, and says which it was:
 - no count readable (no cgroup filesystem in the container, another OS): most likely out of
   memory, kind "oom", and the message says it could not be told.
 
+A worker with several slots runs several runners in one cgroup, so one count: each OOM kill is
+put down to one runner only (`OomLedger`, one per worker), and a runner that dies by SIGKILL
+after another runner's OOM kill, with no new kill of its own, was killed from outside.
+
 Where the files are: first the path /proc/self/cgroup names under the mount (exact where the
 whole hierarchy is mounted, as for a process on a host), then the mount's root (the container's
 own cgroup with a cgroup namespace, or where the runtime binds only the container's cgroup, as
@@ -24,6 +28,7 @@ Imports: the standard library only.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -124,33 +129,61 @@ class ContainerMemory:
         return None
 
 
+class OomLedger:
+    """The container's OOM kills already put down to a runner (kill k: the count went k-1 -> k).
+
+    Shared by a worker's runners (their slot threads call `claim`), so that one kill explains one
+    runner's death, not every SIGKILL that comes after it in the same cgroup."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._claimed: set[int] = set()
+
+    def claim(self, before: int, after: int) -> int | None:
+        """Takes the first kill counted in (before, after] that no runner took yet: its number, or None."""
+        with self._lock:
+            for kill in range(before + 1, after + 1):
+                if kill not in self._claimed:
+                    self._claimed.add(kill)
+                    return kill
+        return None
+
+
 def _mib(value: int) -> str:
     return f"{value / (1 << 20):.0f} MiB"
 
 
 def describe_runner_kill(code: int, before: int | None, memory: ContainerMemory, settle: float = SETTLE_SECONDS,
-                         sleep: Callable[[float], None] = time.sleep) -> tuple[str, str]:
+                         sleep: Callable[[float], None] = time.sleep,
+                         ledger: OomLedger | None = None) -> tuple[str, str]:
     """(failure kind, message) for a runner that exited with `code` before replying.
 
-    `before`: the OOM kill count when the runner started (None: not readable then). Only a
-    SIGKILL (code -9) is looked into; any other code is an "exception" naming it."""
+    `before`: the OOM kill count when the runner started (None: not readable then); `ledger`:
+    the kills other runners of the same cgroup were already put down to (None: this runner is
+    the only one). Only a SIGKILL (code -9) is looked into; any other code is an "exception"
+    naming it."""
     if code != -signal.SIGKILL:
         return "exception", f"trial process exited with code {code} before reporting a result"
+    ledger = ledger if ledger is not None else OomLedger()
     after = memory.oom_kills()
+    kill = None if before is None or after is None else ledger.claim(before, after)
     for _ in range(round(settle / SETTLE_STEP)):
-        if before is None or after is None or after > before:
+        if before is None or after is None or kill is not None:
             break
         sleep(SETTLE_STEP)
         after = memory.oom_kills()
+        kill = None if after is None else ledger.claim(before, after)
     limit = memory.limit_bytes()
     limit_text = (f"the memory limit of {_mib(limit)} of the worker's cgroup" if limit is not None
                   else "the memory limit of the worker's cgroup")
-    if before is not None and after is not None and after > before:
+    if kill is not None:
         return "oom", (f"out of memory: the kernel's OOM killer ended the trial process (SIGKILL) at {limit_text} "
                        f"(its OOM kills: {before} -> {after}); the trial needs more memory than that: raise the "
                        "limit (on Kubernetes spec.workers.resources.limits.memory) or make the model or batch smaller")
     if before is not None and after is not None:
+        counted = "as before" if after <= before else (
+            f"{before} when it started, and each kill since ended another trial process of this worker")
         return "exception", ("trial process killed by SIGKILL from outside the worker before reporting a result "
-                             f"(not the OOM killer: the worker's cgroup counts {after} OOM kills, as before)")
+                             f"(not the OOM killer: the worker's cgroup counts {after} OOM kills, {counted})")
     return "oom", ("trial process killed by SIGKILL before reporting a result: most likely out of memory "
                    f"(the kernel's OOM killer at {limit_text}); no cgroup OOM count is readable here to tell")
