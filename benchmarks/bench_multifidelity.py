@@ -4,7 +4,8 @@ same space, same per-epoch trainer, same sampler family (TPE), several seeds.
 Methods (each with `--epochs` E epochs per full trial, rungs at r, 3r, 9r, ... epochs: minResource
 r = `--min-resource`, default 1, reductionFactor 3):
 - morphml-full: `morphml run` (real master and `--workers` worker processes on loopback),
-  spec.optimizer.algorithm tpe, no early stopping, `--full-trials` trials of E epochs;
+  spec.optimizer.algorithm `--optimizer` (default tpe; random or regularizedEvolution for ASHA's
+  own setting), no early stopping, `--full-trials` trials of E epochs;
 - morphml-asha / morphml-hyperband: the same with spec.earlyStopping asha / hyperband and
   spec.budget.maxEpochs = the full run's epochs / `--fraction` (default 3): trials pause at a rung
   and are promoted from their checkpoint;
@@ -23,7 +24,8 @@ ASHA reaches full fidelity's best within 0.5 % with at most 1/3 of its epochs, a
 epochs its best is at least Optuna+Hyperband's.
 
 Run: nice -n 19 python benchmarks/bench_multifidelity.py [--seeds 3] [--first-seed 0] [--epochs 9] [--min-resource 1]
-     [--full-trials 27] [--fraction 3] [--workers 2] [--methods ...] [--retrain 3] [--keep DIR] [--json FILE]
+     [--full-trials 27] [--fraction 3] [--workers 2] [--optimizer tpe] [--copies N] [--validation-copies M]
+     [--methods ...] [--retrain 3] [--keep DIR] [--json FILE]
      python benchmarks/bench_multifidelity.py --from-json FILE [FILE ...] (the table of saved runs, seeds merged;
      the settings they ran with are read from the files; files older than that need the same --epochs,
      --full-trials and --fraction on the command line)
@@ -60,7 +62,7 @@ MIN_RESOURCE, ETA = 1, 3  # the defaults of --min-resource and the reduction fac
 TPE_STARTUP = 10
 WITHIN = 0.005
 # What a --json file records of the run's settings, so that --from-json reports them.
-SETTINGS = ("epochs", "min_resource", "full_trials", "fraction", "workers", "copies", "validation_copies")
+SETTINGS = ("epochs", "min_resource", "full_trials", "fraction", "workers", "copies", "validation_copies", "optimizer")
 
 
 def evaluation(epochs: int, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -82,10 +84,10 @@ def dataset_of(copies: int | None, validation_copies: int | None) -> dict[str, A
 
 def manifest(name: str, seed: int, epochs: int, max_trials: int, max_epochs: int | None,
              scheduler: str | None, min_resource: int = MIN_RESOURCE,
-             dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+             dataset: dict[str, Any] | None = None, algorithm: str = "tpe") -> dict[str, Any]:
     spec: dict[str, Any] = {
         "searchSpace": {"layers": SPACE["layers"]},
-        "optimizer": {"algorithm": "tpe", "populationSize": TPE_STARTUP, "seed": seed},
+        "optimizer": {"algorithm": algorithm, "populationSize": TPE_STARTUP, "seed": seed},
         "evaluation": evaluation(epochs, dataset),
         "objective": {"metric": "val_accuracy", "goal": "maximize"},
         "budget": {"maxTrials": max_trials, "maxFailedTrials": max_trials},
@@ -107,12 +109,13 @@ def run_morphml(method: str, seed: int, args: argparse.Namespace, work: Path) ->
     full_epochs = args.full_trials * args.epochs
     dataset = dataset_of(args.copies, args.validation_copies)
     if method == "morphml-full":
-        doc = manifest(f"full-{seed}", seed, args.epochs, args.full_trials, None, None, dataset=dataset)
+        doc = manifest(f"full-{seed}", seed, args.epochs, args.full_trials, None, None, dataset=dataset,
+                       algorithm=args.optimizer)
     else:
         scheduler = method.split("-", 1)[1]
         # maxTrials high enough that the epoch budget is what ends the search
         doc = manifest(f"{scheduler}-{seed}", seed, args.epochs, full_epochs, full_epochs // args.fraction, scheduler,
-                       args.min_resource, dataset)
+                       args.min_resource, dataset, args.optimizer)
     out = work / f"{method}-{seed}"
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.yaml"
@@ -263,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, help="digits-hard's copies: variants of each training image (2)")
     parser.add_argument("--validation-copies", type=int,
                         help="digits-hard's validationCopies: variants of each validation image (default: --copies)")
+    parser.add_argument("--optimizer", choices=("tpe", "random", "regularizedEvolution"), default="tpe",
+                        help="spec.optimizer.algorithm of the morphml runs (Optuna's studies are TPE whatever this is)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--timeout", type=float, default=7200, help="seconds one morphml run may take")
     parser.add_argument("--keep", type=Path, help="keep each run's manifest, log and output here")
@@ -337,7 +342,7 @@ def merged(paths: list[Path]) -> tuple[dict[str, dict[int, Epochs]], dict[str, d
         saved = json.loads(path.read_text())
         saved_settings = saved.get("_settings")
         if saved_settings is not None:  # files from before the copies options ran digits-hard as is
-            saved_settings = {"copies": None, "validation_copies": None, **saved_settings}
+            saved_settings = {"copies": None, "validation_copies": None, "optimizer": "tpe", **saved_settings}
         for name, value in (saved_settings or {}).items():
             if name in settings and settings[name] != value:
                 raise SystemExit(f"{path}: ran with --{name.replace('_', '-')} {value}, "
@@ -377,6 +382,7 @@ def report(runs: dict[str, dict[int, Epochs]], seeds: list[int], methods: list[s
             f"{statistics.median(reached):g} ({len(reached)} of {len(per_seed)} seeds)" if reached else "-",
         ])
     print(f"\n{json.dumps(dataset_of(getattr(args, 'copies', None), getattr(args, 'validation_copies', None)))}, "
+          f"morphml's optimizer {getattr(args, 'optimizer', 'tpe')}, "
           f"E={args.epochs} epochs per full trial, rungs at {args.min_resource} x {ETA}^k; "
           f"full run {args.full_trials} trials = {args.full_trials * args.epochs} epochs; multi-fidelity budget "
           f"{args.full_trials * args.epochs // args.fraction} epochs; overall best by seed "
