@@ -17,7 +17,9 @@ per task, each trial a direct call of the built-in trainer (`evaluate_architectu
 EVALUATION below, seed 0, CPU, no master: the coordinator adds no search decisions, and the
 issue's figures are about the search). The trainer is deterministic for a given architecture,
 so results are memoised by architecture hash in `--cache` (JSON lines; the same architecture
-proposed by two methods or seeds is trained once, the way tabular NAS benchmarks work); a trial
+proposed by two methods or seeds is trained once, the way tabular NAS benchmarks work; a line
+counts only in the trainer context it was written in: `trainer_context`, the settings, the
+dataset's arrays, torch's and numpy's versions); a trial
 that comes from the cache still counts as a trial of the method that proposed it. Trained
 trials are what the budget counts: a draw that is no valid architecture is not trained and not
 counted (ours redraws it itself; the plain Optuna objective raises TrialPruned), an
@@ -35,6 +37,7 @@ torch only in the worker processes, through the trainer.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import multiprocessing
@@ -100,13 +103,32 @@ def space() -> SearchSpace:
 
 # -- the trainer, memoised ---------------------------------------------------------------------
 
+def trainer_context() -> str:
+    """What a cached result depends on besides the architecture: the trainer settings and the
+    versions of the libraries that train it (a cache line of another context is not used)."""
+    from importlib.metadata import version
+
+    from morphml.evaluation.datasets import load_dataset
+
+    data = load_dataset(EVALUATION["dataset"])
+    digest = hashlib.sha256()
+    for array in (data.x_train, data.y_train, data.x_val, data.y_val):
+        digest.update(array.tobytes())
+    text = json.dumps({"evaluation": EVALUATION, "data": digest.hexdigest(), "torch": version("torch"),
+                       "numpy": version("numpy")}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class Trainer:
     """evaluate_architecture on EVALUATION, memoised by architecture hash in a JSON-lines file
-    shared by the pool's processes (each line one architecture's metrics; re-read before a miss
-    is trained, so a result another process just wrote is used)."""
+    shared by the pool's processes (each line one architecture's metrics and the trainer context
+    they were trained in; re-read before a miss is trained, so a result another process just
+    wrote is used; lines of another context, or written before contexts were, are not)."""
 
-    def __init__(self, cache: Path) -> None:
+    def __init__(self, cache: Path, context: str | None = None) -> None:
         self.cache = cache
+        self.context = context if context is not None else trainer_context()
+        self.ignored = 0  # cache lines of another context
         self.known: dict[str, dict[str, Any]] = {}
         self._offset = 0
         self.trained = 0  # architectures this process trained (not from the cache)
@@ -121,6 +143,9 @@ class Trainer:
                     break  # a line being written by another process: read it next time
                 self._offset += len(line.encode())
                 row = json.loads(line)
+                if row.get("context") != self.context:
+                    self.ignored += 1
+                    continue
                 self.known[row["arch_hash"]] = row["metrics"]
 
     def __call__(self, graph: ArchitectureGraph) -> dict[str, Any]:
@@ -138,7 +163,7 @@ class Trainer:
             metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
             self.trained += 1
             with self.cache.open("a") as f:  # one write per line: O_APPEND keeps lines whole
-                f.write(json.dumps({"arch_hash": key, "metrics": metrics}) + "\n")
+                f.write(json.dumps({"arch_hash": key, "context": self.context, "metrics": metrics}) + "\n")
             self.known[key] = metrics
         return dict(self.known[key])
 

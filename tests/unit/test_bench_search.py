@@ -4,6 +4,7 @@ the figures (best after k trials, hypervolume of a front) are computed as docume
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -58,3 +59,23 @@ def test_per_seed_lists_each_seed_of_each_method_in_seed_order_and_skips_methods
     text = bench_search.per_seed(results, bench_search.SINGLE_METHODS, [1, 2], bench_search.best_after)
     assert text.splitlines() == ["  tpe after 1 (seeds 0, 1): 0.7000 / 0.6000",
                                  "  tpe after 2 (seeds 0, 1): 0.7000 / 0.8000"]
+
+
+def test_the_trainer_cache_uses_only_lines_of_its_own_context(tmp_path):
+    """A cache written with other trainer settings or library versions (or before contexts were
+    recorded) must not hand its values to this run."""
+    cache = tmp_path / "cache.jsonl"
+    lines = [{"arch_hash": "a", "context": "mine", "metrics": {"val_accuracy": 0.5}},
+             {"arch_hash": "b", "context": "older-torch", "metrics": {"val_accuracy": 0.9}},
+             {"arch_hash": "c", "metrics": {"val_accuracy": 0.7}}]
+    cache.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    trainer = bench_search.Trainer(cache, context="mine")
+    trainer._reload()
+    assert trainer.known == {"a": {"val_accuracy": 0.5}} and trainer.ignored == 2
+
+
+def test_the_trainer_context_changes_with_the_dataset(monkeypatch):
+    here = bench_search.trainer_context()
+    assert here == bench_search.trainer_context()
+    monkeypatch.setitem(bench_search.EVALUATION, "dataset", {"name": "digits-hard", "validationCopies": 3})
+    assert bench_search.trainer_context() != here
