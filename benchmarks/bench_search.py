@@ -128,7 +128,6 @@ class Trainer:
     def __init__(self, cache: Path, context: str | None = None) -> None:
         self.cache = cache
         self.context = context if context is not None else trainer_context()
-        self.ignored = 0  # cache lines of another context
         self.known: dict[str, dict[str, Any]] = {}
         self._offset = 0
         self.trained = 0  # architectures this process trained (not from the cache)
@@ -144,8 +143,7 @@ class Trainer:
                 self._offset += len(line.encode())
                 row = json.loads(line)
                 if row.get("context") != self.context:
-                    self.ignored += 1
-                    continue
+                    continue  # trained with other settings or library versions
                 self.known[row["arch_hash"]] = row["metrics"]
 
     def __call__(self, graph: ArchitectureGraph) -> dict[str, Any]:
