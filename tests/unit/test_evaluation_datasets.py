@@ -166,6 +166,8 @@ def test_npz_with_x_y_is_split_and_grey_images_get_a_channel(tmp_path):
         ({"name": "digits-hard", "validationCopies": True}, "spec.evaluation.dataset.validationCopies",
          "True must be an integer from 1 to 64"),
         ({"name": "digits-hard", "copies": 65}, "spec.evaluation.dataset.copies", "65 must be an integer from 1 to 64"),
+        ({"name": "digits", "copies": 4}, "spec.evaluation.dataset.copies",
+         "applies only to the digits-hard dataset, not digits"),
         ({"name": "npz"}, "spec.evaluation.dataset.path", "is required"),
         ({"name": "npz", "path": "/nonexistent/data.npz"}, "spec.evaluation.dataset.path", "does not exist"),
         ({"name": "synthetic", "classes": 1}, "spec.evaluation.dataset.classes", "must be an integer >= 2"),

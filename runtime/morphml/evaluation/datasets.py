@@ -93,6 +93,9 @@ def _dataset_spec(spec: Any) -> dict:
     name = spec.get("name")
     if name not in DATASET_NAMES:
         raise EvaluationSpecError(f"{FIELD}.name", f"{name!r} is not one of {', '.join(DATASET_NAMES)}")
+    for key in ("copies", "validationCopies"):  # as the CRD's rules say
+        if spec.get(key) is not None and name != "digits-hard":
+            raise EvaluationSpecError(f"{FIELD}.{key}", f"applies only to the digits-hard dataset, not {name}")
     return dict(spec)
 
 
